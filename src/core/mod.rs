@@ -1,0 +1,961 @@
+//! The sans-IO lock/file state machine.
+//!
+//! `Core` owns every rule of the service — named locks, FIFO waiters, leases,
+//! tokens and fencing numbers, staged appends, request-id dedup — and nothing
+//! else: no socket, no file, no clock, no thread, no global randomness. Time
+//! comes in as an argument, randomness as a seed, and every effect goes out as
+//! an [`Output`] value. Given the same inputs it gives the same outputs.
+//!
+//! # Calling rule
+//!
+//! A driver (the server shell, a test, the simulation) must:
+//!
+//! 1. feed each input with [`Core::handle`]`(now, input)`, and call
+//!    [`Core::tick`]`(now)` whenever [`Core::next_deadline`] has passed;
+//!    a spurious or late tick is harmless, and `now` never goes backwards
+//!    (an earlier `now` is treated as the latest one seen);
+//! 2. take the returned outputs **in order**: every [`Output::Persist`] must
+//!    be durable before any [`Output::Write`] or [`Output::Reply`] that follows
+//!    it is applied or sent (group commit: one fsync may cover the records of
+//!    many inputs, as long as the order holds);
+//! 3. apply [`Output::Write`]s to the data files at their exact offsets, in
+//!    order, before sending the replies that follow them;
+//! 4. after each input, read [`Core::next_deadline`] again.
+//!
+//! Recovery is [`Core::restore`] from the last snapshot, [`Core::replay`] of
+//! every record logged after it (re-applying the writes it returns), then
+//! [`Core::resume`]`(now)`, which gives every surviving grant a fresh lease.
+
+pub mod dedup;
+pub mod locks;
+pub mod records;
+pub mod staging;
+pub mod time;
+pub mod timers;
+pub mod types;
+
+use std::collections::{BTreeMap, HashMap};
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use dedup::{Dedup, Seen, WaiterId};
+use locks::{validate_lock_name, Grant, LockState, Waiter};
+use records::{Change, GrantSnapshot, Record, Snapshot};
+use staging::{FileIndex, FileLengths, FileWrite, StagedAppend};
+use time::{Millis, Time};
+use timers::{Timer, Timers};
+use types::{
+    CallId, ClientId, Fence, LockName, LockView, RefusalCode, Reply, Request, RequestId,
+    RequestKind, Token, DEFAULT_LOCK,
+};
+
+/// Limits and defaults of the core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Lease of a grant whose acquire names none.
+    pub default_lease: Millis,
+    /// Shortest lease a client may ask for.
+    pub min_lease: Millis,
+    /// Longest lease a client may ask for.
+    pub max_lease: Millis,
+    /// Longest wait timeout a client may ask for (absent means forever).
+    pub max_wait: Millis,
+    /// Largest single append.
+    pub max_append_bytes: usize,
+    /// Most bytes staged under one grant.
+    pub max_staged_bytes: u64,
+    /// How many answers the dedup table keeps.
+    pub dedup_capacity: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            default_lease: Millis::from_secs(30),
+            min_lease: Millis(10),
+            max_lease: Millis::from_secs(3600),
+            max_wait: Millis::from_secs(24 * 3600),
+            max_append_bytes: 1 << 20,
+            max_staged_bytes: 64 << 20,
+            dedup_capacity: 100_000,
+        }
+    }
+}
+
+/// Test-only switches that plant known bugs, so that the simulation's checker
+/// can be shown to catch them. All off in production.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plants {
+    /// Forget request ids: every retry is applied again.
+    pub dedup_off: bool,
+    /// Grant to the newest waiter instead of the oldest.
+    pub lifo_grants: bool,
+    /// Accept appends with a token whose lease ran out.
+    pub stale_appends: bool,
+}
+
+/// Something that happened to the core: a call, or a call cut off.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A request; its reply will be addressed to `id`.
+    Call {
+        id: CallId,
+        request_id: RequestId,
+        request: Request,
+    },
+    /// The call `id` was cut off (client deadline, dropped connection).
+    CallDropped(CallId),
+}
+
+/// An effect the driver must carry out, in order (see the calling rule).
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Make this record durable before anything that follows.
+    Persist(Record),
+    /// Write to a data file at an exact offset.
+    Write(FileWrite),
+    /// Send this reply to call `call`.
+    Reply { call: CallId, reply: Reply },
+}
+
+/// A log that does not fit the state it is replayed onto.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReplayError {
+    /// A grant was logged for a lock that was still held.
+    #[error("grant {fence:?} of lock {lock:?} logged while the lock was held")]
+    AlreadyHeld { lock: LockName, fence: Fence },
+    /// A release, an end or an append names a grant that is not current.
+    #[error("change names grant {fence:?} of lock {lock:?}, which is not current")]
+    NotCurrent { lock: LockName, fence: Fence },
+}
+
+/// What one input did, gathered so it can be emitted in the safe order.
+#[derive(Default)]
+struct Step {
+    changes: Vec<Change>,
+    writes: Vec<FileWrite>,
+    replies: Vec<(CallId, Reply)>,
+}
+
+impl Step {
+    fn finish(self) -> Vec<Output> {
+        let mut out = Vec::with_capacity(1 + self.writes.len() + self.replies.len());
+        if !self.changes.is_empty() {
+            out.push(Output::Persist(Record {
+                changes: self.changes,
+            }));
+        }
+        out.extend(self.writes.into_iter().map(Output::Write));
+        out.extend(
+            self.replies
+                .into_iter()
+                .map(|(call, reply)| Output::Reply { call, reply }),
+        );
+        out
+    }
+}
+
+/// The state machine. See the module docs for the calling rule.
+pub struct Core {
+    config: CoreConfig,
+    plants: Plants,
+    /// Source of tokens; seeded by the driver (OS entropy in production).
+    rng: ChaCha20Rng,
+    /// The latest time seen.
+    now: Time,
+    /// Locks that are held or waited for; idle locks are forgotten.
+    locks: BTreeMap<LockName, LockState>,
+    /// The last fencing number handed out, over all locks.
+    last_fence: Fence,
+    /// Committed length of each data file.
+    files: FileLengths,
+    dedup: Dedup,
+    timers: Timers,
+    /// Which lock each queued waiter stands in.
+    waiter_locks: HashMap<WaiterId, LockName>,
+    /// Which waiter each open call waits as.
+    open_calls: HashMap<CallId, WaiterId>,
+    next_waiter: WaiterId,
+}
+
+impl Core {
+    /// A core with no state, started at time zero.
+    pub fn new(config: CoreConfig, seed: [u8; 32]) -> Core {
+        let mut core = Core::restore(config, seed, Snapshot::default());
+        core.resume(Time::ZERO);
+        core
+    }
+
+    /// A core holding the state of `snapshot`, not yet started: replay the
+    /// records logged after the snapshot, then call [`Core::resume`].
+    pub fn restore(config: CoreConfig, seed: [u8; 32], snapshot: Snapshot) -> Core {
+        let mut dedup = Dedup::new(config.dedup_capacity);
+        for a in snapshot.answers {
+            dedup.answer(a.client, &a.request_id, a.kind, a.reply);
+        }
+        let mut locks = BTreeMap::new();
+        for g in snapshot.grants {
+            let staged: Vec<StagedAppend> = g
+                .staged
+                .into_iter()
+                .map(|(file, content)| StagedAppend { file, content })
+                .collect();
+            let staged_bytes = staged.iter().map(|s| s.content.len() as u64).sum();
+            let grant = Grant {
+                client: g.client,
+                token: g.token,
+                fence: g.fence,
+                lease: g.lease,
+                deadline: Time::ZERO,
+                staged,
+                staged_bytes,
+            };
+            locks.insert(
+                g.lock,
+                LockState {
+                    holder: Some(grant),
+                    waiters: Default::default(),
+                },
+            );
+        }
+        Core {
+            config,
+            plants: Plants::default(),
+            rng: ChaCha20Rng::from_seed(seed),
+            now: Time::ZERO,
+            locks,
+            last_fence: snapshot.last_fence,
+            files: snapshot.file_lengths,
+            dedup,
+            timers: Timers::default(),
+            waiter_locks: HashMap::new(),
+            open_calls: HashMap::new(),
+            next_waiter: 0,
+        }
+    }
+
+    /// Turns planted bugs on (tests of the checker only).
+    pub fn set_plants(&mut self, plants: Plants) {
+        self.plants = plants;
+    }
+
+    /// Applies one logged record during recovery; returns the file writes it
+    /// committed, which the driver re-applies (idempotent: exact offsets).
+    ///
+    /// # Errors
+    /// [`ReplayError`] when the record does not fit the state: the log is
+    /// not this state's, and the server must not start on it.
+    pub fn replay(&mut self, record: &Record) -> Result<Vec<FileWrite>, ReplayError> {
+        let mut writes = Vec::new();
+        for change in &record.changes {
+            match change {
+                Change::Granted {
+                    lock,
+                    client,
+                    token,
+                    fence,
+                    lease,
+                } => {
+                    let state = self.locks.entry(lock.clone()).or_default();
+                    if state.holder.is_some() {
+                        return Err(ReplayError::AlreadyHeld {
+                            lock: lock.clone(),
+                            fence: *fence,
+                        });
+                    }
+                    state.holder = Some(Grant {
+                        client: *client,
+                        token: token.clone(),
+                        fence: *fence,
+                        lease: *lease,
+                        deadline: Time::ZERO,
+                        staged: Vec::new(),
+                        staged_bytes: 0,
+                    });
+                    self.last_fence = self.last_fence.max(*fence);
+                }
+                Change::Released { lock, fence } | Change::Ended { lock, fence } => {
+                    let grant = self.take_current(lock, *fence)?;
+                    if matches!(change, Change::Released { .. }) {
+                        self.files.commit(grant.staged, &mut writes);
+                    }
+                }
+                Change::Staged {
+                    fence,
+                    file,
+                    content,
+                } => {
+                    let not_current = || ReplayError::NotCurrent {
+                        lock: DEFAULT_LOCK.to_owned(),
+                        fence: *fence,
+                    };
+                    let state = self.locks.get_mut(DEFAULT_LOCK).ok_or_else(not_current)?;
+                    let grant = state
+                        .holder
+                        .as_mut()
+                        .filter(|g| g.fence == *fence)
+                        .ok_or_else(not_current)?;
+                    grant.staged_bytes += content.len() as u64;
+                    grant.staged.push(StagedAppend {
+                        file: *file,
+                        content: content.clone(),
+                    });
+                }
+                Change::Answered {
+                    client,
+                    request_id,
+                    kind,
+                    reply,
+                } => self.dedup.answer(*client, request_id, *kind, reply.clone()),
+            }
+        }
+        Ok(writes)
+    }
+
+    fn take_current(&mut self, lock: &str, fence: Fence) -> Result<Grant, ReplayError> {
+        let not_current = || ReplayError::NotCurrent {
+            lock: lock.to_owned(),
+            fence,
+        };
+        let state = self.locks.get_mut(lock).ok_or_else(not_current)?;
+        if state.holder.as_ref().map(|g| g.fence) != Some(fence) {
+            return Err(not_current());
+        }
+        let grant = state.holder.take().ok_or_else(not_current)?;
+        if state.is_idle() {
+            self.locks.remove(lock);
+        }
+        Ok(grant)
+    }
+
+    /// Starts a restored core at `now`: every surviving grant gets a fresh
+    /// lease, since the driver cannot know how long it was down.
+    pub fn resume(&mut self, now: Time) {
+        self.now = self.now.max(now);
+        for (name, state) in &mut self.locks {
+            if let Some(grant) = &mut state.holder {
+                grant.deadline = self.now.plus(grant.lease);
+                self.timers
+                    .arm(grant.deadline, Timer::Lease(name.clone()));
+            }
+        }
+    }
+
+    /// The durable state as one value, to be written as a snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        let grants = self
+            .locks
+            .iter()
+            .filter_map(|(name, state)| {
+                state.holder.as_ref().map(|g| GrantSnapshot {
+                    lock: name.clone(),
+                    client: g.client,
+                    token: g.token.clone(),
+                    fence: g.fence,
+                    lease: g.lease,
+                    staged: g
+                        .staged
+                        .iter()
+                        .map(|s| (s.file, s.content.clone()))
+                        .collect(),
+                })
+            })
+            .collect();
+        Snapshot {
+            last_fence: self.last_fence,
+            file_lengths: self.files.clone(),
+            grants,
+            answers: self.dedup.answers(),
+        }
+    }
+
+    /// The earliest time at which [`Core::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.timers.next()
+    }
+
+    /// The latest time seen.
+    pub fn now(&self) -> Time {
+        self.now
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The committed length of a data file.
+    pub fn file_length(&self, file: FileIndex) -> u64 {
+        self.files.get(file)
+    }
+
+    /// Lets time pass: ends leases, wait timeouts and kept places that are due.
+    pub fn tick(&mut self, now: Time) -> Vec<Output> {
+        let mut step = Step::default();
+        self.advance(now, &mut step);
+        step.finish()
+    }
+
+    /// Feeds one input (after letting time pass to `now`).
+    pub fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
+        let mut step = Step::default();
+        self.advance(now, &mut step);
+        match input {
+            Input::Call {
+                id,
+                request_id,
+                request,
+            } => self.call(id, request_id, request, &mut step),
+            Input::CallDropped(id) => self.dropped(id),
+        }
+        step.finish()
+    }
+
+    fn advance(&mut self, now: Time, step: &mut Step) {
+        self.now = self.now.max(now);
+        while let Some((at, timer)) = self.timers.pop_due(self.now) {
+            self.fire(at, timer, step);
+        }
+    }
+
+    fn fire(&mut self, at: Time, timer: Timer, step: &mut Step) {
+        match timer {
+            Timer::Lease(lock) => {
+                let due = self
+                    .locks
+                    .get(&lock)
+                    .and_then(|s| s.holder.as_ref())
+                    .is_some_and(|g| g.deadline == at);
+                if due {
+                    self.end_grant(&lock, false, step);
+                }
+            }
+            Timer::Wait(id) => {
+                if self.waiter(id).is_some_and(|w| w.wait_deadline == Some(at)) {
+                    if let Some(w) = self.remove_waiter(id) {
+                        let reply = Reply::refused(
+                            RefusalCode::WaitTimeout,
+                            "wait timeout passed before the lock was granted",
+                        );
+                        self.answer_waiter(w, reply, false, step);
+                    }
+                }
+            }
+            Timer::Detached(id) => {
+                let due = self
+                    .waiter(id)
+                    .is_some_and(|w| w.detached_until == Some(at) && w.calls.is_empty());
+                if due {
+                    if let Some(w) = self.remove_waiter(id) {
+                        self.dedup.forget_waiter(w.client, &w.request_id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, call: CallId, request_id: RequestId, request: Request, step: &mut Step) {
+        let kind = request.kind();
+        let client = request.client().unwrap_or_default();
+        let dedup = !request_id.is_empty() && kind != RequestKind::Status && !self.plants.dedup_off;
+        if dedup {
+            match self.dedup.get(client, &request_id) {
+                Some(Seen::Answered { kind: seen, reply }) => {
+                    let reply = if *seen == kind {
+                        reply.clone()
+                    } else {
+                        reused_request_id()
+                    };
+                    step.replies.push((call, reply));
+                    return;
+                }
+                Some(Seen::Waiting(waiter)) => {
+                    let waiter = *waiter;
+                    if kind == RequestKind::Acquire {
+                        self.reattach(waiter, call);
+                    } else {
+                        step.replies.push((call, reused_request_id()));
+                    }
+                    return;
+                }
+                None => {}
+            }
+        }
+        let outcome = match request {
+            Request::ClientInit { .. } => Some((Reply::Done, false)),
+            Request::ClientClose { client } => Some(self.close(client, step)),
+            Request::Acquire {
+                client,
+                lock,
+                wait,
+                lease,
+            } => self.acquire(call, client, &request_id, lock, wait, lease, step),
+            Request::Release {
+                client,
+                lock,
+                token,
+            } => Some(self.release(client, &lock, &token, step)),
+            Request::Renew {
+                client,
+                lock,
+                token,
+                lease,
+            } => Some(self.renew(client, &lock, &token, lease)),
+            Request::Append {
+                client,
+                file,
+                content,
+                token,
+            } => Some(self.append(client, &file, content, &token, step)),
+            Request::Status => Some((self.status(), false)),
+        };
+        if let Some((reply, durable)) = outcome {
+            if dedup {
+                self.dedup
+                    .answer(client, &request_id, kind, reply.clone());
+                if durable {
+                    step.changes.push(Change::Answered {
+                        client,
+                        request_id,
+                        kind,
+                        reply: reply.clone(),
+                    });
+                }
+            }
+            step.replies.push((call, reply));
+        }
+    }
+
+    fn lease_arg(&self, lease: Option<Millis>) -> Result<Option<Millis>, Reply> {
+        match lease {
+            Some(l) if l < self.config.min_lease || l > self.config.max_lease => Err(Reply::refused(
+                RefusalCode::InvalidArgument,
+                format!(
+                    "lease of {} ms is outside {}..={} ms",
+                    l.0, self.config.min_lease.0, self.config.max_lease.0
+                ),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn acquire(
+        &mut self,
+        call: CallId,
+        client: ClientId,
+        request_id: &str,
+        lock: LockName,
+        wait: Option<Millis>,
+        lease: Option<Millis>,
+        step: &mut Step,
+    ) -> Option<(Reply, bool)> {
+        if let Err(reason) = validate_lock_name(&lock) {
+            return Some((Reply::refused(RefusalCode::InvalidArgument, reason), false));
+        }
+        let lease = match self.lease_arg(lease) {
+            Ok(lease) => lease,
+            Err(refusal) => return Some((refusal, false)),
+        };
+        if let Some(w) = wait.filter(|w| *w > self.config.max_wait) {
+            let reason = format!("wait timeout of {} ms exceeds {} ms", w.0, self.config.max_wait.0);
+            return Some((Reply::refused(RefusalCode::InvalidArgument, reason), false));
+        }
+        let now = self.now;
+        let state = self.locks.entry(lock.clone()).or_default();
+        match &mut state.holder {
+            Some(grant) if grant.client == client => {
+                // Re-acquire by the holder: the same grant, with a renewed lease.
+                let old = grant.deadline;
+                grant.lease = lease.unwrap_or(grant.lease);
+                grant.deadline = now.plus(grant.lease);
+                let info = grant.info(&lock);
+                let new = grant.deadline;
+                self.timers.disarm(old, &Timer::Lease(lock.clone()));
+                self.timers.arm(new, Timer::Lease(lock));
+                Some((Reply::Granted(info), false))
+            }
+            None => {
+                let lease = lease.unwrap_or(self.config.default_lease);
+                let info = self.grant(lock, client, lease, step);
+                Some((Reply::Granted(info), true))
+            }
+            Some(grant) => {
+                if wait == Some(Millis(0)) {
+                    let reason = format!("lock {lock:?} is held by client {}", grant.client);
+                    return Some((Reply::refused(RefusalCode::LockHeld, reason), false));
+                }
+                let id = self.next_waiter;
+                self.next_waiter += 1;
+                let waiter = Waiter {
+                    id,
+                    client,
+                    request_id: request_id.to_owned(),
+                    calls: vec![call],
+                    lease: lease.unwrap_or(self.config.default_lease),
+                    wait_deadline: wait.map(|w| now.plus(w)),
+                    detached_until: None,
+                };
+                if let Some(at) = waiter.wait_deadline {
+                    self.timers.arm(at, Timer::Wait(id));
+                }
+                state.waiters.push_back(waiter);
+                self.waiter_locks.insert(id, lock);
+                self.open_calls.insert(call, id);
+                if !request_id.is_empty() && !self.plants.dedup_off {
+                    self.dedup.wait(client, request_id, id);
+                }
+                None
+            }
+        }
+    }
+
+    /// Makes a new grant of the free lock `lock`.
+    fn grant(&mut self, lock: LockName, client: ClientId, lease: Millis, step: &mut Step) -> types::GrantInfo {
+        self.last_fence = Fence(self.last_fence.0 + 1);
+        let fence = self.last_fence;
+        let token = self.new_token();
+        let deadline = self.now.plus(lease);
+        self.timers.arm(deadline, Timer::Lease(lock.clone()));
+        step.changes.push(Change::Granted {
+            lock: lock.clone(),
+            client,
+            token: token.clone(),
+            fence,
+            lease,
+        });
+        let grant = Grant {
+            client,
+            token,
+            fence,
+            lease,
+            deadline,
+            staged: Vec::new(),
+            staged_bytes: 0,
+        };
+        let info = grant.info(&lock);
+        self.locks.entry(lock).or_default().holder = Some(grant);
+        info
+    }
+
+    fn new_token(&mut self) -> Token {
+        let mut bytes = [0u8; 16];
+        self.rng.fill_bytes(&mut bytes);
+        let mut token = String::with_capacity(32);
+        for b in bytes {
+            token.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            token.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+        }
+        token
+    }
+
+    /// Ends the current grant of `lock` (committing its staged appends when
+    /// `released`) and grants the lock to the next waiter.
+    fn end_grant(&mut self, lock: &str, released: bool, step: &mut Step) {
+        let Some(state) = self.locks.get_mut(lock) else {
+            return;
+        };
+        let Some(grant) = state.holder.take() else {
+            return;
+        };
+        self.timers
+            .disarm(grant.deadline, &Timer::Lease(lock.to_owned()));
+        if released {
+            step.changes.push(Change::Released {
+                lock: lock.to_owned(),
+                fence: grant.fence,
+            });
+            self.files.commit(grant.staged, &mut step.writes);
+        } else {
+            step.changes.push(Change::Ended {
+                lock: lock.to_owned(),
+                fence: grant.fence,
+            });
+        }
+        self.grant_next(lock, step);
+    }
+
+    /// Grants the free lock `lock` to its first waiter, or forgets the lock.
+    fn grant_next(&mut self, lock: &str, step: &mut Step) {
+        let next = self.locks.get(lock).and_then(|state| {
+            if self.plants.lifo_grants {
+                state.waiters.back().map(|w| w.id)
+            } else {
+                state.waiters.front().map(|w| w.id)
+            }
+        });
+        match next.and_then(|id| self.remove_waiter(id)) {
+            Some(waiter) => {
+                let info = self.grant(lock.to_owned(), waiter.client, waiter.lease, step);
+                self.answer_waiter(waiter, Reply::Granted(info), true, step);
+            }
+            None => {
+                if self.locks.get(lock).is_some_and(LockState::is_idle) {
+                    self.locks.remove(lock);
+                }
+            }
+        }
+    }
+
+    /// Answers every call of a waiter that has left its queue, and remembers
+    /// the answer for its request id.
+    fn answer_waiter(&mut self, waiter: Waiter, reply: Reply, durable: bool, step: &mut Step) {
+        if !waiter.request_id.is_empty() && !self.plants.dedup_off {
+            self.dedup.answer(
+                waiter.client,
+                &waiter.request_id,
+                RequestKind::Acquire,
+                reply.clone(),
+            );
+            if durable {
+                step.changes.push(Change::Answered {
+                    client: waiter.client,
+                    request_id: waiter.request_id.clone(),
+                    kind: RequestKind::Acquire,
+                    reply: reply.clone(),
+                });
+            }
+        }
+        for call in waiter.calls {
+            step.replies.push((call, reply.clone()));
+        }
+    }
+
+    fn waiter(&self, id: WaiterId) -> Option<&Waiter> {
+        let lock = self.waiter_locks.get(&id)?;
+        self.locks.get(lock)?.waiters.iter().find(|w| w.id == id)
+    }
+
+    /// Takes a waiter out of its queue and out of every index and timer.
+    fn remove_waiter(&mut self, id: WaiterId) -> Option<Waiter> {
+        let lock = self.waiter_locks.remove(&id)?;
+        let state = self.locks.get_mut(&lock)?;
+        let waiter = state.remove_waiter(id)?;
+        if state.is_idle() {
+            self.locks.remove(&lock);
+        }
+        for call in &waiter.calls {
+            self.open_calls.remove(call);
+        }
+        if let Some(at) = waiter.wait_deadline {
+            self.timers.disarm(at, &Timer::Wait(id));
+        }
+        if let Some(at) = waiter.detached_until {
+            self.timers.disarm(at, &Timer::Detached(id));
+        }
+        Some(waiter)
+    }
+
+    /// A retry of a queued acquire: the call joins the waiter, which keeps its place.
+    fn reattach(&mut self, id: WaiterId, call: CallId) {
+        let Some(lock) = self.waiter_locks.get(&id) else {
+            return;
+        };
+        let Some(waiter) = self.locks.get_mut(lock).and_then(|s| s.waiter_mut(id)) else {
+            return;
+        };
+        waiter.calls.push(call);
+        let kept = waiter.detached_until.take();
+        self.open_calls.insert(call, id);
+        if let Some(at) = kept {
+            self.timers.disarm(at, &Timer::Detached(id));
+        }
+    }
+
+    fn dropped(&mut self, call: CallId) {
+        let Some(id) = self.open_calls.remove(&call) else {
+            return;
+        };
+        let now = self.now;
+        let Some(lock) = self.waiter_locks.get(&id) else {
+            return;
+        };
+        let Some(waiter) = self.locks.get_mut(lock).and_then(|s| s.waiter_mut(id)) else {
+            return;
+        };
+        waiter.calls.retain(|c| *c != call);
+        if !waiter.calls.is_empty() {
+            return;
+        }
+        if waiter.request_id.is_empty() {
+            // Nobody can come back for it: leave at once.
+            self.remove_waiter(id);
+        } else {
+            // Keep the place for one lease period for a retry with the same id.
+            let until = now.plus(waiter.lease);
+            waiter.detached_until = Some(until);
+            self.timers.arm(until, Timer::Detached(id));
+        }
+    }
+
+    /// Checks that `token` is the current grant of `lock` and belongs to `client`.
+    fn check_token(&self, client: ClientId, lock: &str, token: &str) -> Result<&Grant, Reply> {
+        let Some(grant) = self.locks.get(lock).and_then(|s| s.holder.as_ref()) else {
+            return Err(Reply::refused(
+                RefusalCode::LockNotHeld,
+                format!("lock {lock:?} is not held"),
+            ));
+        };
+        if grant.token != token {
+            return Err(Reply::refused(
+                RefusalCode::InvalidToken,
+                format!("token is not the current grant of lock {lock:?} (stale, run out or unknown)"),
+            ));
+        }
+        if grant.client != client {
+            return Err(Reply::refused(
+                RefusalCode::PermissionDenied,
+                format!("lock {lock:?} is held by client {}, not {client}", grant.client),
+            ));
+        }
+        Ok(grant)
+    }
+
+    fn release(&mut self, client: ClientId, lock: &str, token: &str, step: &mut Step) -> (Reply, bool) {
+        if let Err(refusal) = self.check_token(client, lock, token) {
+            return (refusal, false);
+        }
+        self.end_grant(lock, true, step);
+        (Reply::Done, true)
+    }
+
+    fn renew(&mut self, client: ClientId, lock: &str, token: &str, lease: Option<Millis>) -> (Reply, bool) {
+        let lease = match self.lease_arg(lease) {
+            Ok(lease) => lease,
+            Err(refusal) => return (refusal, false),
+        };
+        if let Err(refusal) = self.check_token(client, lock, token) {
+            return (refusal, false);
+        }
+        let now = self.now;
+        let Some(grant) = self.locks.get_mut(lock).and_then(|s| s.holder.as_mut()) else {
+            return (Reply::refused(RefusalCode::LockNotHeld, "lock is not held"), false);
+        };
+        let old = grant.deadline;
+        let lease = lease.unwrap_or(grant.lease);
+        grant.deadline = now.plus(lease);
+        let new = grant.deadline;
+        self.timers.disarm(old, &Timer::Lease(lock.to_owned()));
+        self.timers.arm(new, Timer::Lease(lock.to_owned()));
+        (Reply::Renewed { lease }, false)
+    }
+
+    fn append(
+        &mut self,
+        client: ClientId,
+        file: &str,
+        content: bytes::Bytes,
+        token: &str,
+        step: &mut Step,
+    ) -> (Reply, bool) {
+        let file = match FileIndex::parse(file) {
+            Ok(file) => file,
+            Err(reason) => return (Reply::refused(RefusalCode::InvalidArgument, reason), false),
+        };
+        if content.len() > self.config.max_append_bytes {
+            let reason = format!(
+                "content is {} bytes; at most {} per append",
+                content.len(),
+                self.config.max_append_bytes
+            );
+            return (Reply::refused(RefusalCode::InvalidArgument, reason), false);
+        }
+        if let Err(refusal) = self.check_token(client, DEFAULT_LOCK, token) {
+            if !self.plants.stale_appends {
+                return (refusal, false);
+            }
+        }
+        let max_staged = self.config.max_staged_bytes;
+        let Some(grant) = self.locks.get_mut(DEFAULT_LOCK).and_then(|s| s.holder.as_mut()) else {
+            return (
+                Reply::refused(RefusalCode::LockNotHeld, "the default lock is not held"),
+                false,
+            );
+        };
+        if grant.staged_bytes + content.len() as u64 > max_staged {
+            let reason = format!("more than {max_staged} bytes staged under one grant");
+            return (Reply::refused(RefusalCode::InvalidArgument, reason), false);
+        }
+        grant.staged_bytes += content.len() as u64;
+        grant.staged.push(StagedAppend {
+            file,
+            content: content.clone(),
+        });
+        step.changes.push(Change::Staged {
+            fence: grant.fence,
+            file,
+            content,
+        });
+        (Reply::Done, true)
+    }
+
+    fn close(&mut self, client: ClientId, step: &mut Step) -> (Reply, bool) {
+        // Cancel the client's waits first, so that ending its grants does not
+        // hand a lock to the client's own waiter.
+        let waiting: Vec<WaiterId> = self
+            .locks
+            .values()
+            .flat_map(|s| s.waiters.iter())
+            .filter(|w| w.client == client)
+            .map(|w| w.id)
+            .collect();
+        for id in waiting {
+            if let Some(waiter) = self.remove_waiter(id) {
+                let reply = Reply::refused(RefusalCode::SessionClosed, "the client's session was closed");
+                self.answer_waiter(waiter, reply, false, step);
+            }
+        }
+        let held: Vec<LockName> = self
+            .locks
+            .iter()
+            .filter(|(_, s)| s.holder.as_ref().is_some_and(|g| g.client == client))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for lock in &held {
+            self.end_grant(lock, false, step);
+        }
+        (Reply::Done, !held.is_empty())
+    }
+
+    fn status(&self) -> Reply {
+        let locks = self
+            .locks
+            .iter()
+            .map(|(name, state)| LockView {
+                lock: name.clone(),
+                holder: state.holder.as_ref().map(|g| g.client),
+                fence: state.holder.as_ref().map(|g| g.fence).unwrap_or_default(),
+                lease_left: state
+                    .holder
+                    .as_ref()
+                    .map(|g| self.now.until(g.deadline))
+                    .unwrap_or_default(),
+                waiters: state
+                    .waiters
+                    .iter()
+                    .map(|w| (w.client, w.calls.is_empty()))
+                    .collect(),
+                staged_appends: state
+                    .holder
+                    .as_ref()
+                    .map(|g| g.staged.len() as u64)
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Reply::Status {
+            locks,
+            last_fence: self.last_fence,
+        }
+    }
+}
+
+fn reused_request_id() -> Reply {
+    Reply::refused(
+        RefusalCode::InvalidArgument,
+        "request id already used by this client for another operation",
+    )
+}
+
+#[cfg(test)]
+mod tests;

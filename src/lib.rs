@@ -5,8 +5,20 @@
 //! - [`core`]: the sans-IO lock/file state machine. Every rule of the service
 //!   lives here; no I/O, clock, thread or global randomness.
 //! - [`proto`]: the generated gRPC/protobuf types of `proto/lock.proto`.
+//! - [`storage`]: the storage seam (a directory of files) and its filesystem
+//!   implementation; the simulation plugs a simulated disk in here.
+//! - [`log`]: the durable log — CRC-framed records, group commit, snapshots,
+//!   recovery that truncates a torn tail and refuses damage in the middle.
+//! - [`files`]: the 100 data files, written at exact offsets.
+//! - [`server`]: the shell — recovery, the core task, the writer thread.
+//! - [`transport`]: gRPC (tonic) today; each transport only converts formats.
 
 pub mod core;
+pub mod files;
+pub mod log;
+pub mod server;
+pub mod storage;
+pub mod transport;
 
 /// Generated protobuf and gRPC types (package `lock`).
 pub mod proto {

@@ -1,0 +1,385 @@
+//! The durable log: records framed with length and CRC32C, group-committed
+//! with one fdatasync, replaced by a snapshot when it grows.
+//!
+//! Owns: the files of the state directory — `snap-G` (the durable state at
+//! the start of generation G, one frame) and `log-G` (the records logged
+//! since). A snapshot is written to `snap-G.tmp`, synced, renamed, and only
+//! then are the older generation's files removed, so a crash at any instant
+//! leaves either the old or the new generation whole. Recovery loads the
+//! newest snapshot, replays its log, truncates a torn tail (a write a crash
+//! cut short) and refuses to start on damage in the middle, naming the file
+//! and offset. Must not: interpret records (the core does) or touch data files.
+
+pub mod frame;
+
+use std::io;
+
+use crate::core::records::{Record, Snapshot};
+use crate::storage::{Dir, DirFile};
+
+use frame::ScanEnd;
+
+/// Why the log could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Damage that is not a torn tail: the server must not start on it.
+    #[error("{file}: corrupt at offset {offset}: {reason}")]
+    Corrupt {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    /// The operating system refused a read, write or sync.
+    #[error("{file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What recovery found.
+pub struct Recovered {
+    /// The state at the start of the current generation.
+    pub snapshot: Snapshot,
+    /// Records logged since, in order.
+    pub records: Vec<Record>,
+    /// The log, ready to append after them.
+    pub wal: Wal,
+    /// Bytes of torn tail that were cut off.
+    pub torn_bytes: u64,
+}
+
+/// The write side of the log.
+pub struct Wal {
+    dir: Box<dyn Dir>,
+    generation: u64,
+    segment: Box<dyn DirFile>,
+    /// End of the durable-or-written data in the segment.
+    offset: u64,
+    /// Framed records appended but not yet written.
+    pending: Vec<u8>,
+    /// Records in the current segment (written or pending).
+    records: u64,
+}
+
+fn snap_name(generation: u64) -> String {
+    format!("snap-{generation:020}")
+}
+
+fn log_name(generation: u64) -> String {
+    format!("log-{generation:020}")
+}
+
+fn generation_of(name: &str, prefix: &str) -> Option<u64> {
+    let digits = name.strip_prefix(prefix)?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+impl Wal {
+    fn io(&self, name: &str) -> impl FnOnce(io::Error) -> LogError + '_ {
+        let file = self.dir.describe(name);
+        move |source| LogError::Io { file, source }
+    }
+
+    /// Opens the log in `dir`, creating generation 0 from `initial()` when the
+    /// directory holds no state yet.
+    ///
+    /// # Errors
+    /// [`LogError::Corrupt`] naming file and offset when the log is damaged
+    /// anywhere but its tail; [`LogError::Io`] when the disk refuses.
+    pub fn recover(dir: Box<dyn Dir>, initial: impl FnOnce() -> Snapshot) -> Result<Recovered, LogError> {
+        let io_err = |dir: &dyn Dir, name: &str| {
+            let file = dir.describe(name);
+            move |source| LogError::Io { file, source }
+        };
+        let names = dir.list().map_err(io_err(dir.as_ref(), "."))?;
+        for name in names.iter().filter(|n| n.ends_with(".tmp")) {
+            dir.remove(name).map_err(io_err(dir.as_ref(), name))?;
+        }
+        let newest_snap = names.iter().filter_map(|n| generation_of(n, "snap-")).max();
+        let logs: Vec<u64> = names.iter().filter_map(|n| generation_of(n, "log-")).collect();
+
+        let Some(generation) = newest_snap else {
+            if let Some(g) = logs.first() {
+                let file = dir.describe(&log_name(*g));
+                return Err(LogError::Corrupt {
+                    file,
+                    offset: 0,
+                    reason: "a log without its snapshot".to_owned(),
+                });
+            }
+            let snapshot = initial();
+            let segment = dir.open(&log_name(0), true).map_err(io_err(dir.as_ref(), &log_name(0)))?;
+            let mut wal = Wal {
+                dir,
+                generation: 0,
+                segment,
+                offset: 0,
+                pending: Vec::new(),
+                records: 0,
+            };
+            wal.write_snapshot_file(0, &snapshot)?;
+            wal.dir.sync().map_err(wal.io("."))?;
+            return Ok(Recovered {
+                snapshot,
+                records: Vec::new(),
+                wal,
+                torn_bytes: 0,
+            });
+        };
+
+        let snap_file = snap_name(generation);
+        let bytes = dir.read(&snap_file).map_err(io_err(dir.as_ref(), &snap_file))?;
+        let scan = frame::scan(&bytes);
+        let corrupt_snap = |offset, reason: &str| LogError::Corrupt {
+            file: dir.describe(&snap_file),
+            offset,
+            reason: reason.to_owned(),
+        };
+        if scan.end != ScanEnd::Clean || scan.frames.len() != 1 {
+            return Err(corrupt_snap(scan.valid_len, "snapshot is not one whole record"));
+        }
+        let snapshot: Snapshot = postcard::from_bytes(scan.frames[0].1)
+            .map_err(|e| corrupt_snap(0, &format!("snapshot does not decode: {e}")))?;
+
+        // Leftovers of a generation change that a crash interrupted.
+        for name in &names {
+            let old_snap = generation_of(name, "snap-").is_some_and(|g| g < generation);
+            let old_log = generation_of(name, "log-").is_some_and(|g| g < generation);
+            if old_snap || old_log {
+                dir.remove(name).map_err(io_err(dir.as_ref(), name))?;
+            }
+        }
+
+        let mut segments: Vec<u64> = logs.into_iter().filter(|g| *g >= generation).collect();
+        segments.sort_unstable();
+        if segments.first() != Some(&generation) {
+            segments.insert(0, generation);
+        }
+        let last = *segments.last().unwrap_or(&generation);
+        let mut records = Vec::new();
+        let mut torn_bytes = 0;
+        let mut tail = (0u64, 0u64);
+        for g in &segments {
+            let name = log_name(*g);
+            let data = match dir.read(&name) {
+                Ok(data) => data,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io_err(dir.as_ref(), &name)(e)),
+            };
+            let scan = frame::scan(&data);
+            let count_before = records.len();
+            for (offset, payload) in &scan.frames {
+                let record: Record = postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
+                    file: dir.describe(&name),
+                    offset: *offset,
+                    reason: format!("record does not decode: {e}"),
+                })?;
+                records.push(record);
+            }
+            match scan.end {
+                ScanEnd::Clean => {}
+                ScanEnd::TornTail if *g == last => {
+                    torn_bytes = data.len() as u64 - scan.valid_len;
+                }
+                ScanEnd::TornTail => {
+                    return Err(LogError::Corrupt {
+                        file: dir.describe(&name),
+                        offset: scan.valid_len,
+                        reason: "incomplete record before the end of the log".to_owned(),
+                    })
+                }
+                ScanEnd::Corrupt { offset, reason } => {
+                    return Err(LogError::Corrupt {
+                        file: dir.describe(&name),
+                        offset,
+                        reason,
+                    })
+                }
+            }
+            tail = (scan.valid_len, (records.len() - count_before) as u64);
+        }
+        let name = log_name(last);
+        let mut segment = dir.open(&name, true).map_err(io_err(dir.as_ref(), &name))?;
+        if torn_bytes > 0 {
+            segment.set_len(tail.0).map_err(io_err(dir.as_ref(), &name))?;
+            segment.sync_data().map_err(io_err(dir.as_ref(), &name))?;
+        }
+        dir.sync().map_err(io_err(dir.as_ref(), "."))?;
+        Ok(Recovered {
+            snapshot,
+            records,
+            wal: Wal {
+                dir,
+                generation: last,
+                segment,
+                offset: tail.0,
+                pending: Vec::new(),
+                records: tail.1,
+            },
+            torn_bytes,
+        })
+    }
+
+    /// Adds a record to the next group commit. Not durable until [`Wal::sync`].
+    pub fn append(&mut self, record: &Record) {
+        // Encoding plain data into a Vec cannot fail.
+        let payload = postcard::to_allocvec(record).unwrap_or_default();
+        frame::encode(&payload, &mut self.pending);
+        self.records += 1;
+    }
+
+    /// True when records wait for [`Wal::sync`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes every pending record and makes them durable with one fdatasync.
+    ///
+    /// # Errors
+    /// [`LogError::Io`]; after a failed sync the server must stop (the
+    /// kernel may have dropped the dirty pages).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let name = log_name(self.generation);
+        let file = self.dir.describe(&name);
+        let io = |source| LogError::Io {
+            file: file.clone(),
+            source,
+        };
+        self.segment.write_at(self.offset, &self.pending).map_err(io)?;
+        self.offset += self.pending.len() as u64;
+        self.pending.clear();
+        self.segment.sync_data().map_err(io)
+    }
+
+    /// Records in the current generation's log.
+    pub fn records_since_snapshot(&self) -> u64 {
+        self.records
+    }
+
+    /// Bytes in the current generation's log.
+    pub fn bytes_since_snapshot(&self) -> u64 {
+        self.offset + self.pending.len() as u64
+    }
+
+    /// Starts a new generation from `snapshot`, which must be the state after
+    /// every record appended so far (and the data files must be durable up to
+    /// it). The old generation's files are removed.
+    ///
+    /// # Errors
+    /// [`LogError::Io`].
+    pub fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), LogError> {
+        self.sync()?;
+        let old = self.generation;
+        let next = old + 1;
+        self.write_snapshot_file(next, snapshot)?;
+        let name = log_name(next);
+        let mut segment = self.dir.open(&name, true).map_err(self.io(&name))?;
+        segment.set_len(0).map_err(self.io(&name))?;
+        self.dir.sync().map_err(self.io("."))?;
+        self.segment = segment;
+        self.generation = next;
+        self.offset = 0;
+        self.records = 0;
+        for name in [snap_name(old), log_name(old)] {
+            match self.dir.remove(&name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io(&name)(e)),
+            }
+        }
+        self.dir.sync().map_err(self.io("."))
+    }
+
+    fn write_snapshot_file(&mut self, generation: u64, snapshot: &Snapshot) -> Result<(), LogError> {
+        let payload = postcard::to_allocvec(snapshot).unwrap_or_default();
+        let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER);
+        frame::encode(&payload, &mut bytes);
+        let tmp = format!("{}.tmp", snap_name(generation));
+        let mut file = self.dir.open(&tmp, true).map_err(self.io(&tmp))?;
+        file.set_len(0).map_err(self.io(&tmp))?;
+        file.write_at(0, &bytes).map_err(self.io(&tmp))?;
+        file.sync_data().map_err(self.io(&tmp))?;
+        self.dir
+            .rename(&tmp, &snap_name(generation))
+            .map_err(self.io(&tmp))?;
+        self.dir.sync().map_err(self.io("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::records::Change;
+    use crate::core::types::Fence;
+    use crate::storage::FsDir;
+
+    fn record(n: u64) -> Record {
+        Record {
+            changes: vec![Change::Ended {
+                lock: format!("l{n}"),
+                fence: Fence(n),
+            }],
+        }
+    }
+
+    fn open(path: &std::path::Path) -> Result<Recovered, LogError> {
+        Wal::recover(Box::new(FsDir::open(path).unwrap()), Snapshot::default)
+    }
+
+    #[test]
+    fn records_survive_reopen_and_snapshots_replace_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        for n in 0..5 {
+            r.wal.append(&record(n));
+        }
+        r.wal.sync().unwrap();
+        drop(r);
+        let mut r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, (0..5).map(record).collect::<Vec<_>>());
+        let snap = Snapshot {
+            last_fence: Fence(9),
+            ..Snapshot::default()
+        };
+        r.wal.write_snapshot(&snap).unwrap();
+        r.wal.append(&record(7));
+        r.wal.sync().unwrap();
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.snapshot.last_fence, Fence(9));
+        assert_eq!(r.records, vec![record(7)]);
+        let files = FsDir::open(tmp.path()).unwrap().list().unwrap();
+        assert_eq!(files.len(), 2, "old generation removed: {files:?}");
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_middle_damage_is_refused_with_file_and_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        for n in 0..3 {
+            r.wal.append(&record(n));
+        }
+        r.wal.sync().unwrap();
+        drop(r);
+        let log = tmp.path().join(log_name(0));
+        let full = std::fs::read(&log).unwrap();
+        std::fs::write(&log, &full[..full.len() - 3]).unwrap();
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records.len(), 2);
+        assert!(r.torn_bytes > 0);
+        drop(r);
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[frame::HEADER + 2] ^= 0x55;
+        std::fs::write(&log, &bytes).unwrap();
+        let err = open(tmp.path()).err().expect("must refuse");
+        let text = err.to_string();
+        assert!(text.contains("log-00000000000000000000") && text.contains("offset 0"), "{text}");
+    }
+}

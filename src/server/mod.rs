@@ -1,0 +1,488 @@
+//! The server shell: recovery, the core task, the writer, the transports.
+//!
+//! ```text
+//!  transports ──CoreMsg──▶ core task ──Job──▶ writer ──▶ replies
+//!  (gRPC, …)              (Core, clock,      (log: group commit + fsync,
+//!                          deadlines)          data files, then replies)
+//! ```
+//!
+//! Owns: turning the pure core into a running service. The core task feeds
+//! every message to the core with the current time, ticks it at its next
+//! deadline, and hands the outputs, in order, to the writer, which makes the
+//! records durable before it writes files or releases replies. Must not:
+//! contain lock rules (those are the core's) or wire formats (the transports').
+
+pub mod handle;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::core::records::Snapshot;
+use crate::core::staging::FileLengths;
+use crate::core::time::{Millis, Time};
+use crate::core::types::{CallId, Reply};
+use crate::core::{Core, CoreConfig, Input, Output, ReplayError};
+use crate::files::DataFiles;
+use crate::log::{LogError, Wal};
+use crate::storage::{Dir, FsDir};
+
+pub use handle::{CoreMsg, Handle, ShuttingDown};
+use writer::{Batch, Job, Persister, WriterError};
+
+/// Name of the server's own subdirectory of the data directory.
+pub const STATE_DIR: &str = "state";
+
+/// `dlm server` flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerConfig {
+    /// Address for gRPC (use port 0 for any free port).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Directory of file_0 … file_99; the server's own state goes in DIR/state.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Lease of a grant whose acquire names none, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub lease_ms: u64,
+    /// Shortest lease a client may ask for, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub min_lease_ms: u64,
+    /// Longest lease a client may ask for, in milliseconds.
+    #[arg(long, default_value_t = 3_600_000)]
+    pub max_lease_ms: u64,
+    /// Largest single append, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_append_bytes: usize,
+    /// How many answers the request-id dedup table keeps.
+    #[arg(long, default_value_t = 100_000)]
+    pub dedup_capacity: usize,
+    /// Write a snapshot and start a new log after this many records.
+    #[arg(long, default_value_t = 100_000)]
+    pub snapshot_every: u64,
+}
+
+impl ServerConfig {
+    /// The defaults of the command line, for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            lease_ms: 30_000,
+            min_lease_ms: 10,
+            max_lease_ms: 3_600_000,
+            max_append_bytes: 1 << 20,
+            dedup_capacity: 100_000,
+            snapshot_every: 100_000,
+        }
+    }
+
+    /// The core's limits.
+    pub fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            default_lease: Millis(self.lease_ms),
+            min_lease: Millis(self.min_lease_ms),
+            max_lease: Millis(self.max_lease_ms),
+            max_append_bytes: self.max_append_bytes,
+            dedup_capacity: self.dedup_capacity,
+            ..CoreConfig::default()
+        }
+    }
+}
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Log(#[from] LogError),
+    #[error("the log does not fit its snapshot: {0}")]
+    Replay(#[from] ReplayError),
+    #[error("data files: {0}")]
+    Data(#[from] std::io::Error),
+    #[error("storage failure, stopping: {0}")]
+    Writer(#[from] WriterError),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// What recovery did, for the start-up log line.
+#[derive(Debug, Default, Clone)]
+pub struct RecoveryReport {
+    pub records_replayed: usize,
+    pub torn_bytes: u64,
+    pub grants: usize,
+}
+
+/// A recovered core with its storage, ready to run.
+pub struct Recovered {
+    pub core: Core,
+    pub persister: Persister,
+    pub records_since_snapshot: u64,
+    pub report: RecoveryReport,
+}
+
+/// Recovers the durable state from `state` and brings the data files in
+/// `data` to exactly what the log says (re-applying committed writes at their
+/// offsets, trimming uncommitted bytes).
+///
+/// # Errors
+/// [`ServerError`] on damage or I/O failure; nothing is served then.
+pub fn recover(
+    config: &ServerConfig,
+    data: Box<dyn Dir>,
+    state: Box<dyn Dir>,
+    seed: [u8; 32],
+    now: Time,
+) -> Result<Recovered, ServerError> {
+    let core_config = config.core_config();
+    if core_config.min_lease.0 == 0
+        || core_config.min_lease > core_config.max_lease
+        || core_config.default_lease < core_config.min_lease
+        || core_config.default_lease > core_config.max_lease
+    {
+        return Err(ServerError::Config(format!(
+            "need 0 < min-lease-ms <= lease-ms <= max-lease-ms, got {} <= {} <= {}",
+            config.min_lease_ms, config.lease_ms, config.max_lease_ms
+        )));
+    }
+    let mut files = DataFiles::open(data)?;
+    let lengths = files.lengths()?;
+    let recovered = Wal::recover(state, || Snapshot {
+        file_lengths: FileLengths::from_vec(lengths).unwrap_or_default(),
+        ..Snapshot::default()
+    })?;
+    let mut core = Core::restore(core_config, seed, recovered.snapshot);
+    for record in &recovered.records {
+        for write in core.replay(record)? {
+            files.apply(&write)?;
+        }
+    }
+    let short = files.trim_to(&core.snapshot().file_lengths)?;
+    if !short.is_empty() {
+        tracing::warn!(files = ?short, "data files were shorter than committed; damaged outside dlm");
+    }
+    files.sync()?;
+    core.resume(now);
+    let snapshot = core.snapshot();
+    let report = RecoveryReport {
+        records_replayed: recovered.records.len(),
+        torn_bytes: recovered.torn_bytes,
+        grants: snapshot.grants.len(),
+    };
+    let records_since_snapshot = recovered.wal.records_since_snapshot();
+    Ok(Recovered {
+        core,
+        persister: Persister::new(recovered.wal, files),
+        records_since_snapshot,
+        report,
+    })
+}
+
+/// Fresh randomness for tokens, from the operating system.
+pub fn os_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed
+}
+
+/// Milliseconds since the server started, as the core's [`Time`].
+#[derive(Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    /// A clock whose origin is now.
+    pub fn start() -> Clock {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Time {
+        Time::from_millis(self.start.elapsed().as_millis() as u64)
+    }
+
+    /// The instant of a core time.
+    pub fn instant(&self, at: Time) -> Instant {
+        self.start + Duration::from_millis(at.as_millis())
+    }
+}
+
+/// A running node: the core task and the writer, reachable through [`Handle`].
+pub struct Node {
+    handle: Handle,
+    core_task: JoinHandle<()>,
+    writer: WriterTask,
+    /// Fires when the writer or the core task stops on its own (a failure).
+    failed: Option<mpsc::UnboundedReceiver<()>>,
+}
+
+enum WriterTask {
+    Thread(std::thread::JoinHandle<Result<(), WriterError>>),
+    Task(JoinHandle<Result<(), WriterError>>),
+}
+
+/// How the writer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterMode {
+    /// On its own OS thread (production: fsync blocks only it).
+    Thread,
+    /// As a task on the current runtime (deterministic simulation).
+    Task,
+}
+
+impl Node {
+    /// Recovers from the filesystem under `config.data_dir` and starts.
+    ///
+    /// # Errors
+    /// [`ServerError`] when recovery fails.
+    pub fn start_fs(config: &ServerConfig) -> Result<(Node, RecoveryReport), ServerError> {
+        let data = FsDir::open(&config.data_dir)?;
+        let state = FsDir::open(config.data_dir.join(STATE_DIR))?;
+        let clock = Clock::start();
+        let recovered = recover(config, Box::new(data), Box::new(state), os_seed(), clock.now())?;
+        let report = recovered.report.clone();
+        Ok((Node::start(config, recovered, clock, WriterMode::Thread), report))
+    }
+
+    /// Starts the core task and the writer over recovered state.
+    pub fn start(config: &ServerConfig, recovered: Recovered, clock: Clock, mode: WriterMode) -> Node {
+        let (core_tx, core_rx) = mpsc::unbounded_channel();
+        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+        let (failed_tx, failed_rx) = mpsc::unbounded_channel();
+        let writer_failed = failed_tx.clone();
+        let report = move |result: Result<(), WriterError>| {
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "storage failure");
+                let _ = writer_failed.send(());
+            }
+            result
+        };
+        let persister = recovered.persister;
+        let writer = match mode {
+            WriterMode::Thread => WriterTask::Thread(
+                std::thread::Builder::new()
+                    .name("dlm-writer".into())
+                    .spawn(move || report(writer::run_blocking(writer_rx, persister)))
+                    .expect("spawning the writer thread"),
+            ),
+            WriterMode::Task => WriterTask::Task(tokio::spawn(async move {
+                report(writer::run_inline(writer_rx, persister).await)
+            })),
+        };
+        let core_loop = CoreLoop {
+            core: recovered.core,
+            clock,
+            writer: writer_tx.clone(),
+            pending: HashMap::new(),
+            since_snapshot: recovered.records_since_snapshot,
+            snapshot_every: config.snapshot_every.max(1),
+        };
+        let core_task = tokio::spawn(async move {
+            core_loop.run(core_rx).await;
+            let _ = failed_tx.send(());
+        });
+        Node {
+            handle: Handle {
+                core: core_tx,
+                writer: writer_tx,
+                next_call: Arc::new(AtomicU64::new(0)),
+            },
+            core_task,
+            writer,
+            failed: Some(failed_rx),
+        }
+    }
+
+    /// A way in for transports.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Resolves if the node stops on its own (a storage failure).
+    pub fn failed(&mut self) -> impl Future<Output = ()> + use<> {
+        let rx = self.failed.take();
+        async move {
+            match rx {
+                Some(mut rx) => {
+                    let _ = rx.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Stops the core task, lets the writer finish what it was given, and
+    /// reports a storage failure if there was one.
+    ///
+    /// # Errors
+    /// The writer's failure.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let Node {
+            handle,
+            core_task,
+            writer,
+            ..
+        } = self;
+        drop(handle);
+        core_task.abort();
+        let _ = core_task.await;
+        let result = match writer {
+            WriterTask::Thread(thread) => tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(Ok(())),
+            WriterTask::Task(task) => task.await.unwrap_or(Ok(())),
+        };
+        result.map_err(ServerError::from)
+    }
+}
+
+/// The task that owns the core.
+struct CoreLoop {
+    core: Core,
+    clock: Clock,
+    writer: mpsc::UnboundedSender<Job>,
+    /// Reply channels of calls the core has not answered yet.
+    pending: HashMap<CallId, oneshot::Sender<Reply>>,
+    since_snapshot: u64,
+    snapshot_every: u64,
+}
+
+/// Most messages fed to the core before its outputs go to the writer.
+const MAX_BATCH: usize = 4096;
+
+impl CoreLoop {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<CoreMsg>) {
+        loop {
+            let deadline = self.core.next_deadline().map(|t| self.clock.instant(t));
+            let first = tokio::select! {
+                biased;
+                msg = inbox.recv() => match msg {
+                    Some(msg) => Some(msg),
+                    None => return,
+                },
+                _ = sleep_until_opt(deadline) => None,
+            };
+            let mut batch = Batch::default();
+            let now = self.clock.now();
+            match first {
+                Some(msg) => {
+                    self.feed(now, msg, &mut batch);
+                    for _ in 1..MAX_BATCH {
+                        match inbox.try_recv() {
+                            Ok(msg) => self.feed(now, msg, &mut batch),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => {
+                    let outputs = self.core.tick(now);
+                    self.collect(outputs, &mut batch);
+                }
+            }
+            let records = batch.records.len() as u64;
+            if !batch.is_empty() && self.writer.send(Job::Batch(batch)).is_err() {
+                return;
+            }
+            self.since_snapshot += records;
+            if self.since_snapshot >= self.snapshot_every {
+                self.since_snapshot = 0;
+                let snapshot = Box::new(self.core.snapshot());
+                if self.writer.send(Job::Snapshot(snapshot)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, now: Time, msg: CoreMsg, batch: &mut Batch) {
+        let input = match msg {
+            CoreMsg::Call {
+                id,
+                request_id,
+                request,
+                reply,
+            } => {
+                self.pending.insert(id, reply);
+                Input::Call {
+                    id,
+                    request_id,
+                    request,
+                }
+            }
+            CoreMsg::Dropped(id) => {
+                self.pending.remove(&id);
+                Input::CallDropped(id)
+            }
+        };
+        let outputs = self.core.handle(now, input);
+        self.collect(outputs, batch);
+    }
+
+    fn collect(&mut self, outputs: Vec<Output>, batch: &mut Batch) {
+        for output in outputs {
+            match output {
+                Output::Persist(record) => batch.records.push(record),
+                Output::Write(write) => batch.writes.push(write),
+                Output::Reply { call, reply } => {
+                    if let Some(to) = self.pending.remove(&call) {
+                        batch.replies.push((to, reply));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a gRPC server on `listener` until `shutdown` resolves (or storage fails).
+///
+/// # Errors
+/// [`ServerError`] when recovery fails, the transport fails, or storage fails.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (mut node, report) = Node::start_fs(&config)?;
+    tracing::info!(
+        records = report.records_replayed,
+        torn_bytes = report.torn_bytes,
+        grants = report.grants,
+        "recovered"
+    );
+    let failed = node.failed();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {},
+            _ = failed => tracing::error!("core or writer stopped; shutting down"),
+        }
+    };
+    let served = crate::transport::grpc::serve(listener, node.handle(), stop).await;
+    let stopped = node.shutdown().await;
+    served.map_err(|e| ServerError::Transport(e.to_string()))?;
+    stopped
+}

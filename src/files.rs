@@ -48,7 +48,7 @@ impl DataFiles {
     /// # Errors
     /// I/O errors.
     pub fn lengths(&self) -> io::Result<Vec<u64>> {
-        self.handles.iter().map(|h| h.len()).collect()
+        self.handles.iter().map(|h| h.size()).collect()
     }
 
     /// Writes one committed append at its offset.
@@ -72,7 +72,7 @@ impl DataFiles {
         for file in FileIndex::all() {
             let want = lengths.get(file);
             let handle = &mut self.handles[file.get()];
-            let have = handle.len()?;
+            let have = handle.size()?;
             if have != want {
                 if have < want {
                     short.push(file);

@@ -54,7 +54,7 @@ pub trait DirFile: Send {
     ///
     /// # Errors
     /// I/O errors.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Writes all of `data` at `offset`.
     ///
     /// # Errors
@@ -146,7 +146,7 @@ struct FsFile {
 }
 
 impl DirFile for FsFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 

@@ -5,7 +5,7 @@
 //! from the server's first stdout line; restarts reuse that port so that
 //! clients holding the address reconnect.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

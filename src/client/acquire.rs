@@ -1,0 +1,189 @@
+//! Acquire: the one call that may wait server-side for a long time.
+//!
+//! A wait is split into attempts of bounded length. Each attempt tells the
+//! server how much of the caller's wait is left; when an attempt is cut off
+//! (our deadline, the server's gRPC deadline, a dropped connection) the next
+//! one carries the **same request id**, which re-attaches it to its place in
+//! the server's queue, or collects the grant made meanwhile. This file owns
+//! that plan and loop; it does not renew leases (see [`super::guard`]).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::call::{attempt, new_request_id, request, Outcome, Retrier, Servers, Timing};
+use super::error::{AttemptError, Error};
+use super::{millis_ceil, AcquireOptions, Grant};
+use crate::proto;
+
+/// What one acquire attempt asks for and how long it may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AttemptPlan {
+    /// The `wait_timeout_ms` to send: the caller's remaining wait, absent
+    /// for "forever", 0 for "try once".
+    pub wait_ms: Option<u64>,
+    /// Deadline of the attempt.
+    pub timeout: Duration,
+}
+
+impl AttemptPlan {
+    /// Whether the server may legitimately hold this attempt, so that being
+    /// cut off at its deadline is routine rather than a failure.
+    pub fn may_wait(&self) -> bool {
+        self.wait_ms != Some(0)
+    }
+}
+
+/// Plans the next attempt given the caller's remaining wait (`None`: wait
+/// forever). A waiting attempt lasts up to `wait_attempt_timeout`, or the
+/// remaining wait plus one ordinary attempt's time for the answer to come
+/// back, whichever is shorter.
+pub(crate) fn plan_attempt(timing: &Timing, remaining_wait: Option<Duration>) -> AttemptPlan {
+    let longest = timing.wait_attempt_timeout.max(timing.attempt_timeout);
+    match remaining_wait {
+        None => AttemptPlan {
+            wait_ms: None,
+            timeout: longest,
+        },
+        Some(wait) if wait.is_zero() => AttemptPlan {
+            wait_ms: Some(0),
+            timeout: timing.attempt_timeout,
+        },
+        Some(wait) => AttemptPlan {
+            wait_ms: Some(millis_ceil(wait)),
+            timeout: wait.saturating_add(timing.attempt_timeout).min(longest),
+        },
+    }
+}
+
+/// A grant and how it was obtained.
+pub(crate) struct Acquired {
+    /// The grant.
+    pub grant: Grant,
+    /// When the attempt that got the grant was sent. The server's lease
+    /// deadline is no earlier than this plus the lease, unless the grant was
+    /// made while an earlier attempt was cut off (`attempts > 1`).
+    pub sent: Instant,
+    /// Attempts it took.
+    pub attempts: u32,
+}
+
+/// Acquires `lock` for `client_id`, retrying with one request id until the
+/// grant, a refusal, or the end of the wait.
+///
+/// A finite wait gives up after the wait or the retry budget, whichever is
+/// longer (once the wait is over, attempts only collect a grant made
+/// meanwhile); an infinite wait never gives up.
+pub(crate) async fn acquire(
+    servers: &Servers,
+    timing: &Timing,
+    client_id: i32,
+    lock: &str,
+    opts: AcquireOptions,
+) -> Result<Acquired, Error> {
+    let request_id = new_request_id();
+    let started = Instant::now();
+    let wait_until = opts.wait.map(|wait| started + wait);
+    let budget = opts.wait.map(|wait| wait.max(timing.retry_budget));
+    let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, budget);
+    loop {
+        let remaining = wait_until.map(|until| until.saturating_duration_since(Instant::now()));
+        let plan = plan_attempt(timing, remaining);
+        let (index, rpc, timeout) = retrier.next_attempt(plan.timeout);
+        let args = proto::LockArgs {
+            client_id,
+            token: String::new(),
+            request_id: request_id.clone(),
+            lock_name: lock.to_owned(),
+            wait_timeout_ms: plan.wait_ms,
+            lease_ms: opts.lease.map(millis_ceil),
+        };
+        let sent = Instant::now();
+        let result = attempt(rpc, timeout, |mut rpc, timeout| async move {
+            rpc.lock_acquire(request(args, timeout)).await
+        })
+        .await;
+        let outcome = match result {
+            Ok(reply) => Outcome::Done(Ok(Acquired {
+                grant: Grant {
+                    lock: lock.to_owned(),
+                    token: reply.token,
+                    fence: reply.fencing_token,
+                    lease: Duration::from_millis(reply.lease_ms),
+                },
+                sent,
+                attempts: retrier.attempts,
+            })),
+            // Only the attempts after the caller's wait ran out try once.
+            Err(AttemptError::Refused(Error::LockHeld)) if opts.wait != Some(Duration::ZERO) => {
+                Outcome::Done(Err(Error::WaitTimedOut))
+            }
+            Err(AttemptError::Refused(error)) => Outcome::Done(Err(error)),
+            Err(AttemptError::TimedOut(reason))
+                if plan.may_wait() && sent.elapsed() >= timeout / 2 =>
+            {
+                Outcome::CutOff(reason)
+            }
+            Err(AttemptError::TimedOut(reason) | AttemptError::Transport(reason)) => {
+                Outcome::Failed(reason)
+            }
+        };
+        if let Some(result) = retrier.settle(index, outcome).await {
+            return result;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::retry::BackoffPolicy;
+
+    fn timing() -> Timing {
+        Timing {
+            attempt_timeout: Duration::from_secs(5),
+            wait_attempt_timeout: Duration::from_secs(10),
+            retry_budget: Duration::from_secs(60),
+            backoff: BackoffPolicy {
+                base: Duration::from_millis(20),
+                max: Duration::from_secs(1),
+            },
+        }
+    }
+
+    #[test]
+    fn forever_sends_no_wait_and_polls_at_the_long_deadline() {
+        let plan = plan_attempt(&timing(), None);
+        assert_eq!(plan.wait_ms, None);
+        assert_eq!(plan.timeout, Duration::from_secs(10));
+        assert!(plan.may_wait());
+    }
+
+    #[test]
+    fn try_once_sends_zero_with_an_ordinary_deadline() {
+        let plan = plan_attempt(&timing(), Some(Duration::ZERO));
+        assert_eq!(plan.wait_ms, Some(0));
+        assert_eq!(plan.timeout, Duration::from_secs(5));
+        assert!(!plan.may_wait());
+    }
+
+    #[test]
+    fn a_short_wait_gets_the_wait_plus_slack() {
+        let plan = plan_attempt(&timing(), Some(Duration::from_millis(1500)));
+        assert_eq!(plan.wait_ms, Some(1500));
+        assert_eq!(plan.timeout, Duration::from_millis(6500));
+    }
+
+    #[test]
+    fn a_long_wait_is_cut_into_attempts_carrying_the_remaining_wait() {
+        let plan = plan_attempt(&timing(), Some(Duration::from_secs(3600)));
+        assert_eq!(plan.wait_ms, Some(3_600_000));
+        assert_eq!(plan.timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_sub_millisecond_remainder_still_waits() {
+        let plan = plan_attempt(&timing(), Some(Duration::from_micros(300)));
+        assert_eq!(plan.wait_ms, Some(1));
+    }
+}

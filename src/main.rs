@@ -50,10 +50,26 @@ async fn serve(config: ServerConfig) -> i32 {
             return 1;
         }
     };
+    let node = match dlm::server::Node::start_fs(&config) {
+        Ok((node, report)) => {
+            tracing::info!(
+                records = report.records_replayed,
+                torn_bytes = report.torn_bytes,
+                grants = report.grants,
+                "recovered"
+            );
+            node
+        }
+        Err(e) => {
+            eprintln!("dlm: cannot start: {e}");
+            return 1;
+        }
+    };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    // Tests and scripts read this line to learn the port when --listen used port 0.
+    // Printed once recovery is done. Tests and scripts read this line to learn
+    // the port when --listen used port 0.
     println!("dlm: serving gRPC on {addr}, data in {}", config.data_dir.display());
-    match dlm::server::run(listener, config, shutdown_signal()).await {
+    match dlm::server::serve(listener, node, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");
             0

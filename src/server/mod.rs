@@ -458,22 +458,16 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Runs a gRPC server on `listener` until `shutdown` resolves (or storage fails).
+/// Serves gRPC for a started `node` on `listener` until `shutdown` resolves
+/// (or storage fails), then shuts the node down.
 ///
 /// # Errors
-/// [`ServerError`] when recovery fails, the transport fails, or storage fails.
-pub async fn run(
+/// [`ServerError`] when the transport fails or storage fails.
+pub async fn serve(
     listener: TcpListener,
-    config: ServerConfig,
+    mut node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let (mut node, report) = Node::start_fs(&config)?;
-    tracing::info!(
-        records = report.records_replayed,
-        torn_bytes = report.torn_bytes,
-        grants = report.grants,
-        "recovered"
-    );
     let failed = node.failed();
     let stop = async move {
         tokio::select! {

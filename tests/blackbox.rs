@@ -1,0 +1,273 @@
+//! Black-box tests: real `dlm server` processes on loopback, driven through
+//! the client library. Nothing here sleeps to wait for an event; tests wait on
+//! the event itself (a reply, or the server's status showing a waiter).
+
+mod common;
+
+use std::time::Duration;
+
+use common::ServerProcess;
+use dlm::client::{AcquireOptions, Client, Error};
+
+fn client(server: &ServerProcess, id: i32) -> Client {
+    Client::builder(id)
+        .endpoint(server.addr())
+        .backoff(Duration::from_millis(5), Duration::from_millis(100))
+        .build()
+        .expect("client")
+}
+
+async fn read(client: &Client, file: &str) -> String {
+    String::from_utf8(client.read(file).await.expect("read")).expect("utf8")
+}
+
+/// Waits until `lock` shows `n` waiters in the server's status.
+async fn until_waiters(client: &Client, lock: &str, n: usize) {
+    loop {
+        let status = client.status().await.expect("status");
+        let waiting = status
+            .locks
+            .iter()
+            .find(|l| l.name == lock)
+            .map_or(0, |l| l.waiters.iter().filter(|w| !w.detached).count());
+        if waiting >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn acquire_two_appends_release_reads_aa() {
+    let server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    c1.init().await.unwrap();
+    let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    c1.append(&grant, "file_0", "A").await.unwrap();
+    c1.append(&grant, "file_0", "A").await.unwrap();
+    assert_eq!(read(&c1, "file_0").await, "", "staged appends are invisible before release");
+    c1.release(&grant).await.unwrap();
+    assert_eq!(read(&c1, "file_0").await, "AA");
+    assert_eq!(server.file("file_0"), "AA");
+}
+
+#[tokio::test]
+async fn kill9_with_the_lock_free_keeps_contents() {
+    let mut server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    c1.append(&grant, "file_0", "AA").await.unwrap();
+    c1.release(&grant).await.unwrap();
+    server.restart();
+    assert_eq!(read(&c1, "file_0").await, "AA");
+    let grant2 = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    assert!(grant2.fence > grant.fence, "fencing numbers survive the restart");
+    c1.append(&grant2, "file_0", "1").await.unwrap();
+    c1.release(&grant2).await.unwrap();
+    assert_eq!(read(&c1, "file_0").await, "AA1");
+}
+
+#[tokio::test]
+async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append() {
+    let mut server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    let c2 = client(&server, 2);
+    let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    c1.append(&grant, "file_3", "X").await.unwrap();
+    server.restart();
+
+    // The holder's token still works after the restart.
+    c1.renew(&grant, None).await.unwrap();
+    c1.append(&grant, "file_3", "Y").await.unwrap();
+    // A second client finds it held, then waits until the release.
+    assert!(matches!(c2.acquire("", AcquireOptions::try_once()).await, Err(Error::LockHeld)));
+    let waiter = tokio::spawn({
+        let c2 = c2.clone();
+        async move { c2.acquire("", AcquireOptions::default()).await }
+    });
+    until_waiters(&c1, "", 1).await;
+    assert!(!waiter.is_finished());
+    assert_eq!(read(&c1, "file_3").await, "");
+    c1.release(&grant).await.unwrap();
+    let grant2 = waiter.await.unwrap().unwrap();
+    assert!(grant2.fence > grant.fence);
+    assert_eq!(read(&c2, "file_3").await, "XY", "the staged append survived the crash, once");
+}
+
+#[tokio::test]
+async fn six_clients_queued_on_one_lock_are_granted_in_order() {
+    let server = ServerProcess::start(&[]);
+    let holder = client(&server, 100);
+    let first = holder.acquire("q", AcquireOptions::default()).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for id in 1..=6 {
+        let c = client(&server, id);
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let grant = c.acquire("q", AcquireOptions::default()).await.unwrap();
+            tx.send((id, grant.fence)).unwrap();
+            c.release(&grant).await.unwrap();
+        }));
+        // Enqueue strictly one after another: wait until the server shows it.
+        until_waiters(&holder, "q", id as usize).await;
+    }
+    holder.release(&first).await.unwrap();
+    let mut order = Vec::new();
+    let mut fences = vec![first.fence];
+    for _ in 0..6 {
+        let (id, fence) = rx.recv().await.unwrap();
+        order.push(id);
+        fences.push(fence);
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(order, vec![1, 2, 3, 4, 5, 6]);
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter() {
+    let server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    let c2 = client(&server, 2);
+    let grant = c1
+        .acquire("", AcquireOptions::default().lease(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    c1.append(&grant, "file_5", "lost").await.unwrap();
+    // c1 now stalls (renews nothing); c2 waits and gets the lock when the lease runs out.
+    let grant2 = c2.acquire("", AcquireOptions::default()).await.unwrap();
+    assert!(grant2.fence > grant.fence);
+    let append = c1.append(&grant, "file_5", "late").await;
+    assert!(matches!(append, Err(Error::LeaseLost)), "{append:?}");
+    let release = c1.release(&grant).await;
+    assert!(matches!(release, Err(Error::LeaseLost)), "{release:?}");
+    let renew = c1.renew(&grant, None).await;
+    assert!(matches!(renew, Err(Error::LeaseLost)), "{renew:?}");
+    c2.append(&grant2, "file_5", "B").await.unwrap();
+    c2.release(&grant2).await.unwrap();
+    assert_eq!(read(&c2, "file_5").await, "B", "the run-out grant's append was dropped");
+}
+
+#[tokio::test]
+async fn a_guard_keeps_its_lease_alive_and_releases() {
+    let server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    let c2 = client(&server, 2);
+    let guard = c1
+        .lock("g", AcquireOptions::default().lease(Duration::from_millis(1000)))
+        .await
+        .unwrap();
+    // Renewals keep it: a bounded wait of several leases times out.
+    let waited = c2
+        .acquire("g", AcquireOptions::wait_for(Duration::from_millis(2000)))
+        .await;
+    assert!(matches!(waited, Err(Error::WaitTimedOut)), "{waited:?}");
+    assert!(!guard.is_lease_lost());
+    let fence = guard.fence();
+    guard.release().await.unwrap();
+    let grant = c2.acquire("g", AcquireOptions::try_once()).await.unwrap();
+    assert!(grant.fence > fence);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let server = ServerProcess::start(&["--max-append-bytes", "1024"]);
+    let c1 = client(&server, 1);
+    let c2 = client(&server, 2);
+    let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    let long = "f".repeat(5000);
+    for name in ["../x", "/etc/passwd", "file_100", "file_0/../../x", "", long.as_str()] {
+        let r = c1.append(&grant, name, "X").await;
+        assert!(matches!(r, Err(Error::BadRequest(_))), "{name:?}: {r:?}");
+        let r = c1.read(name).await;
+        assert!(matches!(r, Err(Error::BadRequest(_))), "read {name:?}: {r:?}");
+    }
+    let r = c1.append(&grant, "file_1", vec![b'x'; 2000]).await;
+    assert!(matches!(r, Err(Error::BadRequest(_))), "oversize: {r:?}");
+    let r = c1.append_token("garbage", "file_1", "X").await;
+    assert!(matches!(r, Err(Error::LeaseLost)), "garbage token: {r:?}");
+    let r = c2.release_token("", "garbage").await;
+    assert!(matches!(r, Err(Error::LeaseLost)), "release with a garbage token: {r:?}");
+    let r = c2.release_token("never-held", "x").await;
+    assert!(matches!(r, Err(Error::NotHeld)), "release without holding: {r:?}");
+    let r = c2.release_token("", &grant.token).await;
+    assert!(matches!(r, Err(Error::PermissionDenied)), "another client's token: {r:?}");
+    for lease in [Duration::ZERO, Duration::from_secs(10 * 3600)] {
+        let r = c2.acquire("other", AcquireOptions::default().lease(lease)).await;
+        assert!(matches!(r, Err(Error::BadRequest(_))), "lease {lease:?}: {r:?}");
+    }
+    let r = c2
+        .acquire("other", AcquireOptions::wait_for(Duration::from_secs(400 * 24 * 3600)))
+        .await;
+    assert!(matches!(r, Err(Error::BadRequest(_))), "absurd wait: {r:?}");
+    // Nothing changed: the lock is still c1's, nothing staged or written.
+    let status = c1.status().await.unwrap();
+    let default = status.locks.iter().find(|l| l.name.is_empty()).unwrap();
+    assert_eq!(default.holder, Some(1));
+    assert_eq!(default.staged_appends, 0);
+    assert!(status.locks.iter().all(|l| l.name != "other"));
+    c1.release(&grant).await.unwrap();
+    for i in 0..100 {
+        assert_eq!(server.file(&format!("file_{i}")), "");
+    }
+    let entries: Vec<String> = std::fs::read_dir(server.data_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries.len(), 101, "only file_0..99 and state/: {entries:?}");
+}
+
+fn log_files(server: &ServerProcess) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<_> = std::fs::read_dir(server.data_dir().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("log-"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+#[tokio::test]
+async fn a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset() {
+    let mut server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    for _ in 0..3 {
+        let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+        c1.append(&grant, "file_0", "A").await.unwrap();
+        c1.release(&grant).await.unwrap();
+    }
+    server.kill9();
+    let log = log_files(&server).pop().unwrap();
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[12] ^= 0xff; // inside the first record's payload
+    std::fs::write(&log, &bytes).unwrap();
+    let err = server.try_restart().expect_err("must refuse to start");
+    assert!(err.contains(&log.display().to_string()), "{err}");
+    assert!(err.contains("offset 0"), "{err}");
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost() {
+    let mut server = ServerProcess::start(&[]);
+    let c1 = client(&server, 1);
+    let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    c1.append(&grant, "file_0", "A").await.unwrap();
+    c1.release(&grant).await.unwrap();
+    let held = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    c1.append(&held, "file_0", "B").await.unwrap();
+    server.kill9();
+    // A write the crash cut short: a header promising 100 bytes, 10 present.
+    let log = log_files(&server).pop().unwrap();
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(&100u32.to_le_bytes());
+    bytes.extend_from_slice(&[0xAB; 14]);
+    std::fs::write(&log, &bytes).unwrap();
+    server.try_restart().expect("starts after dropping the torn record");
+    assert_eq!(read(&c1, "file_0").await, "A");
+    c1.append(&held, "file_0", "C").await.unwrap();
+    c1.release(&held).await.unwrap();
+    assert_eq!(read(&c1, "file_0").await, "ABC");
+}

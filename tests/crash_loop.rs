@@ -1,0 +1,162 @@
+//! Crash loop: several clients run critical sections on the default lock
+//! while the server is killed with SIGKILL at random moments and restarted.
+//! At the end every acknowledged release's appends are in the files exactly
+//! once, nothing from a grant that was not released is, an unacknowledged
+//! release is all-or-nothing, and the fencing numbers the clients saw
+//! strictly increase across the whole run.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::ServerProcess;
+use dlm::client::{AcquireOptions, Client, Error};
+
+const CLIENTS: i32 = 4;
+const KILLS: usize = 22;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The release was acknowledged: the appends must be there once.
+    Committed,
+    /// The server said the grant was gone: the appends must not be there.
+    NotCommitted,
+    /// No answer: all of them or none.
+    Unknown,
+}
+
+#[derive(Debug)]
+struct GrantRecord {
+    markers: Vec<(String, String)>,
+    outcome: Outcome,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    /// Fencing numbers in the order the grants were acknowledged.
+    fences: Mutex<Vec<u64>>,
+    grants: Mutex<Vec<GrantRecord>>,
+}
+
+async fn run_client(server: String, id: i32, shared: Arc<Shared>) {
+    let client = Client::builder(id)
+        .endpoint(server)
+        .backoff(Duration::from_millis(5), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let mut n = 0;
+    while !shared.stop.load(Ordering::SeqCst) {
+        n += 1;
+        let grant = match client.acquire("", AcquireOptions::default()).await {
+            Ok(grant) => grant,
+            Err(e) => panic!("client {id}: acquire failed: {e}"),
+        };
+        shared.fences.lock().unwrap().push(grant.fence);
+        let mut markers = Vec::new();
+        let mut appended_all = true;
+        for k in 0..2 {
+            let file = format!("file_{}", (id as usize + n + k) % 5);
+            let marker = format!("<{id}.{n}.{k}@{}>", grant.fence);
+            match client.append(&grant, &file, marker.clone()).await {
+                Ok(()) => markers.push((file, marker)),
+                Err(e) => {
+                    // Ambiguous or refused: abandon the grant (never released).
+                    markers.push((file, marker));
+                    appended_all = false;
+                    eprintln!("client {id}: append failed: {e}");
+                    break;
+                }
+            }
+        }
+        let outcome = if appended_all {
+            match client.release(&grant).await {
+                Ok(()) => Outcome::Committed,
+                Err(Error::LeaseLost | Error::NotHeld) => Outcome::NotCommitted,
+                Err(e) => {
+                    eprintln!("client {id}: release unknown: {e}");
+                    Outcome::Unknown
+                }
+            }
+        } else {
+            Outcome::NotCommitted
+        };
+        shared.grants.lock().unwrap().push(GrantRecord {
+            markers,
+            outcome,
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
+    let mut server = ServerProcess::start(&["--lease-ms", "5000"]);
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        fences: Mutex::new(Vec::new()),
+        grants: Mutex::new(Vec::new()),
+    });
+    let clients: Vec<_> = (1..=CLIENTS)
+        .map(|id| tokio::spawn(run_client(server.addr().to_owned(), id, shared.clone())))
+        .collect();
+
+    // Fault injection: kill at pseudo-random moments (a fixed LCG, so the
+    // schedule of delays is the same every run).
+    let mut lcg: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..KILLS {
+        lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay = 10 + (lcg >> 33) % 90;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        tokio::task::block_in_place(|| server.restart());
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        tokio::time::timeout(Duration::from_secs(120), client)
+            .await
+            .expect("clients finish after the kills stop")
+            .expect("client task");
+    }
+
+    let files: Vec<String> = (0..5).map(|i| server.file(&format!("file_{i}"))).collect();
+    let count = |marker: &str| files.iter().map(|f| f.matches(marker).count()).sum::<usize>();
+    let grants = shared.grants.lock().unwrap();
+    let mut committed = 0;
+    let mut all_markers = 0;
+    for grant in grants.iter() {
+        let seen: Vec<usize> = grant.markers.iter().map(|(_, m)| count(m)).collect();
+        all_markers += seen.iter().sum::<usize>();
+        match grant.outcome {
+            Outcome::Committed => {
+                committed += 1;
+                assert!(seen.iter().all(|&c| c == 1), "acknowledged release not exactly once: {grant:?} {seen:?}");
+            }
+            Outcome::NotCommitted => {
+                assert!(seen.iter().all(|&c| c == 0), "unreleased grant visible: {grant:?} {seen:?}")
+            }
+            Outcome::Unknown => assert!(
+                seen.iter().all(|&c| c == 0) || seen.iter().all(|&c| c == 1),
+                "unacknowledged release not all-or-nothing: {grant:?} {seen:?}"
+            ),
+        }
+    }
+    // Nothing in the files that no grant wrote.
+    let total_markers: usize = files.iter().map(|f| f.matches('<').count()).sum();
+    assert_eq!(total_markers, all_markers, "unknown bytes in the files: {files:?}");
+    // Within each file, commits appear in fencing order.
+    for file in &files {
+        let fences: Vec<u64> = file
+            .split('>')
+            .filter_map(|m| m.split('@').nth(1))
+            .map(|f| f.parse().unwrap())
+            .collect();
+        assert!(fences.windows(2).all(|w| w[0] <= w[1]), "{fences:?}");
+    }
+    let fences = shared.fences.lock().unwrap();
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fencing numbers went backwards: {fences:?}");
+    assert!(committed >= 10, "too little progress to mean anything: {committed} commits");
+    eprintln!(
+        "crash loop: {KILLS} kills, {} grants, {committed} committed",
+        grants.len()
+    );
+}

@@ -2,6 +2,9 @@
 //! the client library. Nothing here sleeps to wait for an event; tests wait on
 //! the event itself (a reply, or the server's status showing a waiter).
 
+// Only the core is barred from spawning tasks (clippy.toml); tests may.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;
@@ -45,7 +48,11 @@ async fn acquire_two_appends_release_reads_aa() {
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
     c1.append(&grant, "file_0", "A").await.unwrap();
     c1.append(&grant, "file_0", "A").await.unwrap();
-    assert_eq!(read(&c1, "file_0").await, "", "staged appends are invisible before release");
+    assert_eq!(
+        read(&c1, "file_0").await,
+        "",
+        "staged appends are invisible before release"
+    );
     c1.release(&grant).await.unwrap();
     assert_eq!(read(&c1, "file_0").await, "AA");
     assert_eq!(server.file("file_0"), "AA");
@@ -61,7 +68,10 @@ async fn kill9_with_the_lock_free_keeps_contents() {
     server.restart();
     assert_eq!(read(&c1, "file_0").await, "AA");
     let grant2 = c1.acquire("", AcquireOptions::default()).await.unwrap();
-    assert!(grant2.fence > grant.fence, "fencing numbers survive the restart");
+    assert!(
+        grant2.fence > grant.fence,
+        "fencing numbers survive the restart"
+    );
     c1.append(&grant2, "file_0", "1").await.unwrap();
     c1.release(&grant2).await.unwrap();
     assert_eq!(read(&c1, "file_0").await, "AA1");
@@ -80,7 +90,10 @@ async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append() {
     c1.renew(&grant, None).await.unwrap();
     c1.append(&grant, "file_3", "Y").await.unwrap();
     // A second client finds it held, then waits until the release.
-    assert!(matches!(c2.acquire("", AcquireOptions::try_once()).await, Err(Error::LockHeld)));
+    assert!(matches!(
+        c2.acquire("", AcquireOptions::try_once()).await,
+        Err(Error::LockHeld)
+    ));
     let waiter = tokio::spawn({
         let c2 = c2.clone();
         async move { c2.acquire("", AcquireOptions::default()).await }
@@ -91,14 +104,21 @@ async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append() {
     c1.release(&grant).await.unwrap();
     let grant2 = waiter.await.unwrap().unwrap();
     assert!(grant2.fence > grant.fence);
-    assert_eq!(read(&c2, "file_3").await, "XY", "the staged append survived the crash, once");
+    assert_eq!(
+        read(&c2, "file_3").await,
+        "XY",
+        "the staged append survived the crash, once"
+    );
 }
 
 #[tokio::test]
 async fn six_clients_queued_on_one_lock_are_granted_in_order() {
     let server = ServerProcess::start(&[]);
     let holder = client(&server, 100);
-    let first = holder.acquire("q", AcquireOptions::default()).await.unwrap();
+    let first = holder
+        .acquire("q", AcquireOptions::default())
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for id in 1..=6 {
@@ -133,7 +153,10 @@ async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter() {
     let c1 = client(&server, 1);
     let c2 = client(&server, 2);
     let grant = c1
-        .acquire("", AcquireOptions::default().lease(Duration::from_millis(300)))
+        .acquire(
+            "",
+            AcquireOptions::default().lease(Duration::from_millis(300)),
+        )
         .await
         .unwrap();
     c1.append(&grant, "file_5", "lost").await.unwrap();
@@ -148,7 +171,11 @@ async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter() {
     assert!(matches!(renew, Err(Error::LeaseLost)), "{renew:?}");
     c2.append(&grant2, "file_5", "B").await.unwrap();
     c2.release(&grant2).await.unwrap();
-    assert_eq!(read(&c2, "file_5").await, "B", "the run-out grant's append was dropped");
+    assert_eq!(
+        read(&c2, "file_5").await,
+        "B",
+        "the run-out grant's append was dropped"
+    );
 }
 
 #[tokio::test]
@@ -157,7 +184,10 @@ async fn a_guard_keeps_its_lease_alive_and_releases() {
     let c1 = client(&server, 1);
     let c2 = client(&server, 2);
     let guard = c1
-        .lock("g", AcquireOptions::default().lease(Duration::from_millis(1000)))
+        .lock(
+            "g",
+            AcquireOptions::default().lease(Duration::from_millis(1000)),
+        )
         .await
         .unwrap();
     // Renewals keep it: a bounded wait of several leases times out.
@@ -179,28 +209,55 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let c2 = client(&server, 2);
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
     let long = "f".repeat(5000);
-    for name in ["../x", "/etc/passwd", "file_100", "file_0/../../x", "", long.as_str()] {
+    for name in [
+        "../x",
+        "/etc/passwd",
+        "file_100",
+        "file_0/../../x",
+        "",
+        long.as_str(),
+    ] {
         let r = c1.append(&grant, name, "X").await;
         assert!(matches!(r, Err(Error::BadRequest(_))), "{name:?}: {r:?}");
         let r = c1.read(name).await;
-        assert!(matches!(r, Err(Error::BadRequest(_))), "read {name:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::BadRequest(_))),
+            "read {name:?}: {r:?}"
+        );
     }
     let r = c1.append(&grant, "file_1", vec![b'x'; 2000]).await;
     assert!(matches!(r, Err(Error::BadRequest(_))), "oversize: {r:?}");
     let r = c1.append_token("garbage", "file_1", "X").await;
     assert!(matches!(r, Err(Error::LeaseLost)), "garbage token: {r:?}");
     let r = c2.release_token("", "garbage").await;
-    assert!(matches!(r, Err(Error::LeaseLost)), "release with a garbage token: {r:?}");
+    assert!(
+        matches!(r, Err(Error::LeaseLost)),
+        "release with a garbage token: {r:?}"
+    );
     let r = c2.release_token("never-held", "x").await;
-    assert!(matches!(r, Err(Error::NotHeld)), "release without holding: {r:?}");
+    assert!(
+        matches!(r, Err(Error::NotHeld)),
+        "release without holding: {r:?}"
+    );
     let r = c2.release_token("", &grant.token).await;
-    assert!(matches!(r, Err(Error::PermissionDenied)), "another client's token: {r:?}");
+    assert!(
+        matches!(r, Err(Error::PermissionDenied)),
+        "another client's token: {r:?}"
+    );
     for lease in [Duration::ZERO, Duration::from_secs(10 * 3600)] {
-        let r = c2.acquire("other", AcquireOptions::default().lease(lease)).await;
-        assert!(matches!(r, Err(Error::BadRequest(_))), "lease {lease:?}: {r:?}");
+        let r = c2
+            .acquire("other", AcquireOptions::default().lease(lease))
+            .await;
+        assert!(
+            matches!(r, Err(Error::BadRequest(_))),
+            "lease {lease:?}: {r:?}"
+        );
     }
     let r = c2
-        .acquire("other", AcquireOptions::wait_for(Duration::from_secs(400 * 24 * 3600)))
+        .acquire(
+            "other",
+            AcquireOptions::wait_for(Duration::from_secs(400 * 24 * 3600)),
+        )
         .await;
     assert!(matches!(r, Err(Error::BadRequest(_))), "absurd wait: {r:?}");
     // Nothing changed: the lock is still c1's, nothing staged or written.
@@ -217,7 +274,11 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(entries.len(), 101, "only file_0..99 and state/: {entries:?}");
+    assert_eq!(
+        entries.len(),
+        101,
+        "only file_0..99 and state/: {entries:?}"
+    );
 }
 
 fn log_files(server: &ServerProcess) -> Vec<std::path::PathBuf> {
@@ -265,7 +326,9 @@ async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost() {
     bytes.extend_from_slice(&100u32.to_le_bytes());
     bytes.extend_from_slice(&[0xAB; 14]);
     std::fs::write(&log, &bytes).unwrap();
-    server.try_restart().expect("starts after dropping the torn record");
+    server
+        .try_restart()
+        .expect("starts after dropping the torn record");
     assert_eq!(read(&c1, "file_0").await, "A");
     c1.append(&held, "file_0", "C").await.unwrap();
     c1.release(&held).await.unwrap();

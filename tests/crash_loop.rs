@@ -5,6 +5,9 @@
 //! release is all-or-nothing, and the fencing numbers the clients saw
 //! strictly increase across the whole run.
 
+// Only the core is barred from spawning tasks (clippy.toml); tests may.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,10 +85,11 @@ async fn run_client(server: String, id: i32, shared: Arc<Shared>) {
         } else {
             Outcome::NotCommitted
         };
-        shared.grants.lock().unwrap().push(GrantRecord {
-            markers,
-            outcome,
-        });
+        shared
+            .grants
+            .lock()
+            .unwrap()
+            .push(GrantRecord { markers, outcome });
     }
 }
 
@@ -105,7 +109,9 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
     // schedule of delays is the same every run).
     let mut lcg: u64 = 0x2545_f491_4f6c_dd1d;
     for _ in 0..KILLS {
-        lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        lcg = lcg
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let delay = 10 + (lcg >> 33) % 90;
         tokio::time::sleep(Duration::from_millis(delay)).await;
         tokio::task::block_in_place(|| server.restart());
@@ -119,7 +125,12 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
     }
 
     let files: Vec<String> = (0..5).map(|i| server.file(&format!("file_{i}"))).collect();
-    let count = |marker: &str| files.iter().map(|f| f.matches(marker).count()).sum::<usize>();
+    let count = |marker: &str| {
+        files
+            .iter()
+            .map(|f| f.matches(marker).count())
+            .sum::<usize>()
+    };
     let grants = shared.grants.lock().unwrap();
     let mut committed = 0;
     let mut all_markers = 0;
@@ -129,10 +140,16 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
         match grant.outcome {
             Outcome::Committed => {
                 committed += 1;
-                assert!(seen.iter().all(|&c| c == 1), "acknowledged release not exactly once: {grant:?} {seen:?}");
+                assert!(
+                    seen.iter().all(|&c| c == 1),
+                    "acknowledged release not exactly once: {grant:?} {seen:?}"
+                );
             }
             Outcome::NotCommitted => {
-                assert!(seen.iter().all(|&c| c == 0), "unreleased grant visible: {grant:?} {seen:?}")
+                assert!(
+                    seen.iter().all(|&c| c == 0),
+                    "unreleased grant visible: {grant:?} {seen:?}"
+                )
             }
             Outcome::Unknown => assert!(
                 seen.iter().all(|&c| c == 0) || seen.iter().all(|&c| c == 1),
@@ -142,7 +159,10 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
     }
     // Nothing in the files that no grant wrote.
     let total_markers: usize = files.iter().map(|f| f.matches('<').count()).sum();
-    assert_eq!(total_markers, all_markers, "unknown bytes in the files: {files:?}");
+    assert_eq!(
+        total_markers, all_markers,
+        "unknown bytes in the files: {files:?}"
+    );
     // Within each file, commits appear in fencing order.
     for file in &files {
         let fences: Vec<u64> = file
@@ -153,8 +173,14 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
         assert!(fences.windows(2).all(|w| w[0] <= w[1]), "{fences:?}");
     }
     let fences = shared.fences.lock().unwrap();
-    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fencing numbers went backwards: {fences:?}");
-    assert!(committed >= 10, "too little progress to mean anything: {committed} commits");
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fencing numbers went backwards: {fences:?}"
+    );
+    assert!(
+        committed >= 10,
+        "too little progress to mean anything: {committed} commits"
+    );
     eprintln!(
         "crash loop: {KILLS} kills, {} grants, {committed} committed",
         grants.len()

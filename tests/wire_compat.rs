@@ -69,10 +69,14 @@ async fn unary<Req: prost::Message + 'static>(
 ) -> OrigResponse {
     grpc.ready().await.expect("ready");
     let codec = tonic_prost::ProstCodec::<Req, OrigResponse>::default();
-    grpc.unary(tonic::Request::new(req), PathAndQuery::from_static(method), codec)
-        .await
-        .expect("rpc")
-        .into_inner()
+    grpc.unary(
+        tonic::Request::new(req),
+        PathAndQuery::from_static(method),
+        codec,
+    )
+    .await
+    .expect("rpc")
+    .into_inner()
 }
 
 #[tokio::test]
@@ -85,13 +89,25 @@ async fn original_client_can_init_acquire_append_renew_release() {
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
 
-    let r = unary(&mut grpc, "/lock.LockService/ClientInit", OrigInit { client_id: 1, request_id: "i1".into() }).await;
+    let r = unary(
+        &mut grpc,
+        "/lock.LockService/ClientInit",
+        OrigInit {
+            client_id: 1,
+            request_id: "i1".into(),
+        },
+    )
+    .await;
     assert_eq!(r.status, OK, "{}", r.error_message);
 
     let r = unary(
         &mut grpc,
         "/lock.LockService/LockAcquire",
-        OrigLock { client_id: 1, token: String::new(), request_id: "a1".into() },
+        OrigLock {
+            client_id: 1,
+            token: String::new(),
+            request_id: "a1".into(),
+        },
     )
     .await;
     assert_eq!(r.status, OK, "{}", r.error_message);
@@ -117,7 +133,11 @@ async fn original_client_can_init_acquire_append_renew_release() {
     let r = unary(
         &mut grpc,
         "/lock.LockService/RenewLease",
-        OrigLease { client_id: 1, token: token.clone(), request_id: "r1".into() },
+        OrigLease {
+            client_id: 1,
+            token: token.clone(),
+            request_id: "r1".into(),
+        },
     )
     .await;
     assert_eq!(r.status, OK, "{}", r.error_message);
@@ -125,7 +145,11 @@ async fn original_client_can_init_acquire_append_renew_release() {
     let r = unary(
         &mut grpc,
         "/lock.LockService/RenewLease",
-        OrigLease { client_id: 1, token: "garbage".into(), request_id: "r2".into() },
+        OrigLease {
+            client_id: 1,
+            token: "garbage".into(),
+            request_id: "r2".into(),
+        },
     )
     .await;
     assert_eq!(r.status, INVALID_TOKEN);
@@ -135,7 +159,11 @@ async fn original_client_can_init_acquire_append_renew_release() {
     let r = unary(
         &mut grpc,
         "/lock.LockService/LockRelease",
-        OrigLock { client_id: 1, token: token.clone(), request_id: "rel1".into() },
+        OrigLock {
+            client_id: 1,
+            token: token.clone(),
+            request_id: "rel1".into(),
+        },
     )
     .await;
     assert_eq!(r.status, OK, "{}", r.error_message);
@@ -145,7 +173,11 @@ async fn original_client_can_init_acquire_append_renew_release() {
     let r = unary(
         &mut grpc,
         "/lock.LockService/LockAcquire",
-        OrigLock { client_id: 2, token: String::new(), request_id: String::new() },
+        OrigLock {
+            client_id: 2,
+            token: String::new(),
+            request_id: String::new(),
+        },
     )
     .await;
     assert_eq!(r.status, OK, "{}", r.error_message);

@@ -65,7 +65,9 @@ impl Dedup {
     /// Remembers the answer to a request, evicting the oldest beyond capacity.
     pub fn answer(&mut self, client: ClientId, request_id: &str, kind: RequestKind, reply: Reply) {
         let key = (client, request_id.to_owned());
-        let previous = self.seen.insert(key.clone(), Seen::Answered { kind, reply });
+        let previous = self
+            .seen
+            .insert(key.clone(), Seen::Answered { kind, reply });
         if !matches!(previous, Some(Seen::Answered { .. })) {
             self.order.push_back(key);
         }

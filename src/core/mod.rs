@@ -340,8 +340,7 @@ impl Core {
         for (name, state) in &mut self.locks {
             if let Some(grant) = &mut state.holder {
                 grant.deadline = self.now.plus(grant.lease);
-                self.timers
-                    .arm(grant.deadline, Timer::Lease(name.clone()));
+                self.timers.arm(grant.deadline, Timer::Lease(name.clone()));
             }
         }
     }
@@ -442,7 +441,7 @@ impl Core {
                             RefusalCode::WaitTimeout,
                             "wait timeout passed before the lock was granted",
                         );
-                        self.answer_waiter(w, reply, false, step);
+                        self.answer_waiter(w, reply, step);
                     }
                 }
             }
@@ -487,7 +486,7 @@ impl Core {
             }
         }
         let outcome = match request {
-            Request::ClientInit { .. } => Some((Reply::Done, false)),
+            Request::ClientInit { .. } => Some(Reply::Done),
             Request::ClientClose { client } => Some(self.close(client, step)),
             Request::Acquire {
                 client,
@@ -512,20 +511,11 @@ impl Core {
                 content,
                 token,
             } => Some(self.append(client, &file, content, &token, step)),
-            Request::Status => Some((self.status(), false)),
+            Request::Status => Some(self.status()),
         };
-        if let Some((reply, durable)) = outcome {
+        if let Some(reply) = outcome {
             if dedup {
-                self.dedup
-                    .answer(client, &request_id, kind, reply.clone());
-                if durable {
-                    step.changes.push(Change::Answered {
-                        client,
-                        request_id,
-                        kind,
-                        reply: reply.clone(),
-                    });
-                }
+                self.remember(client, request_id, kind, &reply, step);
             }
             step.replies.push((call, reply));
         }
@@ -533,13 +523,15 @@ impl Core {
 
     fn lease_arg(&self, lease: Option<Millis>) -> Result<Option<Millis>, Reply> {
         match lease {
-            Some(l) if l < self.config.min_lease || l > self.config.max_lease => Err(Reply::refused(
-                RefusalCode::InvalidArgument,
-                format!(
-                    "lease of {} ms is outside {}..={} ms",
-                    l.0, self.config.min_lease.0, self.config.max_lease.0
-                ),
-            )),
+            Some(l) if l < self.config.min_lease || l > self.config.max_lease => {
+                Err(Reply::refused(
+                    RefusalCode::InvalidArgument,
+                    format!(
+                        "lease of {} ms is outside {}..={} ms",
+                        l.0, self.config.min_lease.0, self.config.max_lease.0
+                    ),
+                ))
+            }
             other => Ok(other),
         }
     }
@@ -554,41 +546,46 @@ impl Core {
         wait: Option<Millis>,
         lease: Option<Millis>,
         step: &mut Step,
-    ) -> Option<(Reply, bool)> {
+    ) -> Option<Reply> {
         if let Err(reason) = validate_lock_name(&lock) {
-            return Some((Reply::refused(RefusalCode::InvalidArgument, reason), false));
+            return Some(Reply::refused(RefusalCode::InvalidArgument, reason));
         }
         let lease = match self.lease_arg(lease) {
             Ok(lease) => lease,
-            Err(refusal) => return Some((refusal, false)),
+            Err(refusal) => return Some(refusal),
         };
         if let Some(w) = wait.filter(|w| *w > self.config.max_wait) {
-            let reason = format!("wait timeout of {} ms exceeds {} ms", w.0, self.config.max_wait.0);
-            return Some((Reply::refused(RefusalCode::InvalidArgument, reason), false));
+            let reason = format!(
+                "wait timeout of {} ms exceeds {} ms",
+                w.0, self.config.max_wait.0
+            );
+            return Some(Reply::refused(RefusalCode::InvalidArgument, reason));
         }
         let now = self.now;
         let state = self.locks.entry(lock.clone()).or_default();
         match &mut state.holder {
             Some(grant) if grant.client == client => {
-                // Re-acquire by the holder: the same grant, with a renewed lease.
+                // Re-acquire by the holder: the same grant, with a renewed
+                // lease (like a renew, it changes nothing durable).
                 let old = grant.deadline;
-                grant.lease = lease.unwrap_or(grant.lease);
-                grant.deadline = now.plus(grant.lease);
-                let info = grant.info(&lock);
+                let lease = lease.unwrap_or(grant.lease);
+                grant.deadline = now.plus(lease);
+                let mut info = grant.info(&lock);
+                info.lease = lease;
                 let new = grant.deadline;
                 self.timers.disarm(old, &Timer::Lease(lock.clone()));
                 self.timers.arm(new, Timer::Lease(lock));
-                Some((Reply::Granted(info), false))
+                Some(Reply::Granted(info))
             }
             None => {
                 let lease = lease.unwrap_or(self.config.default_lease);
                 let info = self.grant(lock, client, lease, step);
-                Some((Reply::Granted(info), true))
+                Some(Reply::Granted(info))
             }
             Some(grant) => {
                 if wait == Some(Millis(0)) {
                     let reason = format!("lock {lock:?} is held by client {}", grant.client);
-                    return Some((Reply::refused(RefusalCode::LockHeld, reason), false));
+                    return Some(Reply::refused(RefusalCode::LockHeld, reason));
                 }
                 let id = self.next_waiter;
                 self.next_waiter += 1;
@@ -616,7 +613,13 @@ impl Core {
     }
 
     /// Makes a new grant of the free lock `lock`.
-    fn grant(&mut self, lock: LockName, client: ClientId, lease: Millis, step: &mut Step) -> types::GrantInfo {
+    fn grant(
+        &mut self,
+        lock: LockName,
+        client: ClientId,
+        lease: Millis,
+        step: &mut Step,
+    ) -> types::GrantInfo {
         self.last_fence = Fence(self.last_fence.0 + 1);
         let fence = self.last_fence;
         let token = self.new_token();
@@ -692,7 +695,7 @@ impl Core {
         match next.and_then(|id| self.remove_waiter(id)) {
             Some(waiter) => {
                 let info = self.grant(lock.to_owned(), waiter.client, waiter.lease, step);
-                self.answer_waiter(waiter, Reply::Granted(info), true, step);
+                self.answer_waiter(waiter, Reply::Granted(info), step);
             }
             None => {
                 if self.locks.get(lock).is_some_and(LockState::is_idle) {
@@ -704,26 +707,43 @@ impl Core {
 
     /// Answers every call of a waiter that has left its queue, and remembers
     /// the answer for its request id.
-    fn answer_waiter(&mut self, waiter: Waiter, reply: Reply, durable: bool, step: &mut Step) {
+    fn answer_waiter(&mut self, waiter: Waiter, reply: Reply, step: &mut Step) {
         if !waiter.request_id.is_empty() && !self.plants.dedup_off {
-            self.dedup.answer(
+            self.remember(
                 waiter.client,
-                &waiter.request_id,
+                waiter.request_id,
                 RequestKind::Acquire,
-                reply.clone(),
+                &reply,
+                step,
             );
-            if durable {
-                step.changes.push(Change::Answered {
-                    client: waiter.client,
-                    request_id: waiter.request_id.clone(),
-                    kind: RequestKind::Acquire,
-                    reply: reply.clone(),
-                });
-            }
         }
         for call in waiter.calls {
             step.replies.push((call, reply.clone()));
         }
+    }
+
+    /// Remembers the answer to a request id, in memory and in the log, so a
+    /// retry, a duplicate or a replay after a restart gets it again. A refusal
+    /// of a malformed argument is not remembered: it depends on the request
+    /// alone, so it is the same every time and writes nothing.
+    fn remember(
+        &mut self,
+        client: ClientId,
+        request_id: RequestId,
+        kind: RequestKind,
+        reply: &Reply,
+        step: &mut Step,
+    ) {
+        if matches!(reply, Reply::Refused(r) if r.code == RefusalCode::InvalidArgument) {
+            return;
+        }
+        self.dedup.answer(client, &request_id, kind, reply.clone());
+        step.changes.push(Change::Answered {
+            client,
+            request_id,
+            kind,
+            reply: reply.clone(),
+        });
     }
 
     fn waiter(&self, id: WaiterId) -> Option<&Waiter> {
@@ -804,37 +824,42 @@ impl Core {
         if grant.token != token {
             return Err(Reply::refused(
                 RefusalCode::InvalidToken,
-                format!("token is not the current grant of lock {lock:?} (stale, run out or unknown)"),
+                format!(
+                    "token is not the current grant of lock {lock:?} (stale, run out or unknown)"
+                ),
             ));
         }
         if grant.client != client {
             return Err(Reply::refused(
                 RefusalCode::PermissionDenied,
-                format!("lock {lock:?} is held by client {}, not {client}", grant.client),
+                format!(
+                    "lock {lock:?} is held by client {}, not {client}",
+                    grant.client
+                ),
             ));
         }
         Ok(grant)
     }
 
-    fn release(&mut self, client: ClientId, lock: &str, token: &str, step: &mut Step) -> (Reply, bool) {
+    fn release(&mut self, client: ClientId, lock: &str, token: &str, step: &mut Step) -> Reply {
         if let Err(refusal) = self.check_token(client, lock, token) {
-            return (refusal, false);
+            return refusal;
         }
         self.end_grant(lock, true, step);
-        (Reply::Done, true)
+        Reply::Done
     }
 
-    fn renew(&mut self, client: ClientId, lock: &str, token: &str, lease: Option<Millis>) -> (Reply, bool) {
+    fn renew(&mut self, client: ClientId, lock: &str, token: &str, lease: Option<Millis>) -> Reply {
         let lease = match self.lease_arg(lease) {
             Ok(lease) => lease,
-            Err(refusal) => return (refusal, false),
+            Err(refusal) => return refusal,
         };
         if let Err(refusal) = self.check_token(client, lock, token) {
-            return (refusal, false);
+            return refusal;
         }
         let now = self.now;
         let Some(grant) = self.locks.get_mut(lock).and_then(|s| s.holder.as_mut()) else {
-            return (Reply::refused(RefusalCode::LockNotHeld, "lock is not held"), false);
+            return Reply::refused(RefusalCode::LockNotHeld, "lock is not held");
         };
         let old = grant.deadline;
         let lease = lease.unwrap_or(grant.lease);
@@ -842,7 +867,7 @@ impl Core {
         let new = grant.deadline;
         self.timers.disarm(old, &Timer::Lease(lock.to_owned()));
         self.timers.arm(new, Timer::Lease(lock.to_owned()));
-        (Reply::Renewed { lease }, false)
+        Reply::Renewed { lease }
     }
 
     fn append(
@@ -852,10 +877,10 @@ impl Core {
         content: bytes::Bytes,
         token: &str,
         step: &mut Step,
-    ) -> (Reply, bool) {
+    ) -> Reply {
         let file = match FileIndex::parse(file) {
             Ok(file) => file,
-            Err(reason) => return (Reply::refused(RefusalCode::InvalidArgument, reason), false),
+            Err(reason) => return Reply::refused(RefusalCode::InvalidArgument, reason),
         };
         if content.len() > self.config.max_append_bytes {
             let reason = format!(
@@ -863,23 +888,24 @@ impl Core {
                 content.len(),
                 self.config.max_append_bytes
             );
-            return (Reply::refused(RefusalCode::InvalidArgument, reason), false);
+            return Reply::refused(RefusalCode::InvalidArgument, reason);
         }
         if let Err(refusal) = self.check_token(client, DEFAULT_LOCK, token) {
             if !self.plants.stale_appends {
-                return (refusal, false);
+                return refusal;
             }
         }
         let max_staged = self.config.max_staged_bytes;
-        let Some(grant) = self.locks.get_mut(DEFAULT_LOCK).and_then(|s| s.holder.as_mut()) else {
-            return (
-                Reply::refused(RefusalCode::LockNotHeld, "the default lock is not held"),
-                false,
-            );
+        let Some(grant) = self
+            .locks
+            .get_mut(DEFAULT_LOCK)
+            .and_then(|s| s.holder.as_mut())
+        else {
+            return Reply::refused(RefusalCode::LockNotHeld, "the default lock is not held");
         };
         if grant.staged_bytes + content.len() as u64 > max_staged {
             let reason = format!("more than {max_staged} bytes staged under one grant");
-            return (Reply::refused(RefusalCode::InvalidArgument, reason), false);
+            return Reply::refused(RefusalCode::InvalidArgument, reason);
         }
         grant.staged_bytes += content.len() as u64;
         grant.staged.push(StagedAppend {
@@ -891,10 +917,10 @@ impl Core {
             file,
             content,
         });
-        (Reply::Done, true)
+        Reply::Done
     }
 
-    fn close(&mut self, client: ClientId, step: &mut Step) -> (Reply, bool) {
+    fn close(&mut self, client: ClientId, step: &mut Step) -> Reply {
         // Cancel the client's waits first, so that ending its grants does not
         // hand a lock to the client's own waiter.
         let waiting: Vec<WaiterId> = self
@@ -906,8 +932,11 @@ impl Core {
             .collect();
         for id in waiting {
             if let Some(waiter) = self.remove_waiter(id) {
-                let reply = Reply::refused(RefusalCode::SessionClosed, "the client's session was closed");
-                self.answer_waiter(waiter, reply, false, step);
+                let reply = Reply::refused(
+                    RefusalCode::SessionClosed,
+                    "the client's session was closed",
+                );
+                self.answer_waiter(waiter, reply, step);
             }
         }
         let held: Vec<LockName> = self
@@ -919,7 +948,7 @@ impl Core {
         for lock in &held {
             self.end_grant(lock, false, step);
         }
-        (Reply::Done, !held.is_empty())
+        Reply::Done
     }
 
     fn status(&self) -> Reply {

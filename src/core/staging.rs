@@ -26,7 +26,9 @@ impl FileIndex {
     pub fn parse(name: &str) -> Result<FileIndex, String> {
         let shown: String = name.chars().take(40).collect();
         let Some(digits) = name.strip_prefix("file_") else {
-            return Err(format!("invalid file name {shown:?}: expected file_0 … file_99"));
+            return Err(format!(
+                "invalid file name {shown:?}: expected file_0 … file_99"
+            ));
         };
         let canonical = !digits.is_empty()
             && digits.len() <= 2
@@ -34,7 +36,9 @@ impl FileIndex {
             && !(digits.len() > 1 && digits.starts_with('0'));
         match digits.parse::<usize>() {
             Ok(n) if canonical && n < FILE_COUNT => Ok(FileIndex(n as u8)),
-            _ => Err(format!("invalid file name {shown:?}: expected file_0 … file_99")),
+            _ => Err(format!(
+                "invalid file name {shown:?}: expected file_0 … file_99"
+            )),
         }
     }
 
@@ -115,8 +119,20 @@ mod tests {
         assert_eq!(FileIndex::parse("file_99").unwrap().get(), 99);
         let long = "x".repeat(5000);
         for bad in [
-            "", "file_", "file_100", "file_007", "file_00", "../x", "/etc/passwd", "file_0/../../x",
-            "file_-1", "file_+1", "file_1 ", "FILE_1", "file_1\0", long.as_str(),
+            "",
+            "file_",
+            "file_100",
+            "file_007",
+            "file_00",
+            "../x",
+            "/etc/passwd",
+            "file_0/../../x",
+            "file_-1",
+            "file_+1",
+            "file_1 ",
+            "FILE_1",
+            "file_1\0",
+            long.as_str(),
         ] {
             let err = FileIndex::parse(bad).unwrap_err();
             assert!(err.len() < 120, "{err}");
@@ -129,11 +145,20 @@ mod tests {
         let f = FileIndex::parse("file_3").unwrap();
         let mut writes = Vec::new();
         let staged = vec![
-            StagedAppend { file: f, content: Bytes::from_static(b"ab") },
-            StagedAppend { file: f, content: Bytes::from_static(b"c") },
+            StagedAppend {
+                file: f,
+                content: Bytes::from_static(b"ab"),
+            },
+            StagedAppend {
+                file: f,
+                content: Bytes::from_static(b"c"),
+            },
         ];
         lengths.commit(staged, &mut writes);
-        assert_eq!(writes.iter().map(|w| w.offset).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(
+            writes.iter().map(|w| w.offset).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
         assert_eq!(lengths.get(f), 3);
     }
 }

@@ -23,7 +23,9 @@ pub type LockName = String;
 pub type Token = String;
 
 /// Fencing number of a grant: strictly increasing, never reused.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Fence(pub u64);
 
 /// A call in flight, numbered by the driver; replies are addressed to it.

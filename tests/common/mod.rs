@@ -57,7 +57,9 @@ impl ServerProcess {
             .map_err(|e| e.to_string())?;
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         let Some(addr) = line
             .strip_prefix("dlm: serving gRPC on ")
             .and_then(|rest| rest.split(',').next())
@@ -100,7 +102,8 @@ impl ServerProcess {
 
     /// Content of a data file as the disk has it.
     pub fn file(&self, name: &str) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.data_dir.join(name)).unwrap_or_default()).into_owned()
+        String::from_utf8_lossy(&std::fs::read(self.data_dir.join(name)).unwrap_or_default())
+            .into_owned()
     }
 
     /// SIGKILL, and wait for the process to be gone.

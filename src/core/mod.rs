@@ -95,6 +95,8 @@ pub struct Plants {
     pub dedup_off: bool,
     /// Grant to the newest waiter instead of the oldest.
     pub lifo_grants: bool,
+    /// Do not give surviving grants a lease on restart (they never run out).
+    pub no_rearm: bool,
     /// Accept appends with a token whose lease ran out.
     pub stale_appends: bool,
 }
@@ -121,6 +123,27 @@ pub enum Output {
     Write(FileWrite),
     /// Send this reply to call `call`.
     Reply { call: CallId, reply: Reply },
+    /// A queue event, only when tracing is on; needs no action.
+    Trace(Trace),
+}
+
+/// What happened to a wait queue, reported only when tracing is on (the
+/// simulation's checker follows queues with it; production leaves it off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trace {
+    /// A waiter joined the back of `lock`'s queue.
+    Enqueued {
+        lock: LockName,
+        waiter: WaiterId,
+        client: ClientId,
+    },
+    /// The waiter left the queue: granted (`fence`) or gone (`None`: wait
+    /// timeout, session closed, cut off and not back in time).
+    Dequeued {
+        lock: LockName,
+        waiter: WaiterId,
+        granted: Option<Fence>,
+    },
 }
 
 /// A log that does not fit the state it is replayed onto.
@@ -140,11 +163,13 @@ struct Step {
     changes: Vec<Change>,
     writes: Vec<FileWrite>,
     replies: Vec<(CallId, Reply)>,
+    traces: Vec<Trace>,
 }
 
 impl Step {
     fn finish(self) -> Vec<Output> {
         let mut out = Vec::with_capacity(1 + self.writes.len() + self.replies.len());
+        out.extend(self.traces.into_iter().map(Output::Trace));
         if !self.changes.is_empty() {
             out.push(Output::Persist(Record {
                 changes: self.changes,
@@ -181,6 +206,8 @@ pub struct Core {
     /// Which waiter each open call waits as.
     open_calls: HashMap<CallId, WaiterId>,
     next_waiter: WaiterId,
+    /// Emit [`Output::Trace`] events.
+    tracing: bool,
 }
 
 impl Core {
@@ -236,7 +263,13 @@ impl Core {
             waiter_locks: HashMap::new(),
             open_calls: HashMap::new(),
             next_waiter: 0,
+            tracing: false,
         }
+    }
+
+    /// Turns [`Output::Trace`] events on or off.
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
     }
 
     /// Turns planted bugs on (tests of the checker only).
@@ -337,6 +370,9 @@ impl Core {
     /// lease, since the driver cannot know how long it was down.
     pub fn resume(&mut self, now: Time) {
         self.now = self.now.max(now);
+        if self.plants.no_rearm {
+            return;
+        }
         for (name, state) in &mut self.locks {
             if let Some(grant) = &mut state.holder {
                 grant.deadline = self.now.plus(grant.lease);
@@ -410,7 +446,7 @@ impl Core {
                 request_id,
                 request,
             } => self.call(id, request_id, request, &mut step),
-            Input::CallDropped(id) => self.dropped(id),
+            Input::CallDropped(id) => self.dropped(id, &mut step),
         }
         step.finish()
     }
@@ -436,7 +472,7 @@ impl Core {
             }
             Timer::Wait(id) => {
                 if self.waiter(id).is_some_and(|w| w.wait_deadline == Some(at)) {
-                    if let Some(w) = self.remove_waiter(id) {
+                    if let Some(w) = self.remove_waiter(id, None, step) {
                         let reply = Reply::refused(
                             RefusalCode::WaitTimeout,
                             "wait timeout passed before the lock was granted",
@@ -450,7 +486,7 @@ impl Core {
                     .waiter(id)
                     .is_some_and(|w| w.detached_until == Some(at) && w.calls.is_empty());
                 if due {
-                    if let Some(w) = self.remove_waiter(id) {
+                    if let Some(w) = self.remove_waiter(id, None, step) {
                         self.dedup.forget_waiter(w.client, &w.request_id);
                     }
                 }
@@ -602,6 +638,13 @@ impl Core {
                     self.timers.arm(at, Timer::Wait(id));
                 }
                 state.waiters.push_back(waiter);
+                if self.tracing {
+                    step.traces.push(Trace::Enqueued {
+                        lock: lock.clone(),
+                        waiter: id,
+                        client,
+                    });
+                }
                 self.waiter_locks.insert(id, lock);
                 self.open_calls.insert(call, id);
                 if !request_id.is_empty() && !self.plants.dedup_off {
@@ -692,7 +735,8 @@ impl Core {
                 state.waiters.front().map(|w| w.id)
             }
         });
-        match next.and_then(|id| self.remove_waiter(id)) {
+        let fence = Fence(self.last_fence.0 + 1);
+        match next.and_then(|id| self.remove_waiter(id, Some(fence), step)) {
             Some(waiter) => {
                 let info = self.grant(lock.to_owned(), waiter.client, waiter.lease, step);
                 self.answer_waiter(waiter, Reply::Granted(info), step);
@@ -752,10 +796,17 @@ impl Core {
     }
 
     /// Takes a waiter out of its queue and out of every index and timer.
-    fn remove_waiter(&mut self, id: WaiterId) -> Option<Waiter> {
+    fn remove_waiter(&mut self, id: WaiterId, granted: Option<Fence>, step: &mut Step) -> Option<Waiter> {
         let lock = self.waiter_locks.remove(&id)?;
         let state = self.locks.get_mut(&lock)?;
         let waiter = state.remove_waiter(id)?;
+        if self.tracing {
+            step.traces.push(Trace::Dequeued {
+                lock: lock.clone(),
+                waiter: id,
+                granted,
+            });
+        }
         if state.is_idle() {
             self.locks.remove(&lock);
         }
@@ -787,7 +838,7 @@ impl Core {
         }
     }
 
-    fn dropped(&mut self, call: CallId) {
+    fn dropped(&mut self, call: CallId, step: &mut Step) {
         let Some(id) = self.open_calls.remove(&call) else {
             return;
         };
@@ -804,7 +855,7 @@ impl Core {
         }
         if waiter.request_id.is_empty() {
             // Nobody can come back for it: leave at once.
-            self.remove_waiter(id);
+            self.remove_waiter(id, None, step);
         } else {
             // Keep the place for one lease period for a retry with the same id.
             let until = now.plus(waiter.lease);
@@ -931,7 +982,7 @@ impl Core {
             .map(|w| w.id)
             .collect();
         for id in waiting {
-            if let Some(waiter) = self.remove_waiter(id) {
+            if let Some(waiter) = self.remove_waiter(id, None, step) {
                 let reply = Reply::refused(
                     RefusalCode::SessionClosed,
                     "the client's session was closed",

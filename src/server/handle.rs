@@ -58,7 +58,11 @@ impl Handle {
     ///
     /// # Errors
     /// [`ShuttingDown`] when the server stops first.
-    pub async fn call(&self, request_id: RequestId, request: Request) -> Result<Reply, ShuttingDown> {
+    pub async fn call(
+        &self,
+        request_id: RequestId,
+        request: Request,
+    ) -> Result<Reply, ShuttingDown> {
         let id = CallId(self.next_call.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         self.core
@@ -94,7 +98,10 @@ impl Handle {
             .map_err(|_| ShuttingDown)?;
         match rx.await.map_err(|_| ShuttingDown)? {
             Ok(bytes) => Ok(Ok(bytes)),
-            Err(e) => Ok(Err(Reply::refused(RefusalCode::Error, format!("reading {name}: {e}")))),
+            Err(e) => Ok(Err(Reply::refused(
+                RefusalCode::Error,
+                format!("reading {name}: {e}"),
+            ))),
         }
     }
 }

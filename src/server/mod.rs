@@ -255,13 +255,27 @@ impl Node {
         let data = FsDir::open(&config.data_dir)?;
         let state = FsDir::open(config.data_dir.join(STATE_DIR))?;
         let clock = Clock::start();
-        let recovered = recover(config, Box::new(data), Box::new(state), os_seed(), clock.now())?;
+        let recovered = recover(
+            config,
+            Box::new(data),
+            Box::new(state),
+            os_seed(),
+            clock.now(),
+        )?;
         let report = recovered.report.clone();
-        Ok((Node::start(config, recovered, clock, WriterMode::Thread), report))
+        Ok((
+            Node::start(config, recovered, clock, WriterMode::Thread),
+            report,
+        ))
     }
 
     /// Starts the core task and the writer over recovered state.
-    pub fn start(config: &ServerConfig, recovered: Recovered, clock: Clock, mode: WriterMode) -> Node {
+    pub fn start(
+        config: &ServerConfig,
+        recovered: Recovered,
+        clock: Clock,
+        mode: WriterMode,
+    ) -> Node {
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (writer_tx, writer_rx) = mpsc::unbounded_channel();
         let (failed_tx, failed_rx) = mpsc::unbounded_channel();
@@ -441,6 +455,7 @@ impl CoreLoop {
             match output {
                 Output::Persist(record) => batch.records.push(record),
                 Output::Write(write) => batch.writes.push(write),
+                Output::Trace(_) => {}
                 Output::Reply { call, reply } => {
                     if let Some(to) = self.pending.remove(&call) {
                         batch.replies.push((to, reply));

@@ -124,7 +124,10 @@ impl Persister {
 ///
 /// # Errors
 /// The first storage failure.
-pub fn run_blocking(mut jobs: mpsc::UnboundedReceiver<Job>, mut persister: Persister) -> Result<(), WriterError> {
+pub fn run_blocking(
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut persister: Persister,
+) -> Result<(), WriterError> {
     while let Some(job) = jobs.blocking_recv() {
         let mut group = vec![job];
         while let Ok(more) = jobs.try_recv() {
@@ -139,7 +142,10 @@ pub fn run_blocking(mut jobs: mpsc::UnboundedReceiver<Job>, mut persister: Persi
 ///
 /// # Errors
 /// The first storage failure.
-pub async fn run_inline(mut jobs: mpsc::UnboundedReceiver<Job>, mut persister: Persister) -> Result<(), WriterError> {
+pub async fn run_inline(
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut persister: Persister,
+) -> Result<(), WriterError> {
     while let Some(job) = jobs.recv().await {
         let mut group = vec![job];
         while let Ok(more) = jobs.try_recv() {

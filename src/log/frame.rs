@@ -111,7 +111,11 @@ mod tests {
         let first = HEADER + 5;
         for cut in 0..buf.len() {
             let s = scan(&buf[..cut]);
-            assert!(matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail), "cut {cut}: {:?}", s.end);
+            assert!(
+                matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail),
+                "cut {cut}: {:?}",
+                s.end
+            );
             let expect = if cut >= first { first } else { 0 };
             assert_eq!(s.valid_len as usize, expect, "cut at {cut}");
         }

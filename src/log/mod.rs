@@ -59,6 +59,8 @@ pub struct Wal {
     offset: u64,
     /// Framed records appended but not yet written.
     pending: Vec<u8>,
+    /// Written but not yet synced.
+    unsynced: bool,
     /// Records in the current segment (written or pending).
     records: u64,
 }
@@ -90,7 +92,10 @@ impl Wal {
     /// # Errors
     /// [`LogError::Corrupt`] naming file and offset when the log is damaged
     /// anywhere but its tail; [`LogError::Io`] when the disk refuses.
-    pub fn recover(dir: Box<dyn Dir>, initial: impl FnOnce() -> Snapshot) -> Result<Recovered, LogError> {
+    pub fn recover(
+        dir: Box<dyn Dir>,
+        initial: impl FnOnce() -> Snapshot,
+    ) -> Result<Recovered, LogError> {
         let io_err = |dir: &dyn Dir, name: &str| {
             let file = dir.describe(name);
             move |source| LogError::Io { file, source }
@@ -100,7 +105,10 @@ impl Wal {
             dir.remove(name).map_err(io_err(dir.as_ref(), name))?;
         }
         let newest_snap = names.iter().filter_map(|n| generation_of(n, "snap-")).max();
-        let logs: Vec<u64> = names.iter().filter_map(|n| generation_of(n, "log-")).collect();
+        let logs: Vec<u64> = names
+            .iter()
+            .filter_map(|n| generation_of(n, "log-"))
+            .collect();
 
         let Some(generation) = newest_snap else {
             if let Some(g) = logs.first() {
@@ -112,13 +120,16 @@ impl Wal {
                 });
             }
             let snapshot = initial();
-            let segment = dir.open(&log_name(0), true).map_err(io_err(dir.as_ref(), &log_name(0)))?;
+            let segment = dir
+                .open(&log_name(0), true)
+                .map_err(io_err(dir.as_ref(), &log_name(0)))?;
             let mut wal = Wal {
                 dir,
                 generation: 0,
                 segment,
                 offset: 0,
                 pending: Vec::new(),
+                unsynced: false,
                 records: 0,
             };
             wal.write_snapshot_file(0, &snapshot)?;
@@ -132,7 +143,9 @@ impl Wal {
         };
 
         let snap_file = snap_name(generation);
-        let bytes = dir.read(&snap_file).map_err(io_err(dir.as_ref(), &snap_file))?;
+        let bytes = dir
+            .read(&snap_file)
+            .map_err(io_err(dir.as_ref(), &snap_file))?;
         let scan = frame::scan(&bytes);
         let corrupt_snap = |offset, reason: &str| LogError::Corrupt {
             file: dir.describe(&snap_file),
@@ -140,7 +153,10 @@ impl Wal {
             reason: reason.to_owned(),
         };
         if scan.end != ScanEnd::Clean || scan.frames.len() != 1 {
-            return Err(corrupt_snap(scan.valid_len, "snapshot is not one whole record"));
+            return Err(corrupt_snap(
+                scan.valid_len,
+                "snapshot is not one whole record",
+            ));
         }
         let snapshot: Snapshot = postcard::from_bytes(scan.frames[0].1)
             .map_err(|e| corrupt_snap(0, &format!("snapshot does not decode: {e}")))?;
@@ -173,11 +189,12 @@ impl Wal {
             let scan = frame::scan(&data);
             let count_before = records.len();
             for (offset, payload) in &scan.frames {
-                let record: Record = postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
-                    file: dir.describe(&name),
-                    offset: *offset,
-                    reason: format!("record does not decode: {e}"),
-                })?;
+                let record: Record =
+                    postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
+                        file: dir.describe(&name),
+                        offset: *offset,
+                        reason: format!("record does not decode: {e}"),
+                    })?;
                 records.push(record);
             }
             match scan.end {
@@ -205,7 +222,9 @@ impl Wal {
         let name = log_name(last);
         let mut segment = dir.open(&name, true).map_err(io_err(dir.as_ref(), &name))?;
         if torn_bytes > 0 {
-            segment.set_len(tail.0).map_err(io_err(dir.as_ref(), &name))?;
+            segment
+                .set_len(tail.0)
+                .map_err(io_err(dir.as_ref(), &name))?;
             segment.sync_data().map_err(io_err(dir.as_ref(), &name))?;
         }
         dir.sync().map_err(io_err(dir.as_ref(), "."))?;
@@ -218,6 +237,7 @@ impl Wal {
                 segment,
                 offset: tail.0,
                 pending: Vec::new(),
+                unsynced: false,
                 records: tail.1,
             },
             torn_bytes,
@@ -234,28 +254,43 @@ impl Wal {
 
     /// True when records wait for [`Wal::sync`].
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.unsynced
     }
 
-    /// Writes every pending record and makes them durable with one fdatasync.
+    /// Writes every pending record to the log file without making it
+    /// durable (the simulation crashes between this and [`Wal::sync`]).
+    ///
+    /// # Errors
+    /// [`LogError::Io`].
+    pub fn write_pending(&mut self) -> Result<(), LogError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let name = log_name(self.generation);
+        self.segment
+            .write_at(self.offset, &self.pending)
+            .map_err(self.io(&name))?;
+        self.offset += self.pending.len() as u64;
+        self.pending.clear();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Writes every pending record and makes everything written durable
+    /// with one fdatasync.
     ///
     /// # Errors
     /// [`LogError::Io`]; after a failed sync the server must stop (the
     /// kernel may have dropped the dirty pages).
     pub fn sync(&mut self) -> Result<(), LogError> {
-        if self.pending.is_empty() {
+        self.write_pending()?;
+        if !self.unsynced {
             return Ok(());
         }
         let name = log_name(self.generation);
-        let file = self.dir.describe(&name);
-        let io = |source| LogError::Io {
-            file: file.clone(),
-            source,
-        };
-        self.segment.write_at(self.offset, &self.pending).map_err(io)?;
-        self.offset += self.pending.len() as u64;
-        self.pending.clear();
-        self.segment.sync_data().map_err(io)
+        self.segment.sync_data().map_err(self.io(&name))?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Records in the current generation's log.
@@ -297,7 +332,11 @@ impl Wal {
         self.dir.sync().map_err(self.io("."))
     }
 
-    fn write_snapshot_file(&mut self, generation: u64, snapshot: &Snapshot) -> Result<(), LogError> {
+    fn write_snapshot_file(
+        &mut self,
+        generation: u64,
+        snapshot: &Snapshot,
+    ) -> Result<(), LogError> {
         let payload = postcard::to_allocvec(snapshot).unwrap_or_default();
         let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER);
         frame::encode(&payload, &mut bytes);
@@ -380,6 +419,9 @@ mod tests {
         std::fs::write(&log, &bytes).unwrap();
         let err = open(tmp.path()).err().expect("must refuse");
         let text = err.to_string();
-        assert!(text.contains("log-00000000000000000000") && text.contains("offset 0"), "{text}");
+        assert!(
+            text.contains("log-00000000000000000000") && text.contains("offset 0"),
+            "{text}"
+        );
     }
 }

@@ -12,11 +12,13 @@
 //! - [`files`]: the 100 data files, written at exact offsets.
 //! - [`server`]: the shell — recovery, the core task, the writer thread.
 //! - [`transport`]: gRPC (tonic) today; each transport only converts formats.
+//! - [`client`]: the client library — retries, failover, lease renewal.
 
 // Clock, randomness, thread and task calls are banned in `core` only (see
 // clippy.toml and the `deny` at the top of src/core/mod.rs); shells may use them.
 #![allow(clippy::disallowed_methods)]
 
+pub mod client;
 pub mod core;
 pub mod files;
 pub mod log;

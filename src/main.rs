@@ -1,6 +1,8 @@
 //! `dlm`: the server and the client commands. Thin: parse flags, set up
 //! tracing, bind, hand over to the library.
 
+mod cli;
+
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -19,11 +21,16 @@ struct Cli {
 enum Command {
     /// Run the lock server (gRPC).
     Server(ServerConfig),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("dlm: cannot start the runtime: {e}");
@@ -33,6 +40,7 @@ fn main() {
     let code = runtime.block_on(async move {
         match cli.command {
             Command::Server(config) => serve(config).await,
+            Command::Client(command) => cli::run(command).await,
         }
     });
     std::process::exit(code);
@@ -40,7 +48,9 @@ fn main() {
 
 async fn serve(config: ServerConfig) -> i32 {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -65,10 +75,16 @@ async fn serve(config: ServerConfig) -> i32 {
             return 1;
         }
     };
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     // Printed once recovery is done. Tests and scripts read this line to learn
     // the port when --listen used port 0.
-    println!("dlm: serving gRPC on {addr}, data in {}", config.data_dir.display());
+    println!(
+        "dlm: serving gRPC on {addr}, data in {}",
+        config.data_dir.display()
+    );
     match dlm::server::serve(listener, node, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");

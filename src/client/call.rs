@@ -60,7 +60,7 @@ pub(crate) struct Servers {
 
 impl Servers {
     /// Lazily connected channels to `addrs` (`host:port`, or a full
-    /// `http://` / `https://` URI). Nothing is dialled yet.
+    /// `http://` URI). Nothing is dialled yet.
     ///
     /// Must run inside a Tokio runtime (the channels spawn their workers).
     pub fn new(addrs: &[String], connect_timeout: Duration) -> Result<Servers, Error> {
@@ -79,9 +79,13 @@ impl Servers {
                     .map_err(|e| Error::BadRequest(format!("bad server address {addr:?}: {e}")))?
                     .connect_timeout(connect_timeout)
                     .tcp_nodelay(true);
+                // A file read returns the whole file, which may be large; the
+                // server is trusted, so its replies are not size-capped.
+                let rpc = LockServiceClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(usize::MAX);
                 Ok(Server {
                     addr: addr.clone(),
-                    rpc: LockServiceClient::new(endpoint.connect_lazy()),
+                    rpc,
                 })
             })
             .collect::<Result<_, Error>>()?;
@@ -151,7 +155,11 @@ pub(crate) fn new_request_id() -> String {
 }
 
 /// One attempt: `send` under both a gRPC deadline and a local one.
-pub(crate) async fn attempt<R, F, Fut>(rpc: Rpc, timeout: Duration, send: F) -> Result<R, AttemptError>
+pub(crate) async fn attempt<R, F, Fut>(
+    rpc: Rpc,
+    timeout: Duration,
+    send: F,
+) -> Result<R, AttemptError>
 where
     R: Reply,
     F: FnOnce(Rpc, Duration) -> Fut,
@@ -244,7 +252,11 @@ impl<'a> Retrier<'a> {
 
     /// Takes the outcome of the attempt that went to server `index`: returns
     /// the result once there is one, or sleeps before the next attempt.
-    pub async fn settle<R>(&mut self, index: usize, outcome: Outcome<R>) -> Option<Result<R, Error>> {
+    pub async fn settle<R>(
+        &mut self,
+        index: usize,
+        outcome: Outcome<R>,
+    ) -> Option<Result<R, Error>> {
         let addr = self.servers.list[index].addr.as_str();
         match outcome {
             Outcome::Done(result) => return Some(result),

@@ -147,7 +147,11 @@ mod tests {
             (Status::SessionClosed, Error::SessionClosed),
         ];
         for (status, expected) in cases {
-            assert_eq!(Error::from_reply(status as i32, "boom"), Some(expected), "{status:?}");
+            assert_eq!(
+                Error::from_reply(status as i32, "boom"),
+                Some(expected),
+                "{status:?}"
+            );
         }
     }
 
@@ -165,11 +169,17 @@ mod tests {
         use tonic::Code;
         for code in [Code::Unavailable, Code::Unknown] {
             let got = classify(&tonic::Status::new(code, "x"));
-            assert!(matches!(got, AttemptError::Transport(_)), "{code:?}: {got:?}");
+            assert!(
+                matches!(got, AttemptError::Transport(_)),
+                "{code:?}: {got:?}"
+            );
         }
         for code in [Code::DeadlineExceeded, Code::Cancelled] {
             let got = classify(&tonic::Status::new(code, "x"));
-            assert!(matches!(got, AttemptError::TimedOut(_)), "{code:?}: {got:?}");
+            assert!(
+                matches!(got, AttemptError::TimedOut(_)),
+                "{code:?}: {got:?}"
+            );
         }
         assert_eq!(
             classify(&tonic::Status::invalid_argument("bad name")),

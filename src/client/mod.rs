@@ -32,12 +32,16 @@
 //! - `call.rs`: servers, one attempt, the retry loop and failover.
 //! - `acquire.rs`: splitting a long wait into re-attaching attempts.
 //! - `guard.rs`: [`LockGuard`] and its renewal task.
+//! - `builder.rs`: [`ClientBuilder`] and the defaults.
+//! - `report.rs`: [`StatusReport`], the server's view of its locks.
 //! - `retry.rs`: backoff arithmetic. `error.rs`: [`Error`] and the mappings.
 
 mod acquire;
+mod builder;
 mod call;
 mod error;
 mod guard;
+mod report;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -47,110 +51,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use builder::{
+    ClientBuilder, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX,
+    DEFAULT_RETRY_BUDGET, DEFAULT_WAIT_ATTEMPT_TIMEOUT,
+};
 use call::{call, new_request_id, request, Servers, Timing};
 pub use error::Error;
 pub use guard::LockGuard;
-use retry::BackoffPolicy;
+pub use report::{LockStatus, StatusReport, WaiterStatus};
 
 use crate::proto;
-
-/// Deadline of one attempt of a call that does not wait.
-pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest single attempt of an acquire that waits server-side.
-pub const DEFAULT_WAIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a call that does not wait keeps retrying.
-pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
-/// Ceiling of the first retry's delay.
-pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(20);
-/// Largest ceiling of a retry's delay.
-pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Configures a [`Client`]; made by [`Client::builder`].
-#[derive(Clone, Debug)]
-pub struct ClientBuilder {
-    /// The id the client presents; the server keys grants and sessions by it.
-    client_id: i32,
-    /// Server addresses in failover order.
-    endpoints: Vec<String>,
-    /// Deadlines, budget and backoff.
-    timing: Timing,
-}
-
-impl ClientBuilder {
-    /// Adds a server address: `host:port` (plain-text gRPC is assumed), or a
-    /// full `http://` or `https://` URI.
-    #[must_use]
-    pub fn endpoint(mut self, addr: impl Into<String>) -> Self {
-        self.endpoints.push(addr.into());
-        self
-    }
-
-    /// Adds several server addresses, tried in this order on failover.
-    #[must_use]
-    pub fn endpoints<I, S>(mut self, addrs: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.endpoints.extend(addrs.into_iter().map(Into::into));
-        self
-    }
-
-    /// Deadline of one attempt of a call that does not wait, and of
-    /// connecting (default 5 s). It is sent to the server as the gRPC
-    /// deadline as well.
-    #[must_use]
-    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.timing.attempt_timeout = timeout;
-        self
-    }
-
-    /// Longest single attempt of an acquire that waits (default 10 s). A
-    /// longer wait is made of several attempts that re-attach to the same
-    /// place in the queue; a shorter value notices a dead server sooner.
-    #[must_use]
-    pub fn wait_attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.timing.wait_attempt_timeout = timeout;
-        self
-    }
-
-    /// How long a call that does not wait keeps retrying before it fails with
-    /// [`Error::Unavailable`] (default 60 s). An acquire with a finite wait
-    /// retries for the wait or this, whichever is longer; one that waits
-    /// forever retries forever.
-    #[must_use]
-    pub fn retry_budget(mut self, budget: Duration) -> Self {
-        self.timing.retry_budget = budget;
-        self
-    }
-
-    /// Backoff between retries: the delay before retry `n` is drawn
-    /// uniformly from `0..=min(base · 2^n, max)` (defaults 20 ms and 1 s).
-    #[must_use]
-    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.timing.backoff = BackoffPolicy { base, max };
-        self
-    }
-
-    /// Makes the client. Connections are made on first use, so this
-    /// succeeds while the servers are still down.
-    ///
-    /// Must be called inside a Tokio runtime.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::BadRequest`] when no address was given or one is malformed.
-    pub fn build(self) -> Result<Client, Error> {
-        let servers = Servers::new(&self.endpoints, self.timing.attempt_timeout)?;
-        Ok(Client {
-            inner: Arc::new(Inner {
-                client_id: self.client_id,
-                servers,
-                timing: self.timing,
-            }),
-        })
-    }
-}
 
 /// A connection to a dlm service on behalf of one client id. Cheap to clone;
 /// clones share their connections.
@@ -225,57 +135,10 @@ pub struct Grant {
     pub lease: Duration,
 }
 
-/// The server's view of its locks, from [`Client::status`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatusReport {
-    /// Every lock that is held or waited for.
-    pub locks: Vec<LockStatus>,
-    /// The highest fencing number handed out so far.
-    pub last_fence: u64,
-}
-
-/// One lock in a [`StatusReport`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LockStatus {
-    /// Name of the lock; empty is the default lock.
-    pub name: String,
-    /// Client holding it; `None` when nobody does (fencing number 0).
-    pub holder: Option<i32>,
-    /// Fencing number of the current grant (0 when not held).
-    pub fence: u64,
-    /// Time left on the current lease.
-    pub lease_left: Duration,
-    /// Waiters in the order they will be granted.
-    pub waiters: Vec<WaiterStatus>,
-    /// Appends staged under the current grant (default lock only).
-    pub staged_appends: u64,
-}
-
-/// One waiter in a [`LockStatus`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WaiterStatus {
-    /// The waiting client.
-    pub client_id: i32,
-    /// Its call was cut off; its place is kept for a retry for a while.
-    pub detached: bool,
-}
-
 impl Client {
     /// Starts configuring a client that presents `client_id`.
     pub fn builder(client_id: i32) -> ClientBuilder {
-        ClientBuilder {
-            client_id,
-            endpoints: Vec::new(),
-            timing: Timing {
-                attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
-                wait_attempt_timeout: DEFAULT_WAIT_ATTEMPT_TIMEOUT,
-                retry_budget: DEFAULT_RETRY_BUDGET,
-                backoff: BackoffPolicy {
-                    base: DEFAULT_BACKOFF_BASE,
-                    max: DEFAULT_BACKOFF_MAX,
-                },
-            },
-        }
+        ClientBuilder::new(client_id)
     }
 
     /// The id this client presents.
@@ -512,32 +375,11 @@ impl Client {
     pub async fn status(&self) -> Result<StatusReport, Error> {
         let reply = self
             .call("status", "", |mut rpc, timeout| async move {
-                rpc.lock_status(request(proto::StatusArgs {}, timeout)).await
+                rpc.lock_status(request(proto::StatusArgs {}, timeout))
+                    .await
             })
             .await?;
-        let locks = reply
-            .locks
-            .into_iter()
-            .map(|info| LockStatus {
-                holder: (info.fencing_token != 0).then_some(info.holder_client_id),
-                name: info.lock_name,
-                fence: info.fencing_token,
-                lease_left: Duration::from_millis(info.lease_left_ms),
-                waiters: info
-                    .waiters
-                    .into_iter()
-                    .map(|w| WaiterStatus {
-                        client_id: w.client_id,
-                        detached: w.detached,
-                    })
-                    .collect(),
-                staged_appends: info.staged_appends,
-            })
-            .collect();
-        Ok(StatusReport {
-            locks,
-            last_fence: reply.last_fencing_token,
-        })
+        Ok(StatusReport::from(reply))
     }
 
     /// Runs one call that does not wait, with retries and failover.
@@ -547,14 +389,21 @@ impl Client {
         F: FnMut(call::Rpc, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        call(&self.inner.servers, &self.inner.timing, op, request_id, send).await
+        call(
+            &self.inner.servers,
+            &self.inner.timing,
+            op,
+            request_id,
+            send,
+        )
+        .await
     }
 }
 
 /// `d` in whole milliseconds, rounded up so that a positive duration never
 /// becomes 0 (which means "try once" for a wait).
 pub(crate) fn millis_ceil(d: Duration) -> u64 {
-    let whole = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    let whole = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(whole).unwrap_or(u64::MAX)
 }
 

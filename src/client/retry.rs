@@ -130,7 +130,10 @@ mod tests {
         }
         delays.sort();
         delays.dedup();
-        assert!(delays.len() > 6, "jitter should not repeat itself: {delays:?}");
+        assert!(
+            delays.len() > 6,
+            "jitter should not repeat itself: {delays:?}"
+        );
     }
 
     #[test]

@@ -796,7 +796,12 @@ impl Core {
     }
 
     /// Takes a waiter out of its queue and out of every index and timer.
-    fn remove_waiter(&mut self, id: WaiterId, granted: Option<Fence>, step: &mut Step) -> Option<Waiter> {
+    fn remove_waiter(
+        &mut self,
+        id: WaiterId,
+        granted: Option<Fence>,
+        step: &mut Step,
+    ) -> Option<Waiter> {
         let lock = self.waiter_locks.remove(&id)?;
         let state = self.locks.get_mut(&lock)?;
         let waiter = state.remove_waiter(id)?;

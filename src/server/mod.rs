@@ -32,7 +32,7 @@ use crate::core::records::Snapshot;
 use crate::core::staging::FileLengths;
 use crate::core::time::{Millis, Time};
 use crate::core::types::{CallId, Reply};
-use crate::core::{Core, CoreConfig, Input, Output, ReplayError};
+use crate::core::{Core, CoreConfig, Input, Output, Plants, ReplayError};
 use crate::files::DataFiles;
 use crate::log::{LogError, Wal};
 use crate::storage::{Dir, FsDir};
@@ -135,7 +135,8 @@ pub struct Recovered {
 
 /// Recovers the durable state from `state` and brings the data files in
 /// `data` to exactly what the log says (re-applying committed writes at their
-/// offsets, trimming uncommitted bytes).
+/// offsets, trimming uncommitted bytes). `plants` is for the simulation's
+/// planted bugs; production passes `Plants::default()` (none).
 ///
 /// # Errors
 /// [`ServerError`] on damage or I/O failure; nothing is served then.
@@ -145,6 +146,7 @@ pub fn recover(
     state: Box<dyn Dir>,
     seed: [u8; 32],
     now: Time,
+    plants: Plants,
 ) -> Result<Recovered, ServerError> {
     let core_config = config.core_config();
     if core_config.min_lease.0 == 0
@@ -164,6 +166,7 @@ pub fn recover(
         ..Snapshot::default()
     })?;
     let mut core = Core::restore(core_config, seed, recovered.snapshot);
+    core.set_plants(plants);
     for record in &recovered.records {
         for write in core.replay(record)? {
             files.apply(&write)?;
@@ -261,6 +264,7 @@ impl Node {
             Box::new(state),
             os_seed(),
             clock.now(),
+            Plants::default(),
         )?;
         let report = recovered.report.clone();
         Ok((

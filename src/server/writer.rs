@@ -74,6 +74,12 @@ impl Persister {
         }
     }
 
+    /// The log and the data files, for a driver that sequences them itself
+    /// (the simulation).
+    pub fn into_parts(self) -> (Wal, DataFiles) {
+        (self.wal, self.files)
+    }
+
     /// Carries out `jobs` in order with as few fsyncs as the order allows.
     ///
     /// # Errors

@@ -17,8 +17,8 @@ use crate::core::time::Millis;
 use crate::core::types::{RefusalCode, Reply, Request};
 use crate::proto::lock_service_server::{LockService, LockServiceServer};
 use crate::proto::{
-    self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse, LockArgs,
-    LockInfo, LockResponse, StatusArgs, StatusResponse, Waiter,
+    self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse,
+    LockArgs, LockInfo, LockResponse, StatusArgs, StatusResponse, Waiter,
 };
 use crate::server::{Handle, ShuttingDown};
 
@@ -113,15 +113,26 @@ fn lock_response(reply: &Reply) -> LockResponse {
 
 #[tonic::async_trait]
 impl LockService for GrpcService {
-    async fn client_init(&self, req: GrpcRequest<ClientInitArgs>) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
+    async fn client_init(
+        &self,
+        req: GrpcRequest<ClientInitArgs>,
+    ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
         let args = req.into_inner();
         let reply = self
-            .call(args.request_id, Request::ClientInit { client: args.client_id })
+            .call(
+                args.request_id,
+                Request::ClientInit {
+                    client: args.client_id,
+                },
+            )
             .await?;
         Ok(GrpcResponse::new(response(&reply)))
     }
 
-    async fn lock_acquire(&self, req: GrpcRequest<LockArgs>) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
+    async fn lock_acquire(
+        &self,
+        req: GrpcRequest<LockArgs>,
+    ) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
         let args = req.into_inner();
         let request = Request::Acquire {
             client: args.client_id,
@@ -133,7 +144,10 @@ impl LockService for GrpcService {
         Ok(GrpcResponse::new(lock_response(&reply)))
     }
 
-    async fn lock_release(&self, req: GrpcRequest<LockArgs>) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
+    async fn lock_release(
+        &self,
+        req: GrpcRequest<LockArgs>,
+    ) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
         let args = req.into_inner();
         let request = Request::Release {
             client: args.client_id,
@@ -144,7 +158,10 @@ impl LockService for GrpcService {
         Ok(GrpcResponse::new(lock_response(&reply)))
     }
 
-    async fn file_append(&self, req: GrpcRequest<FileArgs>) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
+    async fn file_append(
+        &self,
+        req: GrpcRequest<FileArgs>,
+    ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
         let args = req.into_inner();
         let request = Request::Append {
             client: args.client_id,
@@ -156,7 +173,10 @@ impl LockService for GrpcService {
         Ok(GrpcResponse::new(response(&reply)))
     }
 
-    async fn renew_lease(&self, req: GrpcRequest<LeaseArgs>) -> Result<GrpcResponse<LeaseResponse>, GrpcStatus> {
+    async fn renew_lease(
+        &self,
+        req: GrpcRequest<LeaseArgs>,
+    ) -> Result<GrpcResponse<LeaseResponse>, GrpcStatus> {
         let args = req.into_inner();
         let request = Request::Renew {
             client: args.client_id,
@@ -177,15 +197,26 @@ impl LockService for GrpcService {
         }))
     }
 
-    async fn client_close(&self, req: GrpcRequest<ClientInitArgs>) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
+    async fn client_close(
+        &self,
+        req: GrpcRequest<ClientInitArgs>,
+    ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
         let args = req.into_inner();
         let reply = self
-            .call(args.request_id, Request::ClientClose { client: args.client_id })
+            .call(
+                args.request_id,
+                Request::ClientClose {
+                    client: args.client_id,
+                },
+            )
             .await?;
         Ok(GrpcResponse::new(response(&reply)))
     }
 
-    async fn file_read(&self, req: GrpcRequest<FileReadArgs>) -> Result<GrpcResponse<FileReadResponse>, GrpcStatus> {
+    async fn file_read(
+        &self,
+        req: GrpcRequest<FileReadArgs>,
+    ) -> Result<GrpcResponse<FileReadResponse>, GrpcStatus> {
         let args = req.into_inner();
         let read = self
             .handle
@@ -209,7 +240,10 @@ impl LockService for GrpcService {
         }))
     }
 
-    async fn lock_status(&self, _req: GrpcRequest<StatusArgs>) -> Result<GrpcResponse<StatusResponse>, GrpcStatus> {
+    async fn lock_status(
+        &self,
+        _req: GrpcRequest<StatusArgs>,
+    ) -> Result<GrpcResponse<StatusResponse>, GrpcStatus> {
         let reply = self.call(String::new(), Request::Status).await?;
         let (status, error_message) = wire_status(&reply);
         let mut out = StatusResponse {
@@ -229,7 +263,10 @@ impl LockService for GrpcService {
                     waiters: view
                         .waiters
                         .into_iter()
-                        .map(|(client_id, detached)| Waiter { client_id, detached })
+                        .map(|(client_id, detached)| Waiter {
+                            client_id,
+                            detached,
+                        })
                         .collect(),
                     staged_appends: view.staged_appends,
                 })

@@ -1,0 +1,134 @@
+//! `dlm hold`: run a command while holding a lock.
+//!
+//! Acquires through a [`dlm::client::LockGuard`] (which renews the lease),
+//! runs the command with the grant in its environment, kills it if the
+//! lease is lost, releases when it exits and passes its exit status on.
+//! Owns the child process and the signals around it; nothing else.
+
+use std::process::ExitStatus;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+
+use super::{connect, options, Failure, HoldArgs, EXIT_FAILED, EXIT_LOST, EXIT_OK};
+
+/// Runs `dlm hold`; returns the exit status.
+pub async fn hold(args: HoldArgs) -> i32 {
+    let lock = args.lock.lock.clone().unwrap_or_default();
+    let client = match connect(&args.connect, true).await {
+        Ok(client) => client,
+        Err(failure) => return fail(failure),
+    };
+    let guard = match client
+        .lock(&lock, options(args.wait_ms, args.lease_ms))
+        .await
+    {
+        Ok(guard) => guard,
+        Err(e) => return fail(Failure::client(&e, &lock)),
+    };
+    let program = args.command[0].to_string_lossy().into_owned();
+    let spawned = tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("DLM_LOCK", &lock)
+        .env("DLM_TOKEN", guard.token())
+        .env("DLM_FENCING_TOKEN", guard.fence().to_string())
+        .env("DLM_CLIENT_ID", client.client_id().to_string())
+        .env("DLM_SERVER", args.connect.servers.join(","))
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            eprintln!("dlm: cannot run {program}: {e}");
+            if let Err(e) = guard.release().await {
+                eprintln!("dlm: {}", Failure::client(&e, &lock).message);
+            }
+            return code;
+        }
+    };
+    let mut lost = guard.lease_lost();
+    // The terminal sends Ctrl-C to CMD as well: survive it and wait for CMD,
+    // so that the lock is released after CMD is done.
+    let mut interrupts = signal(SignalKind::interrupt()).ok();
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            () = became_true(&mut lost) => {
+                eprintln!("dlm: the lease of lock {lock:?} was lost; stopping {program}");
+                let _ = child.kill().await;
+                return EXIT_LOST;
+            }
+            () = interrupted(&mut interrupts) => {}
+        }
+    };
+    let code = match status {
+        Ok(status) => exit_code(status),
+        Err(e) => {
+            eprintln!("dlm: lost track of {program}: {e}");
+            EXIT_FAILED
+        }
+    };
+    match guard.release().await {
+        Ok(()) => code,
+        Err(e) => {
+            let failure = Failure::client(&e, &lock);
+            eprintln!("dlm: releasing after {program} exited: {}", failure.message);
+            if code == EXIT_OK {
+                failure.code
+            } else {
+                code
+            }
+        }
+    }
+}
+
+fn fail(failure: Failure) -> i32 {
+    eprintln!("dlm: {}", failure.message);
+    failure.code
+}
+
+/// Resolves once `flag` is true; never if its sender goes away first.
+async fn became_true(flag: &mut watch::Receiver<bool>) {
+    if flag.wait_for(|value| *value).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves on the next SIGINT; never if there is no handler.
+async fn interrupted(interrupts: &mut Option<Signal>) {
+    let ended = match interrupts {
+        Some(signal) => signal.recv().await.is_none(),
+        None => std::future::pending().await,
+    };
+    if ended {
+        *interrupts = None;
+    }
+}
+
+/// The shell's convention: the exit code, or 128 + the signal that ended it.
+fn exit_code(status: ExitStatus) -> i32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            return 128 + signal;
+        }
+    }
+    status.code().unwrap_or(EXIT_FAILED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signalled_command_exits_with_128_plus_the_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+    }
+}

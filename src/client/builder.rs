@@ -1,0 +1,128 @@
+//! [`ClientBuilder`]: the knobs of a [`Client`] and their defaults.
+//!
+//! Only configuration: building validates the addresses and makes lazily
+//! connected channels; nothing is dialled and nothing is retried here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::call::{Servers, Timing};
+use super::retry::BackoffPolicy;
+use super::{Client, Error, Inner};
+
+/// Deadline of one attempt of a call that does not wait.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest single attempt of an acquire that waits server-side.
+pub const DEFAULT_WAIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call that does not wait keeps retrying.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(60);
+/// Ceiling of the first retry's delay.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(20);
+/// Largest ceiling of a retry's delay.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Configures a [`Client`]; made by [`Client::builder`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    /// The id the client presents; the server keys grants and sessions by it.
+    client_id: i32,
+    /// Server addresses in failover order.
+    endpoints: Vec<String>,
+    /// Deadlines, budget and backoff.
+    timing: Timing,
+}
+
+impl ClientBuilder {
+    /// Adds a server address: `host:port` (plain-text gRPC), or a full
+    /// `http://` URI. This build has no TLS.
+    #[must_use]
+    pub fn endpoint(mut self, addr: impl Into<String>) -> Self {
+        self.endpoints.push(addr.into());
+        self
+    }
+
+    /// Adds several server addresses, tried in this order on failover.
+    #[must_use]
+    pub fn endpoints<I, S>(mut self, addrs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.endpoints.extend(addrs.into_iter().map(Into::into));
+        self
+    }
+
+    /// Deadline of one attempt of a call that does not wait, and of
+    /// connecting (default 5 s). It is sent to the server as the gRPC
+    /// deadline as well.
+    #[must_use]
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.timing.attempt_timeout = timeout;
+        self
+    }
+
+    /// Longest single attempt of an acquire that waits (default 10 s). A
+    /// longer wait is made of several attempts that re-attach to the same
+    /// place in the queue; a shorter value notices a dead server sooner.
+    #[must_use]
+    pub fn wait_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.timing.wait_attempt_timeout = timeout;
+        self
+    }
+
+    /// How long a call that does not wait keeps retrying before it fails with
+    /// [`Error::Unavailable`] (default 60 s). An acquire with a finite wait
+    /// retries for the wait or this, whichever is longer; one that waits
+    /// forever retries forever.
+    #[must_use]
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.timing.retry_budget = budget;
+        self
+    }
+
+    /// Backoff between retries: the delay before retry `n` is drawn
+    /// uniformly from `0..=min(base · 2^n, max)` (defaults 20 ms and 1 s).
+    #[must_use]
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.timing.backoff = BackoffPolicy { base, max };
+        self
+    }
+
+    /// Makes the client. Connections are made on first use, so this
+    /// succeeds while the servers are still down.
+    ///
+    /// Must be called inside a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadRequest`] when no address was given or one is malformed.
+    pub fn build(self) -> Result<Client, Error> {
+        let servers = Servers::new(&self.endpoints, self.timing.attempt_timeout)?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                client_id: self.client_id,
+                servers,
+                timing: self.timing,
+            }),
+        })
+    }
+}
+
+impl ClientBuilder {
+    /// A builder for `client_id` with every default.
+    pub(crate) fn new(client_id: i32) -> ClientBuilder {
+        ClientBuilder {
+            client_id,
+            endpoints: Vec::new(),
+            timing: Timing {
+                attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+                wait_attempt_timeout: DEFAULT_WAIT_ATTEMPT_TIMEOUT,
+                retry_budget: DEFAULT_RETRY_BUDGET,
+                backoff: BackoffPolicy {
+                    base: DEFAULT_BACKOFF_BASE,
+                    max: DEFAULT_BACKOFF_MAX,
+                },
+            },
+        }
+    }
+}

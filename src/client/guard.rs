@@ -1,0 +1,198 @@
+//! [`LockGuard`]: a held lock whose lease a background task keeps renewing.
+//!
+//! The renewal task is the only background activity of the client. It
+//! renews every third of the lease, and reports through a watch channel when
+//! the lease is gone. It never releases: dropping the guard only stops the
+//! renewals (the grant then runs out at the end of its lease), and
+//! [`LockGuard::release`] releases explicitly.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::acquire::Acquired;
+use super::{Client, Error, Grant};
+
+/// A held lock with a lease renewed in the background; made by
+/// [`Client::lock`].
+///
+/// Watch [`LockGuard::lease_lost`] while acting as the holder: once it turns
+/// `true` the lock may belong to someone else, and the fencing number is what
+/// lets the protected resource reject this holder's late writes.
+#[derive(Debug)]
+pub struct LockGuard {
+    /// The client the guard renews and releases through.
+    client: Client,
+    /// The grant as acquired (the lease may have been renewed since).
+    grant: Grant,
+    /// Turns `true` when the lease is known or presumed gone.
+    lease_lost: watch::Receiver<bool>,
+    /// The renewal task; aborted on release and on drop.
+    renewal: JoinHandle<()>,
+}
+
+impl LockGuard {
+    /// Starts renewing the lease of `acquired`.
+    pub(crate) fn start(client: Client, acquired: Acquired) -> LockGuard {
+        let (lost_tx, lease_lost) = watch::channel(false);
+        // The server's deadline is no earlier than when the granting attempt
+        // was sent plus the lease; if the grant may have been made during an
+        // earlier, cut-off attempt, renew at once to learn a deadline.
+        let expires = acquired.sent + acquired.grant.lease;
+        let first_renewal = if acquired.attempts > 1 {
+            Instant::now()
+        } else {
+            acquired.sent + renew_interval(acquired.grant.lease)
+        };
+        let renewal = tokio::spawn(renew_until_lost(
+            client.clone(),
+            acquired.grant.clone(),
+            expires,
+            first_renewal,
+            lost_tx,
+        ));
+        LockGuard {
+            client,
+            grant: acquired.grant,
+            lease_lost,
+            renewal,
+        }
+    }
+
+    /// The grant: lock name, token, fencing number and initial lease.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// The token that proves the holding to the server.
+    pub fn token(&self) -> &str {
+        &self.grant.token
+    }
+
+    /// The fencing number of the grant.
+    pub fn fence(&self) -> u64 {
+        self.grant.fence
+    }
+
+    /// The name of the lock (empty: the default lock).
+    pub fn lock_name(&self) -> &str {
+        &self.grant.lock
+    }
+
+    /// A receiver that turns `true` once the lease is gone: a renewal was
+    /// refused (token stale, lock not held, session closed), or no renewal
+    /// got through before the lease would have run out. It never turns back.
+    /// Wait for it with `rx.wait_for(|lost| *lost).await`.
+    pub fn lease_lost(&self) -> watch::Receiver<bool> {
+        self.lease_lost.clone()
+    }
+
+    /// Whether the lease is already known or presumed gone.
+    pub fn is_lease_lost(&self) -> bool {
+        *self.lease_lost.borrow()
+    }
+
+    /// Appends `content` to `file` under this grant (default lock only);
+    /// see [`Client::append`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::append`].
+    pub async fn append(&self, file: &str, content: impl Into<Bytes>) -> Result<(), Error> {
+        self.client.append(&self.grant, file, content).await
+    }
+
+    /// Stops renewing and releases the lock; the default lock's staged
+    /// appends become visible when this returns `Ok`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::release`]; [`Error::LeaseLost`] means the appends were
+    /// dropped.
+    pub async fn release(self) -> Result<(), Error> {
+        self.renewal.abort();
+        self.client.release(&self.grant).await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+/// How long to wait between renewals of a lease of `lease`.
+pub(crate) fn renew_interval(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(1))
+}
+
+/// Renews `grant` from `next` on, every third of its lease, until a renewal
+/// is refused or none gets through before `expires`; then reports the loss.
+async fn renew_until_lost(
+    client: Client,
+    grant: Grant,
+    mut expires: Instant,
+    mut next: Instant,
+    lost: watch::Sender<bool>,
+) {
+    loop {
+        tokio::time::sleep_until(next.min(expires)).await;
+        let sent = Instant::now();
+        let renewed =
+            tokio::time::timeout_at(expires, client.renew_token(&grant.lock, &grant.token, None))
+                .await;
+        match renewed {
+            Ok(Ok(lease)) => {
+                expires = sent + lease;
+                next = sent + renew_interval(lease);
+            }
+            Ok(Err(error)) if error.is_lease_gone() => {
+                tracing::warn!(lock = %grant.lock, fence = grant.fence, %error, "lease lost");
+                lost.send_replace(true);
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(lock = %grant.lock, fence = grant.fence, %error,
+                    "lease renewal failed; trying again");
+                next = Instant::now() + renew_interval(grant.lease).min(Duration::from_secs(1));
+            }
+            Err(_deadline) => {
+                tracing::warn!(lock = %grant.lock, fence = grant.fence,
+                    "no renewal got through before the lease ran out; presuming it lost");
+                lost.send_replace(true);
+                return;
+            }
+        }
+        if Instant::now() >= expires {
+            tracing::warn!(lock = %grant.lock, fence = grant.fence,
+                "lease ran out before it could be renewed; presuming it lost");
+            lost.send_replace(true);
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_come_three_times_per_lease() {
+        assert_eq!(
+            renew_interval(Duration::from_secs(30)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            renew_interval(Duration::from_millis(90)),
+            Duration::from_millis(30)
+        );
+    }
+
+    #[test]
+    fn a_tiny_lease_still_gets_a_positive_interval() {
+        assert_eq!(renew_interval(Duration::ZERO), Duration::from_millis(1));
+    }
+}

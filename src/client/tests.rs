@@ -1,0 +1,525 @@
+//! The client against a scripted in-process gRPC server on `127.0.0.1:0`:
+//! request ids across retries, failover, refusals, re-attaching waits, and
+//! the guard's renewals. The scripted server records every call, and tests
+//! wait on that record, never on the clock.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response};
+
+use super::*;
+use crate::proto::lock_service_server::{LockService, LockServiceServer};
+use crate::proto::Status;
+
+/// One call as the scripted server saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: &'static str,
+    request_id: String,
+    token: String,
+    wait_ms: Option<u64>,
+}
+
+/// What the scripted server does next.
+#[derive(Debug)]
+struct Script {
+    /// Calls to fail with UNAVAILABLE before any is served.
+    fail_next: u32,
+    /// Acquire calls to leave unanswered (until the caller gives up).
+    hang_acquires: u32,
+    /// Status of acquire replies.
+    acquire: Status,
+    /// Status of renew replies.
+    renew: Status,
+}
+
+struct Scripted {
+    script: Mutex<Script>,
+    seen: watch::Sender<Vec<Seen>>,
+}
+
+impl Scripted {
+    /// Records a call; `Err` if the script says to fail it.
+    fn record(&self, seen: Seen) -> Result<(), tonic::Status> {
+        self.seen.send_modify(|all| all.push(seen));
+        let mut script = self.script.lock().unwrap();
+        if script.fail_next > 0 {
+            script.fail_next -= 1;
+            return Err(tonic::Status::unavailable("scripted failure"));
+        }
+        Ok(())
+    }
+
+    fn seen(method: &'static str, request_id: &str, token: &str) -> Seen {
+        Seen {
+            method,
+            request_id: request_id.to_owned(),
+            token: token.to_owned(),
+            wait_ms: None,
+        }
+    }
+}
+
+fn ok() -> proto::Response {
+    proto::Response {
+        status: Status::Ok as i32,
+        error_message: String::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl LockService for Scripted {
+    async fn client_init(
+        &self,
+        request: Request<proto::ClientInitArgs>,
+    ) -> Result<Response<proto::Response>, tonic::Status> {
+        self.record(Scripted::seen("init", &request.get_ref().request_id, ""))?;
+        Ok(Response::new(ok()))
+    }
+
+    async fn lock_acquire(
+        &self,
+        request: Request<proto::LockArgs>,
+    ) -> Result<Response<proto::LockResponse>, tonic::Status> {
+        let args = request.into_inner();
+        let mut seen = Scripted::seen("acquire", &args.request_id, "");
+        seen.wait_ms = args.wait_timeout_ms;
+        self.record(seen)?;
+        let (hang, status) = {
+            let mut script = self.script.lock().unwrap();
+            let hang = script.hang_acquires > 0;
+            script.hang_acquires = script.hang_acquires.saturating_sub(1);
+            (hang, script.acquire)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        Ok(Response::new(proto::LockResponse {
+            status: status as i32,
+            error_message: String::new(),
+            token: "t-1".into(),
+            fencing_token: 7,
+            lease_ms: args.lease_ms.unwrap_or(30_000),
+        }))
+    }
+
+    async fn lock_release(
+        &self,
+        request: Request<proto::LockArgs>,
+    ) -> Result<Response<proto::LockResponse>, tonic::Status> {
+        let args = request.into_inner();
+        self.record(Scripted::seen("release", &args.request_id, &args.token))?;
+        Ok(Response::new(proto::LockResponse {
+            status: Status::Ok as i32,
+            ..Default::default()
+        }))
+    }
+
+    async fn file_append(
+        &self,
+        request: Request<proto::FileArgs>,
+    ) -> Result<Response<proto::Response>, tonic::Status> {
+        let args = request.into_inner();
+        self.record(Scripted::seen("append", &args.request_id, &args.token))?;
+        Ok(Response::new(ok()))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<proto::LeaseArgs>,
+    ) -> Result<Response<proto::LeaseResponse>, tonic::Status> {
+        let args = request.into_inner();
+        self.record(Scripted::seen("renew", &args.request_id, &args.token))?;
+        let status = self.script.lock().unwrap().renew;
+        Ok(Response::new(proto::LeaseResponse {
+            status: status as i32,
+            error_message: String::new(),
+            lease_ms: 60,
+        }))
+    }
+
+    async fn client_close(
+        &self,
+        request: Request<proto::ClientInitArgs>,
+    ) -> Result<Response<proto::Response>, tonic::Status> {
+        self.record(Scripted::seen("close", &request.get_ref().request_id, ""))?;
+        Ok(Response::new(ok()))
+    }
+
+    async fn file_read(
+        &self,
+        _request: Request<proto::FileReadArgs>,
+    ) -> Result<Response<proto::FileReadResponse>, tonic::Status> {
+        self.record(Scripted::seen("read", "", ""))?;
+        Ok(Response::new(proto::FileReadResponse {
+            status: Status::Ok as i32,
+            error_message: String::new(),
+            content: b"BBAA".to_vec(),
+        }))
+    }
+
+    async fn lock_status(
+        &self,
+        _request: Request<proto::StatusArgs>,
+    ) -> Result<Response<proto::StatusResponse>, tonic::Status> {
+        self.record(Scripted::seen("status", "", ""))?;
+        Ok(Response::new(proto::StatusResponse {
+            status: Status::Ok as i32,
+            error_message: String::new(),
+            locks: vec![
+                proto::LockInfo {
+                    lock_name: String::new(),
+                    holder_client_id: 0,
+                    fencing_token: 7,
+                    lease_left_ms: 1500,
+                    waiters: vec![proto::Waiter {
+                        client_id: 2,
+                        detached: true,
+                    }],
+                    staged_appends: 3,
+                },
+                proto::LockInfo {
+                    lock_name: "idle".into(),
+                    ..Default::default()
+                },
+            ],
+            last_fencing_token: 7,
+        }))
+    }
+}
+
+/// A scripted server listening on a fresh loopback port.
+struct Server {
+    addr: String,
+    state: Arc<Scripted>,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(Scripted {
+            script: Mutex::new(Script {
+                fail_next: 0,
+                hang_acquires: 0,
+                acquire: Status::Ok,
+                renew: Status::Ok,
+            }),
+            seen: watch::channel(Vec::new()).0,
+        });
+        let service = LockServiceServer::from_arc(state.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Server { addr, state }
+    }
+
+    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.state.script.lock().unwrap()
+    }
+
+    fn calls(&self, method: &str) -> Vec<Seen> {
+        let seen = self.state.seen.borrow();
+        seen.iter()
+            .filter(|s| s.method == method)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the server has seen `n` calls of `method`.
+    async fn wait_for_calls(&self, method: &str, n: usize) {
+        let mut seen = self.state.seen.subscribe();
+        let reached = seen.wait_for(|all| all.iter().filter(|s| s.method == method).count() >= n);
+        tokio::time::timeout(Duration::from_secs(10), reached)
+            .await
+            .expect("the calls arrive")
+            .unwrap();
+    }
+}
+
+/// An address where nothing listens: connections are refused at once.
+async fn dead_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+fn quick(client_id: i32) -> ClientBuilder {
+    Client::builder(client_id)
+        .attempt_timeout(Duration::from_secs(2))
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+}
+
+#[tokio::test]
+async fn retries_carry_one_request_id_and_new_operations_get_new_ones() {
+    let server = Server::start().await;
+    server.script().fail_next = 2;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    client.init().await.unwrap();
+    client.init().await.unwrap();
+    let inits = server.calls("init");
+    assert_eq!(inits.len(), 4, "{inits:?}");
+    assert!(inits[..3]
+        .iter()
+        .all(|s| s.request_id == inits[0].request_id));
+    assert_ne!(inits[3].request_id, inits[0].request_id);
+    assert!(uuid::Uuid::parse_str(&inits[0].request_id).is_ok());
+}
+
+#[tokio::test]
+async fn a_refused_connection_fails_over_to_the_next_server() {
+    let server = Server::start().await;
+    let client = quick(1)
+        .endpoints([dead_addr().await, server.addr.clone()])
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    // The client stays on the server that answered.
+    client.close().await.unwrap();
+    assert_eq!(server.calls("init").len(), 1);
+    assert_eq!(server.calls("close").len(), 1);
+}
+
+#[tokio::test]
+async fn building_does_not_need_a_server_and_retries_end_in_unavailable() {
+    let client = quick(1)
+        .endpoint(dead_addr().await)
+        .retry_budget(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    match client.init().await {
+        Err(Error::Unavailable(message)) => assert!(message.contains("init"), "{message}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_client_needs_a_well_formed_address() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _inside = runtime.enter();
+    assert!(matches!(
+        Client::builder(1).build(),
+        Err(Error::BadRequest(_))
+    ));
+    assert!(matches!(
+        Client::builder(1).endpoint("not a uri at all").build(),
+        Err(Error::BadRequest(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_refusal_is_returned_at_once_as_its_variant() {
+    let server = Server::start().await;
+    server.script().acquire = Status::LockHeld;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let result = client.acquire("x", AcquireOptions::try_once()).await;
+    assert_eq!(result, Err(Error::LockHeld));
+    let acquires = server.calls("acquire");
+    assert_eq!(acquires.len(), 1);
+    assert_eq!(acquires[0].wait_ms, Some(0));
+
+    server.script().renew = Status::InvalidToken;
+    let grant = Grant {
+        lock: "x".into(),
+        token: "stale".into(),
+        fence: 1,
+        lease: Duration::from_secs(1),
+    };
+    assert_eq!(client.renew(&grant, None).await, Err(Error::LeaseLost));
+    assert_eq!(server.calls("renew").len(), 1);
+}
+
+#[tokio::test]
+async fn a_grant_carries_the_servers_token_fence_and_lease() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let grant = client
+        .acquire(
+            "",
+            AcquireOptions::forever().lease(Duration::from_millis(1500)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        grant,
+        Grant {
+            lock: String::new(),
+            token: "t-1".into(),
+            fence: 7,
+            lease: Duration::from_millis(1500),
+        }
+    );
+    assert_eq!(server.calls("acquire")[0].wait_ms, None);
+}
+
+#[tokio::test]
+async fn a_cut_off_wait_comes_back_with_the_same_request_id() {
+    let server = Server::start().await;
+    server.script().hang_acquires = 2;
+    let client = quick(1)
+        .endpoint(&server.addr)
+        .wait_attempt_timeout(Duration::from_millis(100))
+        .attempt_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let grant = client
+        .acquire("x", AcquireOptions::wait_for(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(grant.fence, 7);
+    let acquires = server.calls("acquire");
+    assert_eq!(acquires.len(), 3, "{acquires:?}");
+    assert!(acquires
+        .iter()
+        .all(|s| s.request_id == acquires[0].request_id));
+    // Each attempt asks for what is left of the caller's wait.
+    let waits: Vec<u64> = acquires.iter().map(|s| s.wait_ms.unwrap()).collect();
+    assert!(
+        waits[0] <= 60_000 && waits[1] < waits[0] && waits[2] < waits[1],
+        "{waits:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wait_that_ends_in_lock_held_is_a_wait_timeout() {
+    let server = Server::start().await;
+    server.script().acquire = Status::LockHeld;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let result = client
+        .acquire("x", AcquireOptions::wait_for(Duration::from_millis(5)))
+        .await;
+    assert_eq!(result, Err(Error::WaitTimedOut));
+}
+
+#[tokio::test]
+async fn appends_need_a_grant_of_the_default_lock() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let mut grant = Grant {
+        lock: "other".into(),
+        token: "t".into(),
+        fence: 1,
+        lease: Duration::from_secs(1),
+    };
+    assert!(matches!(
+        client.append(&grant, "file_0", "A").await,
+        Err(Error::BadRequest(_))
+    ));
+    assert!(server.calls("append").is_empty());
+    grant.lock.clear();
+    client.append(&grant, "file_0", "A").await.unwrap();
+    assert_eq!(server.calls("append")[0].token, "t");
+    assert_eq!(client.read("file_0").await.unwrap(), b"BBAA");
+}
+
+#[tokio::test]
+async fn status_is_translated_and_an_unheld_lock_has_no_holder() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let report = client.status().await.unwrap();
+    assert_eq!(report.last_fence, 7);
+    assert_eq!(report.locks[0].holder, Some(0));
+    assert_eq!(report.locks[0].lease_left, Duration::from_millis(1500));
+    assert_eq!(
+        report.locks[0].waiters,
+        [WaiterStatus {
+            client_id: 2,
+            detached: true
+        }]
+    );
+    assert_eq!(report.locks[0].staged_appends, 3);
+    assert_eq!(report.locks[1].holder, None);
+}
+
+#[tokio::test]
+async fn the_guard_renews_until_released() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let guard = client
+        .lock(
+            "x",
+            AcquireOptions::forever().lease(Duration::from_millis(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (guard.lock_name(), guard.token(), guard.fence()),
+        ("x", "t-1", 7)
+    );
+    server.wait_for_calls("renew", 3).await;
+    assert!(!guard.is_lease_lost());
+    let renews = server.calls("renew");
+    assert!(renews.iter().all(|s| s.token == "t-1"));
+    guard.release().await.unwrap();
+    assert_eq!(server.calls("release")[0].token, "t-1");
+}
+
+#[tokio::test]
+async fn the_guard_reports_a_refused_renewal() {
+    let server = Server::start().await;
+    server.script().renew = Status::InvalidToken;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let guard = client
+        .lock(
+            "x",
+            AcquireOptions::forever().lease(Duration::from_millis(30)),
+        )
+        .await
+        .unwrap();
+    let mut lost = guard.lease_lost();
+    tokio::time::timeout(Duration::from_secs(10), lost.wait_for(|lost| *lost))
+        .await
+        .expect("the loss is reported")
+        .unwrap();
+    assert!(guard.is_lease_lost());
+}
+
+#[tokio::test]
+async fn the_guard_presumes_the_lease_lost_when_no_renewal_gets_through() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let guard = client
+        .lock(
+            "x",
+            AcquireOptions::forever().lease(Duration::from_millis(60)),
+        )
+        .await
+        .unwrap();
+    // Every renewal now fails in transport; retries cannot outlast the lease.
+    server.script().fail_next = u32::MAX;
+    let mut lost = guard.lease_lost();
+    tokio::time::timeout(Duration::from_secs(10), lost.wait_for(|lost| *lost))
+        .await
+        .expect("the loss is presumed")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn dropping_the_guard_stops_renewing_without_releasing() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let guard = client
+        .lock(
+            "x",
+            AcquireOptions::forever().lease(Duration::from_millis(30)),
+        )
+        .await
+        .unwrap();
+    server.wait_for_calls("renew", 1).await;
+    drop(guard);
+    // A later call is answered after anything the dropped task could have
+    // had in flight; then the count must stay put across another round trip.
+    client.init().await.unwrap();
+    let renews = server.calls("renew").len();
+    client.init().await.unwrap();
+    client.init().await.unwrap();
+    assert_eq!(server.calls("renew").len(), renews);
+    assert!(server.calls("release").is_empty());
+}

@@ -1,0 +1,44 @@
+//! The simulation's only source of randomness: one seeded generator per run.
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A seeded random number generator with the few draws the simulation needs.
+pub struct SimRng(ChaCha8Rng);
+
+impl SimRng {
+    /// The generator of `seed`.
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// A uniform `u64`.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// Uniform in `[0, max)` as a float.
+    pub fn fraction(&mut self, max: f64) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * max
+    }
+
+    /// 32 random bytes (a seed for the core's tokens).
+    pub fn seed32(&mut self) -> [u8; 32] {
+        let mut seed = [0u8; 32];
+        self.0.fill_bytes(&mut seed);
+        seed
+    }
+}

@@ -1,0 +1,425 @@
+//! The simulated server node: the real core, log and data files over the
+//! simulated disk, with group commit modelled in steps that a crash can cut.
+//!
+//! Outputs of the core go into an open batch; when no flight is in progress
+//! the batch's records are written to the log (not yet durable) and a flight
+//! starts; the fsync completes some milliseconds later, then the file writes
+//! are applied, then (a moment later) the replies leave. Requests that arrive
+//! meanwhile gather in the next batch: one fsync serves them all.
+
+use std::collections::BTreeMap;
+
+use dlm::core::staging::{FileIndex, FileWrite};
+use dlm::core::time::Time;
+use dlm::core::types::{CallId, Reply, Request};
+use dlm::core::{Core, Input, Output};
+use dlm::files::DataFiles;
+use dlm::log::Wal;
+use dlm::server::{recover, ServerConfig};
+
+use super::{Dir, Event, World};
+use crate::Plant;
+
+/// Where a reply goes: (client index, client incarnation, attempt).
+type Route = (usize, u64, u64);
+
+#[derive(Default)]
+struct Batch {
+    records: usize,
+    writes: Vec<FileWrite>,
+    replies: Vec<(Route, Reply)>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.records == 0 && self.writes.is_empty() && self.replies.is_empty()
+    }
+}
+
+struct Node {
+    core: Core,
+    wal: Wal,
+    files: DataFiles,
+    routes: BTreeMap<CallId, Route>,
+    calls_of: BTreeMap<Route, Vec<CallId>>,
+    next_call: u64,
+    open: Batch,
+    /// Written to the log, fsync in progress.
+    flight: Option<Batch>,
+    /// Synced and applied; replies about to leave.
+    synced: Option<Batch>,
+    deadline: Option<u64>,
+}
+
+/// The server: up (a node) or down.
+#[derive(Default)]
+pub struct Server {
+    pub incarnation: u64,
+    node: Option<Node>,
+}
+
+impl Server {
+    /// True while the server runs.
+    pub fn is_up(&self) -> bool {
+        self.node.is_some()
+    }
+}
+
+/// Snapshot the log after this many records (small, so snapshots happen).
+const SNAPSHOT_EVERY: u64 = 25;
+
+fn config() -> ServerConfig {
+    let mut config = ServerConfig::new("sim");
+    config.lease_ms = 1_000;
+    config
+}
+
+impl World {
+    fn node(&mut self) -> Option<&mut Node> {
+        self.server.node.as_mut()
+    }
+
+    pub(super) fn server_receive(&mut self, client: usize, incarnation: u64, attempt: u64, request_id: String, request: Request) {
+        let now = self.now;
+        let Some(node) = self.node() else {
+            return;
+        };
+        node.next_call += 1;
+        let call = CallId(node.next_call);
+        let route = (client, incarnation, attempt);
+        node.routes.insert(call, route);
+        node.calls_of.entry(route).or_default().push(call);
+        let outputs = node.core.handle(
+            Time::from_millis(now),
+            Input::Call {
+                id: call,
+                request_id: request_id.clone(),
+                request: request.clone(),
+            },
+        );
+        self.log(|| format!("server <- c{} #{attempt} {request_id} {request:?}", client + 1));
+        self.absorb(outputs);
+    }
+
+    pub(super) fn server_cancel(&mut self, client: usize, incarnation: u64, attempt: u64) {
+        let now = self.now;
+        let Some(node) = self.node() else {
+            return;
+        };
+        let calls = node.calls_of.remove(&(client, incarnation, attempt)).unwrap_or_default();
+        let mut outputs = Vec::new();
+        for call in calls {
+            node.routes.remove(&call);
+            outputs.extend(node.core.handle(Time::from_millis(now), Input::CallDropped(call)));
+        }
+        self.absorb(outputs);
+    }
+
+    pub(super) fn server_deadline(&mut self, incarnation: u64) {
+        if incarnation != self.server.incarnation {
+            return;
+        }
+        let now = self.now;
+        let Some(node) = self.node() else {
+            return;
+        };
+        node.deadline = None;
+        let outputs = node.core.tick(Time::from_millis(now));
+        self.absorb(outputs);
+        self.audit_leases();
+    }
+
+    /// Asks the server's status (as `dlm status` would): every lock still
+    /// held must have lease left — a grant whose lease ran out is gone.
+    pub(super) fn audit_leases(&mut self) {
+        let now = self.now;
+        let Some(node) = self.node() else {
+            return;
+        };
+        let probe = CallId(u64::MAX);
+        let outputs = node.core.handle(
+            Time::from_millis(now),
+            Input::Call {
+                id: probe,
+                request_id: String::new(),
+                request: Request::Status,
+            },
+        );
+        let mut rest = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            match output {
+                Output::Reply {
+                    call,
+                    reply: Reply::Status { locks, .. },
+                } if call == probe => {
+                    for lock in locks.iter().filter(|l| l.holder.is_some()) {
+                        if lock.lease_left.0 == 0 {
+                            self.history.violations.push(format!(
+                                "lease: lock {:?} still held by client {:?} (fence {}) at {now} with no lease left",
+                                lock.lock,
+                                lock.holder,
+                                lock.fence.0
+                            ));
+                        }
+                    }
+                }
+                other => rest.push(other),
+            }
+        }
+        self.absorb(rest);
+    }
+
+    /// Takes the core's outputs into the open batch, then moves the pipeline.
+    fn absorb(&mut self, outputs: Vec<Output>) {
+        let now = self.now;
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        for output in outputs {
+            match output {
+                Output::Persist(record) => {
+                    for change in &record.changes {
+                        self.history.on_change(now, change);
+                    }
+                    node.wal.append(&record);
+                    node.open.records += 1;
+                }
+                Output::Write(write) => node.open.writes.push(write),
+                Output::Reply { call, reply } => {
+                    if let Some(route) = node.routes.remove(&call) {
+                        if let Some(calls) = node.calls_of.get_mut(&route) {
+                            calls.retain(|c| *c != call);
+                        }
+                        node.open.replies.push((route, reply));
+                    }
+                }
+                Output::Trace(trace) => self.history.on_trace(now, &trace),
+            }
+        }
+        self.pump();
+        self.arm_deadline();
+    }
+
+    fn arm_deadline(&mut self) {
+        let incarnation = self.server.incarnation;
+        let Some(node) = self.node() else {
+            return;
+        };
+        let Some(next) = node.core.next_deadline().map(Time::as_millis) else {
+            return;
+        };
+        if node.deadline.is_none_or(|d| next < d) {
+            node.deadline = Some(next);
+            self.at(next, Event::ServerDeadline { incarnation });
+        }
+    }
+
+    /// Starts a flight (log write, then fsync) if none is in progress.
+    fn pump(&mut self) {
+        let incarnation = self.server.incarnation;
+        let reply_early = self.plant == Some(Plant::ReplyBeforeFsync);
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        if node.flight.is_some() || node.synced.is_some() || node.open.is_empty() {
+            return;
+        }
+        if let Err(e) = node.wal.write_pending() {
+            self.history.violations.push(format!("log write failed: {e}"));
+            return;
+        }
+        let mut flight = std::mem::take(&mut node.open);
+        let has_records = flight.records > 0;
+        let early: Vec<(Route, Reply)> = if reply_early {
+            std::mem::take(&mut flight.replies)
+        } else {
+            Vec::new()
+        };
+        node.flight = Some(flight);
+        for (route, reply) in early {
+            self.reply(route, reply);
+        }
+        let latency = if has_records {
+            self.rng.between(self.scenario.fsync_min, self.scenario.fsync_max)
+        } else {
+            0
+        };
+        self.at(self.now + latency, Event::LogSynced { incarnation });
+        // Aim some crashes at the instants that matter most: between the
+        // log write and its fsync, and between the fsync and the replies.
+        if has_records && !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.01) {
+            let at = self.now + self.rng.between(0, latency + 1);
+            self.at(at, Event::InjectedCrash);
+        }
+    }
+
+    pub(super) fn server_synced(&mut self, incarnation: u64) {
+        if incarnation != self.server.incarnation {
+            return;
+        }
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        let Some(flight) = node.flight.take() else {
+            return;
+        };
+        let mut failure = node.wal.sync().err().map(|e| e.to_string());
+        for write in &flight.writes {
+            if let Err(e) = node.files.apply(write) {
+                failure = Some(e.to_string());
+            }
+        }
+        node.synced = Some(flight);
+        if let Some(e) = failure {
+            self.history.violations.push(format!("storage failed in the simulation: {e}"));
+        }
+        let gap = self.rng.between(0, 1);
+        self.at(self.now + gap, Event::RepliesOut { incarnation });
+    }
+
+    pub(super) fn server_replies_out(&mut self, incarnation: u64) {
+        if incarnation != self.server.incarnation {
+            return;
+        }
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        let Some(batch) = node.synced.take() else {
+            return;
+        };
+        for (route, reply) in batch.replies {
+            self.reply(route, reply);
+        }
+        self.maybe_snapshot();
+        self.pump();
+        self.audit_leases();
+    }
+
+    fn maybe_snapshot(&mut self) {
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        if node.wal.records_since_snapshot() < SNAPSHOT_EVERY || !node.open.is_empty() || node.flight.is_some() {
+            return;
+        }
+        let snapshot = node.core.snapshot();
+        let result = node
+            .files
+            .sync()
+            .map_err(|e| e.to_string())
+            .and_then(|()| node.wal.write_snapshot(&snapshot).map_err(|e| e.to_string()));
+        if let Err(e) = result {
+            self.history.violations.push(format!("snapshot failed: {e}"));
+        }
+        self.faults.snapshots += 1;
+    }
+
+    fn reply(&mut self, route: Route, reply: Reply) {
+        let (client, incarnation, attempt) = route;
+        self.log(|| format!("server -> c{} #{attempt} {reply:?}", client + 1));
+        self.send(
+            Dir::Down(client),
+            Event::ToClient {
+                client,
+                incarnation,
+                attempt,
+                reply,
+            },
+        );
+    }
+
+    /// Power loss: memory is gone, unsynced bytes are lost or torn.
+    pub(super) fn server_crash(&mut self) {
+        let Some(node) = self.server.node.take() else {
+            return;
+        };
+        if node.flight.is_some() {
+            self.faults.crash_before_fsync += 1;
+        }
+        if node.synced.is_some() {
+            self.faults.crash_before_reply += 1;
+        }
+        self.faults.server_crashes += 1;
+        self.server.incarnation += 1;
+        let torn = self.scenario.torn;
+        let loss = self.disk.crash(&mut self.rng, torn);
+        if loss.files_hit > 0 {
+            self.faults.crash_unsynced_lost += 1;
+        }
+        self.faults.torn_writes += loss.torn;
+        self.history.on_crash(self.now);
+        self.log(|| format!("server CRASH (lost unsynced bytes in {} files, {} torn)", loss.files_hit, loss.torn));
+        if !self.healed {
+            let down = self.rng.between(10, 1_500);
+            self.at(self.now + down, Event::ServerRestart);
+        }
+    }
+
+    /// Start-up through the real recovery path.
+    pub(super) fn server_restart(&mut self) {
+        if self.server.is_up() {
+            return;
+        }
+        let seed = self.rng.seed32();
+        let plants = self.plants();
+        let recovered = recover(
+            &config(),
+            Box::new(self.disk.dir("data")),
+            Box::new(self.disk.dir("state")),
+            seed,
+            Time::from_millis(self.now),
+            plants,
+        );
+        let recovered = match recovered {
+            Ok(recovered) => recovered,
+            Err(e) => {
+                self.history.violations.push(format!("recovery failed at {}: {e}", self.now));
+                return;
+            }
+        };
+        let mut core = recovered.core;
+        core.set_tracing(true);
+        let grants = core.snapshot().grants;
+        self.history.on_recover(self.now, &grants);
+        let (wal, files) = recovered.persister.into_parts();
+        self.server.incarnation += 1;
+        self.server.node = Some(Node {
+            core,
+            wal,
+            files,
+            routes: BTreeMap::new(),
+            calls_of: BTreeMap::new(),
+            next_call: 0,
+            open: Batch::default(),
+            flight: None,
+            synced: None,
+            deadline: None,
+        });
+        self.log(|| format!("server up: {} grants recovered", grants.len()));
+        self.arm_deadline();
+    }
+
+    /// Completes whatever the pipeline holds (end of the run).
+    pub(super) fn server_drain(&mut self) {
+        for _ in 0..16 {
+            let incarnation = self.server.incarnation;
+            let Some(node) = self.node() else {
+                return;
+            };
+            if node.flight.is_some() {
+                self.server_synced(incarnation);
+            } else if node.synced.is_some() {
+                self.server_replies_out(incarnation);
+            } else if !node.open.is_empty() {
+                self.pump();
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// What a reader of each data file sees now.
+    pub(super) fn server_files(&self) -> Vec<Vec<u8>> {
+        FileIndex::all().map(|f| self.disk.read("data", &f.name())).collect()
+    }
+}

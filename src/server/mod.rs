@@ -125,12 +125,19 @@ pub struct RecoveryReport {
     pub grants: usize,
 }
 
+/// Sees every output of the core as it is made (before it is durable), with
+/// the time; the simulation's history checker uses it. Setting one turns the
+/// core's queue tracing on.
+pub type Observer = Box<dyn FnMut(Time, &Output) + Send>;
+
 /// A recovered core with its storage, ready to run.
 pub struct Recovered {
     pub core: Core,
     pub persister: Persister,
     pub records_since_snapshot: u64,
     pub report: RecoveryReport,
+    /// Set by a simulation before [`Node::start`]; `None` in production.
+    pub observer: Option<Observer>,
 }
 
 /// Recovers the durable state from `state` and brings the data files in
@@ -190,6 +197,7 @@ pub fn recover(
         persister: Persister::new(recovered.wal, files),
         records_since_snapshot,
         report,
+        observer: None,
     })
 }
 
@@ -303,8 +311,11 @@ impl Node {
                 report(writer::run_inline(writer_rx, persister).await)
             })),
         };
+        let mut core = recovered.core;
+        core.set_tracing(recovered.observer.is_some());
         let core_loop = CoreLoop {
-            core: recovered.core,
+            core,
+            observer: recovered.observer,
             clock,
             writer: writer_tx.clone(),
             pending: HashMap::new(),
@@ -375,6 +386,7 @@ impl Node {
 /// The task that owns the core.
 struct CoreLoop {
     core: Core,
+    observer: Option<Observer>,
     clock: Clock,
     writer: mpsc::UnboundedSender<Job>,
     /// Reply channels of calls the core has not answered yet.
@@ -455,6 +467,12 @@ impl CoreLoop {
     }
 
     fn collect(&mut self, outputs: Vec<Output>, batch: &mut Batch) {
+        if let Some(observer) = &mut self.observer {
+            let now = self.core.now();
+            for output in &outputs {
+                observer(now, output);
+            }
+        }
         for output in outputs {
             match output {
                 Output::Persist(record) => batch.records.push(record),

@@ -1,0 +1,649 @@
+//! Black-box tests of the `dlm` command line: every client command runs as
+//! its own process against a real `dlm server` on loopback, with a temporary
+//! grant-file directory per test. Nothing here sleeps to wait for an event:
+//! tests wait for a child process to exit, or poll `dlm status` until the
+//! server shows what they wait for, and every such wait is bounded.
+
+// Only the core is barred from spawning threads (clippy.toml); tests may.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{dlm_bin, ServerProcess};
+
+/// Exit statuses of the client commands (see `dlm --help`).
+const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+const EXIT_BUSY: i32 = 3;
+const EXIT_LOST: i32 = 4;
+const EXIT_UNAVAILABLE: i32 = 5;
+
+/// The longest any single CLI process may take before the test fails.
+const PROCESS_LIMIT: Duration = Duration::from_secs(60);
+
+/// Environment variables the CLI reads; cleared so that the caller's
+/// environment cannot change what a test does.
+const CLI_ENV: &[&str] = &[
+    "DLM_SERVER",
+    "DLM_CLIENT_ID",
+    "DLM_RETRY_BUDGET_MS",
+    "DLM_STATE_DIR",
+    "DLM_LOCK",
+    "DLM_TOKEN",
+    "DLM_FENCING_TOKEN",
+    "XDG_STATE_HOME",
+    "RUST_LOG",
+];
+
+/// What a finished CLI process left behind.
+#[derive(Debug)]
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    /// Panics unless the process exited with `code`.
+    #[track_caller]
+    fn expect_code(self, code: i32) -> Outcome {
+        assert_eq!(self.code, Some(code), "unexpected exit status: {self:#?}");
+        self
+    }
+
+    /// Panics unless the process succeeded.
+    #[track_caller]
+    fn ok(self) -> Outcome {
+        self.expect_code(0)
+    }
+
+    /// Panics unless stderr is exactly one line, `dlm: …`; returns it.
+    #[track_caller]
+    fn one_line_reason(&self) -> &str {
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr: {self:#?}");
+        assert!(lines[0].starts_with("dlm: "), "{self:#?}");
+        assert!(lines[0].len() > "dlm: ".len(), "{self:#?}");
+        lines[0]
+    }
+
+    /// The fencing number of `acquired lock "…" fence N`.
+    #[track_caller]
+    fn fence(&self) -> u64 {
+        self.stdout
+            .trim()
+            .strip_prefix("acquired lock ")
+            .and_then(|rest| rest.rsplit_once(" fence "))
+            .and_then(|(_, fence)| fence.parse().ok())
+            .unwrap_or_else(|| panic!("no fencing number in {self:#?}"))
+    }
+}
+
+/// A CLI process still running; killed if dropped before it finishes.
+struct Running {
+    child: Option<Child>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+    what: String,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Running {
+        let what = format!("{command:?}");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        let drain = |mut pipe: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+        Running {
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            what,
+        }
+    }
+
+    /// Whether the process has exited.
+    fn has_exited(&mut self) -> bool {
+        let child = self.child.as_mut().expect("not finished yet");
+        child.try_wait().expect("try_wait").is_some()
+    }
+
+    /// Waits (at most `limit`) for the process to exit; kills it and fails
+    /// the test if it does not.
+    #[track_caller]
+    fn finish(mut self, limit: Duration) -> Outcome {
+        let mut child = self.child.take().expect("not finished yet");
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit within {limit:?}", self.what);
+            }
+            // Bounded polling of the child's exit, not a synchronisation sleep.
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let stdout = self.stdout.take().expect("stdout").join().expect("stdout");
+        let stderr = self.stderr.take().expect("stderr").join().expect("stderr");
+        Outcome {
+            code: status.code(),
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `dlm` commands against one server address with one grant-file
+/// directory (given to every command as `DLM_STATE_DIR`).
+struct Cli {
+    server: String,
+    state: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new(server: &ServerProcess) -> Cli {
+        Cli::at(server.addr())
+    }
+
+    fn at(addr: &str) -> Cli {
+        Cli {
+            server: addr.to_owned(),
+            state: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// The grant-file directory.
+    fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// `dlm SUBCOMMAND --server ADDR ARGS…` with a clean environment.
+    fn command(&self, subcommand: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(dlm_bin());
+        for var in CLI_ENV {
+            command.env_remove(var);
+        }
+        command
+            .env("DLM_STATE_DIR", self.state_dir())
+            .arg(subcommand)
+            .arg("--server")
+            .arg(&self.server)
+            .args(args);
+        command
+    }
+
+    /// Runs a command to completion.
+    #[track_caller]
+    fn run(&self, subcommand: &str, args: &[&str]) -> Outcome {
+        self.spawn(subcommand, args).finish(PROCESS_LIMIT)
+    }
+
+    /// Starts a command in the background.
+    fn spawn(&self, subcommand: &str, args: &[&str]) -> Running {
+        Running::spawn(self.command(subcommand, args))
+    }
+
+    /// `dlm cat FILE`, which must succeed.
+    #[track_caller]
+    fn cat(&self, file: &str) -> String {
+        self.run("cat", &[file]).ok().stdout
+    }
+
+    /// Rows of `dlm status`, split into columns.
+    #[track_caller]
+    fn status_rows(&self) -> Vec<Vec<String>> {
+        self.run("status", &[])
+            .ok()
+            .stdout
+            .lines()
+            .map(|line| line.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    }
+
+    /// The status row of `lock`: `[name, holder, fence, lease, staged, waiters]`
+    /// (the waiters joined back into one column), if the lock is listed.
+    #[track_caller]
+    fn lock_row(&self, lock: &str) -> Option<[String; 6]> {
+        let name = format!("{lock:?}");
+        self.status_rows()
+            .into_iter()
+            .find(|row| row.first() == Some(&name))
+            .map(|row| {
+                assert!(row.len() >= 6, "short status row {row:?}");
+                [
+                    row[0].clone(),
+                    row[1].clone(),
+                    row[2].clone(),
+                    row[3].clone(),
+                    row[4].clone(),
+                    row[5..].join(" "),
+                ]
+            })
+    }
+
+    /// Polls `dlm status` until `lock`'s waiters read exactly `waiters`
+    /// (e.g. "2"); bounded.
+    #[track_caller]
+    fn until_waiters(&self, lock: &str, waiters: &str) -> [String; 6] {
+        let deadline = Instant::now() + PROCESS_LIMIT;
+        loop {
+            if let Some(row) = self.lock_row(lock) {
+                if row[5] == waiters {
+                    return row;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lock {lock:?} never showed waiters {waiters:?}"
+            );
+        }
+    }
+
+    /// Path of the grant file of the default lock for `client` in `dir`.
+    fn grant_file(dir: &Path, client: i32) -> PathBuf {
+        dir.join(format!("client-{client}.lock-.grant"))
+    }
+}
+
+/// An address on which nothing listens: a loopback port bound and freed
+/// again at once (never connected, so immediately closed).
+fn closed_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    drop(listener);
+    addr
+}
+
+#[test]
+fn acquire_two_appends_and_release_as_separate_processes_read_aa() {
+    let server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    // This test names the grant directory with --state-dir instead of the
+    // environment; the environment's directory must stay untouched.
+    let flag_dir = tempfile::tempdir().expect("temp dir");
+    let dir = flag_dir.path().to_str().expect("utf-8 path");
+    let with_dir = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(["--state-dir".to_owned(), dir.to_owned()]);
+        all
+    };
+    let run = |subcommand: &str, args: &[&str]| {
+        let args = with_dir(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli.run(subcommand, &args)
+    };
+
+    let acquired = run("acquire", &["--client-id", "1"]).ok();
+    assert_eq!(
+        acquired.stdout,
+        format!("acquired lock \"\" fence {}\n", acquired.fence())
+    );
+    assert!(Cli::grant_file(flag_dir.path(), 1).exists());
+    assert!(!Cli::grant_file(cli.state_dir(), 1).exists());
+
+    run("append", &["--client-id", "1", "file_0", "A"]).ok();
+    run("append", &["--client-id", "1", "file_0", "A"]).ok();
+    assert_eq!(
+        cli.cat("file_0"),
+        "",
+        "nothing is visible before the release"
+    );
+    assert_eq!(server.file("file_0"), "");
+
+    let released = run("release", &["--client-id", "1"]).ok();
+    assert_eq!(released.stdout, "released lock \"\"\n");
+    assert!(
+        !Cli::grant_file(flag_dir.path(), 1).exists(),
+        "the release removes the grant file"
+    );
+    assert_eq!(cli.cat("file_0"), "AA");
+    assert_eq!(server.file("file_0"), "AA");
+}
+
+#[test]
+fn kill9_with_the_lock_free_keeps_the_contents() {
+    let mut server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    let first = cli.run("acquire", &[]).ok().fence();
+    cli.run("append", &["file_0", "A"]).ok();
+    cli.run("append", &["file_0", "A"]).ok();
+    cli.run("release", &[]).ok();
+    assert_eq!(cli.cat("file_0"), "AA");
+
+    server.kill9();
+    server.restart();
+    assert_eq!(
+        cli.cat("file_0"),
+        "AA",
+        "committed contents survive kill -9"
+    );
+
+    let second = cli.run("acquire", &[]).ok().fence();
+    assert!(
+        second > first,
+        "fencing numbers survive the restart: {first} then {second}"
+    );
+    cli.run("append", &["file_0", "1"]).ok();
+    cli.run("release", &[]).ok();
+    assert_eq!(cli.cat("file_0"), "AA1");
+    assert_eq!(server.file("file_0"), "AA1");
+}
+
+#[test]
+fn kill9_with_the_lock_held_keeps_the_grant_file_usable() {
+    let mut server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    let fence = cli.run("acquire", &["--client-id", "1"]).ok().fence();
+    cli.run("append", &["--client-id", "1", "file_3", "X"]).ok();
+
+    server.kill9();
+    server.restart();
+
+    // The holder's grant file still works after the restart.
+    let renewed = cli.run("renew", &["--client-id", "1"]).ok();
+    assert!(
+        renewed.stdout.starts_with("renewed lock \"\" lease "),
+        "{renewed:#?}"
+    );
+    cli.run("append", &["--client-id", "1", "file_3", "Y"]).ok();
+    // Another client finds the lock held.
+    let busy = cli
+        .run("acquire", &["--client-id", "2", "--wait-ms", "0"])
+        .expect_code(EXIT_BUSY);
+    assert!(busy.one_line_reason().contains("held"), "{busy:#?}");
+    assert!(!Cli::grant_file(cli.state_dir(), 2).exists());
+    assert_eq!(
+        cli.cat("file_3"),
+        "",
+        "the staged appends are not visible yet"
+    );
+
+    cli.run("release", &["--client-id", "1"]).ok();
+    assert_eq!(
+        cli.cat("file_3"),
+        "XY",
+        "the append staged before the crash is committed, once"
+    );
+    let next = cli
+        .run("acquire", &["--client-id", "2", "--wait-ms", "0"])
+        .ok()
+        .fence();
+    assert!(next > fence, "{fence} then {next}");
+    cli.run("release", &["--client-id", "2"]).ok();
+}
+
+#[test]
+fn a_stalled_holder_loses_its_appends_bbaa() {
+    let server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    // Client 1 takes the lock with a short lease, appends A, and then stalls
+    // (nothing renews a grant file's lease).
+    let fence1 = cli
+        .run("acquire", &["--client-id", "1", "--lease-ms", "1500"])
+        .ok()
+        .fence();
+    cli.run("append", &["--client-id", "1", "file_0", "A"]).ok();
+
+    // Client 2 waits for the lock; it gets it only once client 1's lease ran out.
+    let fence2 = cli.run("acquire", &["--client-id", "2"]).ok().fence();
+    assert!(fence2 > fence1, "{fence1} then {fence2}");
+    cli.run("append", &["--client-id", "2", "file_0", "B"]).ok();
+    cli.run("append", &["--client-id", "2", "file_0", "B"]).ok();
+    cli.run("release", &["--client-id", "2"]).ok();
+    assert_eq!(cli.cat("file_0"), "BB", "client 1's A was dropped");
+
+    // Client 1's grant file is stale now: refused with "grant gone".
+    let append = cli
+        .run("append", &["--client-id", "1", "file_0", "late"])
+        .expect_code(EXIT_LOST);
+    append.one_line_reason();
+    let release = cli
+        .run("release", &["--client-id", "1"])
+        .expect_code(EXIT_LOST);
+    release.one_line_reason();
+    assert!(
+        !Cli::grant_file(cli.state_dir(), 1).exists(),
+        "a release refused as stale forgets the grant file"
+    );
+
+    // Client 1 starts over.
+    let fence3 = cli.run("acquire", &["--client-id", "1"]).ok().fence();
+    assert!(fence3 > fence2, "{fence2} then {fence3}");
+    cli.run("append", &["--client-id", "1", "file_0", "A"]).ok();
+    cli.run("append", &["--client-id", "1", "file_0", "A"]).ok();
+    cli.run("release", &["--client-id", "1"]).ok();
+    assert_eq!(cli.cat("file_0"), "BBAA");
+    assert_eq!(server.file("file_0"), "BBAA");
+}
+
+#[test]
+fn hold_runs_a_command_under_a_lock_and_passes_its_exit_status() {
+    let server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    let held = cli
+        .run(
+            "hold",
+            &[
+                "--client-id",
+                "3",
+                "--lock",
+                "x",
+                "--",
+                "sh",
+                "-c",
+                "echo $DLM_FENCING_TOKEN; exit 7",
+            ],
+        )
+        .expect_code(7);
+    let fence: u64 = held
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no fencing number: {held:#?}"));
+    assert!(fence >= 1, "{held:#?}");
+    assert_eq!(held.stderr, "", "{held:#?}");
+
+    // Released when the command exited.
+    if let Some(row) = cli.lock_row("x") {
+        assert_eq!(row[1], "-", "lock x is still held: {row:?}");
+    }
+    let last = cli
+        .status_rows()
+        .into_iter()
+        .find(|row| row.starts_with(&["last".to_owned(), "fencing".to_owned()]))
+        .expect("last fencing number line");
+    assert_eq!(
+        last.last().map(String::as_str),
+        Some(fence.to_string().as_str())
+    );
+    // Another client gets x at once.
+    cli.run(
+        "acquire",
+        &["--client-id", "4", "--lock", "x", "--wait-ms", "0"],
+    )
+    .ok();
+    cli.run("release", &["--client-id", "4", "--lock", "x"])
+        .ok();
+}
+
+#[test]
+fn hold_of_the_default_lock_lets_a_nested_append_use_its_token() {
+    let server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    // No grant file exists for client 5: the nested append can only succeed
+    // through DLM_TOKEN (and DLM_SERVER, DLM_CLIENT_ID) from `dlm hold`.
+    let script = r#"test -n "$DLM_TOKEN" || exit 90
+"$0" append file_7 held || exit 91
+echo "inside:[$("$0" cat file_7)]""#;
+    let held = cli
+        .run(
+            "hold",
+            &["--client-id", "5", "--", "sh", "-c", script, dlm_bin()],
+        )
+        .ok();
+    assert_eq!(
+        held.stdout, "inside:[]\n",
+        "the append is staged while held: {held:#?}"
+    );
+    assert_eq!(cli.cat("file_7"), "held", "visible once hold released");
+    assert!(!Cli::grant_file(cli.state_dir(), 5).exists());
+    let holder = cli
+        .lock_row("")
+        .map_or_else(|| "-".to_owned(), |row| row[1].clone());
+    assert_eq!(holder, "-", "the default lock was released");
+}
+
+#[test]
+fn an_unreachable_server_exits_5_with_one_line() {
+    let cli = Cli::at(&closed_addr());
+    let budget = ["--retry-budget-ms", "300"];
+    let cases: [(&str, &[&str]); 6] = [
+        ("status", &[]),
+        ("cat", &["file_0"]),
+        ("acquire", &[]),
+        ("release", &["--token", "t"]),
+        ("renew", &["--token", "t"]),
+        ("append", &["--token", "t", "file_0", "x"]),
+    ];
+    for (subcommand, args) in cases {
+        let args: Vec<&str> = budget.iter().chain(args).copied().collect();
+        let failed = cli.run(subcommand, &args).expect_code(EXIT_UNAVAILABLE);
+        let reason = failed.one_line_reason();
+        assert!(
+            reason.contains("no server answered"),
+            "{subcommand}: {failed:#?}"
+        );
+        assert_eq!(failed.stdout, "", "{subcommand}: {failed:#?}");
+    }
+    assert!(
+        !Cli::grant_file(cli.state_dir(), 1).exists(),
+        "a failed acquire leaves no grant file"
+    );
+}
+
+#[test]
+fn bad_requests_fail_with_one_line_and_change_nothing() {
+    let server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+
+    // A release without a grant file (nothing acquired yet).
+    let release = cli.run("release", &["--client-id", "1"]);
+    assert_ne!(release.code, Some(0), "{release:#?}");
+    assert!(
+        release.one_line_reason().contains("no grant"),
+        "{release:#?}"
+    );
+    // An append without a grant file.
+    let append = cli.run("append", &["--client-id", "1", "file_0", "x"]);
+    assert_ne!(append.code, Some(0), "{append:#?}");
+    append.one_line_reason();
+
+    cli.run("acquire", &["--client-id", "1"]).ok();
+    for file in ["file_100", "../file_0", "file_-1", ""] {
+        let bad = cli
+            .run("append", &["--client-id", "1", file, "x"])
+            .expect_code(EXIT_FAILED);
+        bad.one_line_reason();
+    }
+    let bad_cat = cli.run("cat", &["file_100"]).expect_code(EXIT_FAILED);
+    bad_cat.one_line_reason();
+    // The grant is unharmed by the refusals.
+    cli.run("append", &["--client-id", "1", "file_0", "ok"])
+        .ok();
+    cli.run("release", &["--client-id", "1"]).ok();
+    assert_eq!(cli.cat("file_0"), "ok");
+
+    // A release again, now that the grant file is gone.
+    let again = cli.run("release", &["--client-id", "1"]);
+    assert_ne!(again.code, Some(0), "{again:#?}");
+    again.one_line_reason();
+    // A stale token given by hand.
+    let stale = cli
+        .run("release", &["--client-id", "1", "--token", "no-such-token"])
+        .expect_code(EXIT_LOST);
+    stale.one_line_reason();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cli = Cli::at(&closed_addr());
+    let cases: [(&str, &[&str]); 6] = [
+        ("acquire", &["--no-such-flag"]),
+        ("acquire", &["--wait-ms", "soon"]),
+        ("append", &["file_0"]),
+        ("cat", &[]),
+        ("hold", &[]),
+        ("release", &["--client-id", "one"]),
+    ];
+    for (subcommand, args) in cases {
+        let failed = cli.run(subcommand, args).expect_code(EXIT_USAGE);
+        assert!(
+            !failed.stderr.is_empty(),
+            "{subcommand} {args:?}: {failed:#?}"
+        );
+    }
+    let mut unknown = Command::new(dlm_bin());
+    unknown.arg("frobnicate");
+    Running::spawn(unknown)
+        .finish(PROCESS_LIMIT)
+        .expect_code(EXIT_USAGE);
+}
+
+#[test]
+fn status_lists_the_holder_and_a_queued_waiter() {
+    let server = ServerProcess::start(&[]);
+    let cli = Cli::new(&server);
+    assert_eq!(cli.lock_row("s"), None);
+    let fence = cli
+        .run("acquire", &["--client-id", "1", "--lock", "s"])
+        .ok()
+        .fence();
+
+    let mut waiter = cli.spawn("acquire", &["--client-id", "2", "--lock", "s"]);
+    let row = cli.until_waiters("s", "2");
+    assert_eq!(row[1], "1", "holder: {row:?}");
+    assert_eq!(row[2], fence.to_string(), "fence: {row:?}");
+    assert!(row[3].ends_with('s'), "lease left: {row:?}");
+    assert!(
+        !waiter.has_exited(),
+        "the waiter returned while the lock was held"
+    );
+
+    cli.run("release", &["--client-id", "1", "--lock", "s"])
+        .ok();
+    let granted = waiter.finish(PROCESS_LIMIT).ok();
+    assert!(granted.fence() > fence, "{granted:#?}");
+    let row = cli.lock_row("s").expect("s is held");
+    assert_eq!((row[1].as_str(), row[5].as_str()), ("2", "-"), "{row:?}");
+    cli.run("release", &["--client-id", "2", "--lock", "s"])
+        .ok();
+}

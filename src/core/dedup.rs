@@ -25,10 +25,11 @@ pub enum Seen {
 type Key = (ClientId, RequestId);
 
 /// The dedup table. Lookups only: iteration order never reaches output.
+/// Keyed per client first, so a lookup by `&str` needs no allocation.
 #[derive(Debug)]
 pub struct Dedup {
     capacity: usize,
-    seen: HashMap<Key, Seen>,
+    seen: HashMap<ClientId, HashMap<RequestId, Seen>>,
     /// Answered keys, oldest first: the eviction order.
     order: VecDeque<Key>,
 }
@@ -45,35 +46,52 @@ impl Dedup {
 
     /// What is known of `(client, request_id)`.
     pub fn get(&self, client: ClientId, request_id: &str) -> Option<&Seen> {
-        self.seen.get(&(client, request_id.to_owned()))
+        self.seen.get(&client)?.get(request_id)
     }
 
     /// Marks the request as served by a queued waiter.
     pub fn wait(&mut self, client: ClientId, request_id: &str, waiter: WaiterId) {
         self.seen
-            .insert((client, request_id.to_owned()), Seen::Waiting(waiter));
+            .entry(client)
+            .or_default()
+            .insert(request_id.to_owned(), Seen::Waiting(waiter));
     }
 
     /// Forgets a waiter that left without an answer (its place expired).
     pub fn forget_waiter(&mut self, client: ClientId, request_id: &str) {
-        let key = (client, request_id.to_owned());
-        if matches!(self.seen.get(&key), Some(Seen::Waiting(_))) {
-            self.seen.remove(&key);
+        if let Some(ids) = self.seen.get_mut(&client) {
+            if matches!(ids.get(request_id), Some(Seen::Waiting(_))) {
+                ids.remove(request_id);
+                if ids.is_empty() {
+                    self.seen.remove(&client);
+                }
+            }
         }
     }
 
     /// Remembers the answer to a request, evicting the oldest beyond capacity.
     pub fn answer(&mut self, client: ClientId, request_id: &str, kind: RequestKind, reply: Reply) {
-        let key = (client, request_id.to_owned());
-        let previous = self
-            .seen
-            .insert(key.clone(), Seen::Answered { kind, reply });
-        if !matches!(previous, Some(Seen::Answered { .. })) {
-            self.order.push_back(key);
+        let ids = self.seen.entry(client).or_default();
+        let answer = Seen::Answered { kind, reply };
+        let fresh = match ids.get_mut(request_id) {
+            Some(seen) => !matches!(std::mem::replace(seen, answer), Seen::Answered { .. }),
+            None => {
+                ids.insert(request_id.to_owned(), answer);
+                true
+            }
+        };
+        if fresh {
+            self.order.push_back((client, request_id.to_owned()));
         }
         while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
+            let Some((old_client, old_id)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(ids) = self.seen.get_mut(&old_client) {
+                ids.remove(&old_id);
+                if ids.is_empty() {
+                    self.seen.remove(&old_client);
+                }
             }
         }
     }
@@ -82,10 +100,10 @@ impl Dedup {
     pub fn answers(&self) -> Vec<AnswerSnapshot> {
         self.order
             .iter()
-            .filter_map(|key| match self.seen.get(key) {
+            .filter_map(|(client, request_id)| match self.get(*client, request_id) {
                 Some(Seen::Answered { kind, reply }) => Some(AnswerSnapshot {
-                    client: key.0,
-                    request_id: key.1.clone(),
+                    client: *client,
+                    request_id: request_id.clone(),
                     kind: *kind,
                     reply: reply.clone(),
                 }),

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use dlm::client::{AcquireOptions, Client, Error};
+use dlm::client::{AcquireOptions, Client, Error, Tls, Transport};
 use state::SavedGrant;
 
 /// Exit status: the command did what it was asked.
@@ -76,7 +76,8 @@ pub enum ClientCommand {
     /// DLM_LOCK, DLM_TOKEN and DLM_FENCING_TOKEN set while the lease is
     /// renewed, release when CMD exits, and exit with CMD's status.
     #[command(after_help = format!(
-        "CMD also gets DLM_SERVER and DLM_CLIENT_ID, so `dlm append FILE CONTENT` \
+        "CMD also gets DLM_SERVER, DLM_CLIENT_ID and the transport flags (DLM_TRANSPORT, \
+         DLM_TLS, DLM_CA, DLM_CERT, DLM_KEY), so `dlm append FILE CONTENT` \
          inside it appends under the held default lock. If the lease is lost, \
          CMD is killed and dlm exits with 4. A Ctrl-C reaches CMD; dlm waits for it.\n\n{EXIT_CODES}"
     ))]
@@ -108,6 +109,94 @@ pub struct ConnectArgs {
         default_value_t = 60_000
     )]
     retry_budget_ms: u64,
+    /// How to reach the servers: gRPC (--server is the --listen address) or
+    /// QUIC (--server is the --listen-quic address; needs --ca).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "TRANSPORT",
+        env = "DLM_TRANSPORT",
+        default_value = "grpc"
+    )]
+    transport: TransportArg,
+    /// Speak gRPC over TLS (to a server started with --tls; needs --ca).
+    #[arg(long, env = "DLM_TLS")]
+    tls: bool,
+    /// CA certificate (PEM) that signed the servers' certificates; a
+    /// development server prints its path (DATA/state/tls/ca.pem).
+    #[arg(long, value_name = "FILE", env = "DLM_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server started with --client-ca.
+    #[arg(long, value_name = "FILE", env = "DLM_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", env = "DLM_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+/// The values of `--transport`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    /// gRPC, plain text unless --tls.
+    Grpc,
+    /// QUIC (always TLS).
+    Quic,
+}
+
+impl ConnectArgs {
+    /// The transport the flags ask for, with its TLS settings read.
+    fn transport(&self) -> Result<Transport, Failure> {
+        let tls = || -> Result<Tls, Failure> {
+            let Some(ca) = &self.ca else {
+                return Err(Failure::local(
+                    "TLS needs --ca FILE: the CA certificate that signed the server's \
+                     (a development server prints its path)",
+                ));
+            };
+            let tls = Tls::from_ca_file(ca).map_err(|e| Failure::client(&e, ""))?;
+            match (&self.cert, &self.key) {
+                (Some(cert), Some(key)) => tls
+                    .identity_files(cert, key)
+                    .map_err(|e| Failure::client(&e, "")),
+                _ => Ok(tls),
+            }
+        };
+        Ok(match (self.transport, self.tls) {
+            (TransportArg::Grpc, false) => Transport::Grpc,
+            (TransportArg::Grpc, true) => Transport::GrpcTls(tls()?),
+            (TransportArg::Quic, _) => Transport::Quic(tls()?),
+        })
+    }
+
+    /// The flags as environment variables, for a child process that runs
+    /// `dlm` commands against the same servers (`dlm hold`).
+    fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut env = vec![
+            ("DLM_SERVER", self.servers.join(",").into()),
+            ("DLM_CLIENT_ID", self.client_id.to_string().into()),
+            (
+                "DLM_TRANSPORT",
+                match self.transport {
+                    TransportArg::Grpc => "grpc",
+                    TransportArg::Quic => "quic",
+                }
+                .into(),
+            ),
+        ];
+        if self.tls {
+            env.push(("DLM_TLS", "true".into()));
+        }
+        for (name, path) in [
+            ("DLM_CA", &self.ca),
+            ("DLM_CERT", &self.cert),
+            ("DLM_KEY", &self.key),
+        ] {
+            if let Some(path) = path {
+                env.push((name, path.clone().into_os_string()));
+            }
+        }
+        env
+    }
 }
 
 /// Which lock.
@@ -303,6 +392,7 @@ impl Failure {
             Error::SessionClosed => ("the client's session was closed".to_owned(), EXIT_LOST),
             Error::BadRequest(m) => (format!("bad request: {m}"), EXIT_FAILED),
             Error::Unavailable(m) => (format!("no server answered: {m}"), EXIT_UNAVAILABLE),
+            Error::Tls(m) => (format!("TLS handshake failed: {m}"), EXIT_FAILED),
             Error::Server(m) => (format!("server error: {m}"), EXIT_FAILED),
         };
         Failure { message, code }
@@ -320,6 +410,7 @@ async fn connect(connect: &ConnectArgs, hello: bool) -> Result<Client, Failure> 
                 .filter(|s| !s.is_empty()),
         )
         .retry_budget(Duration::from_millis(connect.retry_budget_ms))
+        .transport(connect.transport()?)
         .build()
         .map_err(|e| Failure::client(&e, ""))?;
     if hello {
@@ -499,6 +590,8 @@ mod tests {
         command: TopCommand,
     }
 
+    // A stand-in for the binary's top level, built once per test.
+    #[allow(clippy::large_enum_variant)]
     #[derive(Subcommand, Debug)]
     enum TopCommand {
         Server,

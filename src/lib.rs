@@ -11,8 +11,12 @@
 //!   recovery that truncates a torn tail and refuses damage in the middle.
 //! - [`files`]: the 100 data files, written at exact offsets.
 //! - [`server`]: the shell — recovery, the core task, the writer thread.
-//! - [`transport`]: gRPC (tonic) today; each transport only converts formats.
-//! - [`client`]: the client library — retries, failover, lease renewal.
+//! - [`transport`]: gRPC (tonic, plain text or TLS) and QUIC (quinn; the
+//!   framing is in `proto/QUIC.md`), both serving the calls of
+//!   [`transport::calls`]; [`transport::tls`] makes the development CA. Each
+//!   transport only converts formats.
+//! - [`client`]: the client library — retries, failover, lease renewal, over
+//!   any transport.
 
 // Clock, randomness, thread and task calls are banned in `core` only (see
 // clippy.toml and the `deny` at the top of src/core/mod.rs); shells may use them.
@@ -26,7 +30,8 @@ pub mod server;
 pub mod storage;
 pub mod transport;
 
-/// Generated protobuf and gRPC types (package `lock`).
+/// Generated protobuf and gRPC types (package `lock`), including QUIC's
+/// `CallRequest`/`CallResponse` envelopes.
 pub mod proto {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("lock");

@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the lock server (gRPC).
+    /// Run the lock server: gRPC (plain text, or TLS with --tls) and, with
+    /// --listen-quic, QUIC.
     Server(ServerConfig),
     #[command(flatten)]
     Client(cli::ClientCommand),
@@ -53,10 +54,10 @@ async fn serve(config: ServerConfig) -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
+    let bound = match dlm::server::Bound::bind(&config).await {
+        Ok(bound) => bound,
         Err(e) => {
-            eprintln!("dlm: cannot listen on {}: {e}", config.listen);
+            eprintln!("dlm: {e}");
             return 1;
         }
     };
@@ -75,17 +76,17 @@ async fn serve(config: ServerConfig) -> i32 {
             return 1;
         }
     };
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    // Printed once recovery is done. Tests and scripts read this line to learn
-    // the port when --listen used port 0.
-    println!(
-        "dlm: serving gRPC on {addr}, data in {}",
-        config.data_dir.display()
-    );
-    match dlm::server::serve(listener, node, shutdown_signal()).await {
+    // Printed once recovery is done, all at once. Tests and scripts read the
+    // first line (`dlm: serving gRPC on ADDR, data in DIR`) to learn the port
+    // when --listen used port 0, and the lines after it for QUIC and the CA.
+    {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(bound.banner(&config.data_dir).as_bytes())
+            .and_then(|()| stdout.flush());
+    }
+    match dlm::server::serve_bound(bound, node, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");
             0

@@ -1,23 +1,22 @@
 //! Black-box tests: real `dlm server` processes on loopback, driven through
-//! the client library. Nothing here sleeps to wait for an event; tests wait on
-//! the event itself (a reply, or the server's status showing a waiter).
+//! the client library and the CLI. Every scenario runs over every transport
+//! (gRPC, gRPC over TLS, QUIC; see `over_every_wire!` at the bottom). Nothing
+//! here sleeps to wait for an event; tests wait on the event itself (a
+//! reply, or the server's status showing a waiter).
 
 // Only the core is barred from spawning tasks (clippy.toml); tests may.
 #![allow(clippy::disallowed_methods)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::ServerProcess;
+use common::{dlm_bin, ServerProcess, Wire};
 use dlm::client::{AcquireOptions, Client, Error};
 
 fn client(server: &ServerProcess, id: i32) -> Client {
-    Client::builder(id)
-        .endpoint(server.addr())
-        .backoff(Duration::from_millis(5), Duration::from_millis(100))
-        .build()
-        .expect("client")
+    server.client(id)
 }
 
 async fn read(client: &Client, file: &str) -> String {
@@ -40,9 +39,8 @@ async fn until_waiters(client: &Client, lock: &str, n: usize) {
     }
 }
 
-#[tokio::test]
-async fn acquire_two_appends_release_reads_aa() {
-    let server = ServerProcess::start(&[]);
+async fn acquire_two_appends_release_reads_aa(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     c1.init().await.unwrap();
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
@@ -58,9 +56,8 @@ async fn acquire_two_appends_release_reads_aa() {
     assert_eq!(server.file("file_0"), "AA");
 }
 
-#[tokio::test]
-async fn kill9_with_the_lock_free_keeps_contents() {
-    let mut server = ServerProcess::start(&[]);
+async fn kill9_with_the_lock_free_keeps_contents(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
     c1.append(&grant, "file_0", "AA").await.unwrap();
@@ -77,9 +74,8 @@ async fn kill9_with_the_lock_free_keeps_contents() {
     assert_eq!(read(&c1, "file_0").await, "AA1");
 }
 
-#[tokio::test]
-async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append() {
-    let mut server = ServerProcess::start(&[]);
+async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     let c2 = client(&server, 2);
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
@@ -111,9 +107,8 @@ async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append() {
     );
 }
 
-#[tokio::test]
-async fn six_clients_queued_on_one_lock_are_granted_in_order() {
-    let server = ServerProcess::start(&[]);
+async fn six_clients_queued_on_one_lock_are_granted_in_order(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let holder = client(&server, 100);
     let first = holder
         .acquire("q", AcquireOptions::default())
@@ -147,9 +142,8 @@ async fn six_clients_queued_on_one_lock_are_granted_in_order() {
     assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
 }
 
-#[tokio::test]
-async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter() {
-    let server = ServerProcess::start(&[]);
+async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     let c2 = client(&server, 2);
     let grant = c1
@@ -178,9 +172,8 @@ async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter() {
     );
 }
 
-#[tokio::test]
-async fn a_guard_keeps_its_lease_alive_and_releases() {
-    let server = ServerProcess::start(&[]);
+async fn a_guard_keeps_its_lease_alive_and_releases(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     let c2 = client(&server, 2);
     let guard = c1
@@ -202,9 +195,8 @@ async fn a_guard_keeps_its_lease_alive_and_releases() {
     assert!(grant.fence > fence);
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_clear_error_and_changes_nothing() {
-    let server = ServerProcess::start(&["--max-append-bytes", "1024"]);
+async fn bad_input_gets_a_clear_error_and_changes_nothing(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &["--max-append-bytes", "1024"]);
     let c1 = client(&server, 1);
     let c2 = client(&server, 2);
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
@@ -291,9 +283,8 @@ fn log_files(server: &ServerProcess) -> Vec<std::path::PathBuf> {
     logs
 }
 
-#[tokio::test]
-async fn a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset() {
-    let mut server = ServerProcess::start(&[]);
+async fn a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     for _ in 0..3 {
         let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
@@ -310,9 +301,8 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset()
     assert!(err.contains("offset 0"), "{err}");
 }
 
-#[tokio::test]
-async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost() {
-    let mut server = ServerProcess::start(&[]);
+async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
     let c1 = client(&server, 1);
     let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
     c1.append(&grant, "file_0", "A").await.unwrap();
@@ -334,3 +324,167 @@ async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost() {
     c1.release(&held).await.unwrap();
     assert_eq!(read(&c1, "file_0").await, "ABC");
 }
+
+/// Runs a `dlm` client command to completion; returns its stdout, failing
+/// the test with its stderr if it fails.
+async fn run(server: &ServerProcess, state: &std::path::Path, args: &[&str]) -> String {
+    let out = server.cli(state, args).output().await.expect("dlm runs");
+    assert!(
+        out.status.success(),
+        "dlm {args:?} over {:?}: {}\n{}",
+        server.wire(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// The fencing number in `acquired lock "NAME" fence N`.
+fn fence_of(line: &str) -> u64 {
+    line.trim()
+        .rsplit_once("fence ")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fence in {line:?}"))
+}
+
+/// The README's three-terminal walkthrough, command by command, with the
+/// transport flags of the wire (`--transport quic --ca PATH` for QUIC).
+async fn the_readme_walkthrough_works_from_the_cli(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &["--lease-ms", "30000"]);
+    let state = tempfile::tempdir().unwrap();
+    let state = state.path();
+    let acquired = run(&server, state, &["acquire", "--client-id", "1"]).await;
+    assert_eq!(acquired.trim(), r#"acquired lock "" fence 1"#);
+    run(
+        &server,
+        state,
+        &["append", "--client-id", "1", "file_0", "A"],
+    )
+    .await;
+    run(
+        &server,
+        state,
+        &["append", "--client-id", "1", "file_0", "A"],
+    )
+    .await;
+    assert_eq!(run(&server, state, &["cat", "file_0"]).await, "");
+
+    let waiter = server
+        .cli(state, &["acquire", "--client-id", "2"])
+        .spawn()
+        .unwrap();
+    until_waiters(&client(&server, 99), "", 1).await;
+    let status = run(&server, state, &["status"]).await;
+    let row: Vec<&str> = status
+        .lines()
+        .find(|l| l.starts_with(r#""""#))
+        .unwrap_or_else(|| panic!("no default lock in {status}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[1], row[2], row[5]), ("1", "1", "2"), "{status}");
+
+    let released = run(&server, state, &["release", "--client-id", "1"]).await;
+    assert_eq!(released.trim(), r#"released lock """#);
+    let waited = waiter.wait_with_output().await.unwrap();
+    assert!(waited.status.success(), "{waited:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&waited.stdout).trim(),
+        r#"acquired lock "" fence 2"#
+    );
+    assert_eq!(run(&server, state, &["cat", "file_0"]).await, "AA");
+    run(&server, state, &["release", "--client-id", "2"]).await;
+
+    let held = run(
+        &server,
+        state,
+        &[
+            "hold",
+            "--client-id",
+            "3",
+            "--lock",
+            "deploy",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "fence $DLM_FENCING_TOKEN""#,
+        ],
+    )
+    .await;
+    assert!(fence_of(&held) > 2, "fencing numbers only go up: {held}");
+    // `dlm hold` hands its transport flags to the command, so a `dlm append`
+    // inside it reaches the same server the same way.
+    run(
+        &server,
+        state,
+        &[
+            "hold",
+            "--client-id",
+            "3",
+            "--",
+            dlm_bin(),
+            "append",
+            "file_0",
+            "B",
+        ],
+    )
+    .await;
+    assert_eq!(run(&server, state, &["cat", "file_0"]).await, "AAB");
+}
+
+/// A client process is killed with SIGKILL while it holds one lock and waits
+/// for another: the server stays up, other clients carry on, and what the
+/// killed client held (or was granted after it died) is freed by its lease.
+async fn a_client_killed_in_the_middle_of_an_acquire_loses_its_locks_by_their_leases(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &["--lease-ms", "500"]);
+    let state = tempfile::tempdir().unwrap();
+    let c1 = client(&server, 1);
+    let c2 = client(&server, 2);
+    let held = run(
+        &server,
+        state.path(),
+        &["acquire", "--client-id", "9", "--lock", "a"],
+    )
+    .await;
+    let killed_fence = fence_of(&held);
+    let b = c1.acquire("b", AcquireOptions::default()).await.unwrap();
+    let mut killed = server
+        .cli(
+            state.path(),
+            &["acquire", "--client-id", "9", "--lock", "b"],
+        )
+        .spawn()
+        .unwrap();
+    until_waiters(&c1, "b", 1).await;
+    killed.kill().await.unwrap();
+
+    // Other clients are unaffected: c2 gets "a" once the killed client's
+    // lease runs out, and "b" after c1's release (and after whatever grant
+    // the killed waiter got meanwhile ran out).
+    let long = AcquireOptions::default().lease(Duration::from_secs(60));
+    let a = c2.acquire("a", long).await.unwrap();
+    assert!(a.fence > killed_fence, "{} <= {killed_fence}", a.fence);
+    c1.release(&b).await.unwrap();
+    let b2 = c2.acquire("b", long).await.unwrap();
+    assert!(b2.fence > b.fence);
+    let status = c1.status().await.unwrap();
+    for name in ["a", "b"] {
+        let lock = status.locks.iter().find(|l| l.name == name).unwrap();
+        assert_eq!(lock.holder, Some(2), "{name}: {status:?}");
+    }
+    c2.release(&a).await.unwrap();
+    c2.release(&b2).await.unwrap();
+}
+
+over_every_wire!(
+    acquire_two_appends_release_reads_aa,
+    kill9_with_the_lock_free_keeps_contents,
+    kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append,
+    six_clients_queued_on_one_lock_are_granted_in_order,
+    a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter,
+    a_guard_keeps_its_lease_alive_and_releases,
+    bad_input_gets_a_clear_error_and_changes_nothing,
+    a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset,
+    a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost,
+    the_readme_walkthrough_works_from_the_cli,
+    a_client_killed_in_the_middle_of_an_acquire_loses_its_locks_by_their_leases,
+);

@@ -2,11 +2,14 @@
 //! its own process against a real `dlm server` on loopback, with a temporary
 //! grant-file directory per test. Nothing here sleeps to wait for an event:
 //! tests wait for a child process to exit, or poll `dlm status` until the
-//! server shows what they wait for, and every such wait is bounded.
+//! server shows what they wait for, and every such wait is bounded. Every
+//! scenario with a server runs over every transport (`over_every_wire!` at
+//! the bottom), with that transport's flags on every command.
 
 // Only the core is barred from spawning threads (clippy.toml); tests may.
 #![allow(clippy::disallowed_methods)]
 
+#[macro_use]
 mod common;
 
 use std::io::Read;
@@ -15,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{dlm_bin, ServerProcess};
+use common::{dlm_bin, ServerProcess, Wire};
 
 /// Exit statuses of the client commands (see `dlm --help`).
 const EXIT_FAILED: i32 = 1;
@@ -31,6 +34,11 @@ const PROCESS_LIMIT: Duration = Duration::from_secs(60);
 /// environment cannot change what a test does.
 const CLI_ENV: &[&str] = &[
     "DLM_SERVER",
+    "DLM_TRANSPORT",
+    "DLM_TLS",
+    "DLM_CA",
+    "DLM_CERT",
+    "DLM_KEY",
     "DLM_CLIENT_ID",
     "DLM_RETRY_BUDGET_MS",
     "DLM_STATE_DIR",
@@ -162,21 +170,27 @@ impl Drop for Running {
     }
 }
 
-/// Runs `dlm` commands against one server address with one grant-file
-/// directory (given to every command as `DLM_STATE_DIR`).
+/// Runs `dlm` commands against one server with one grant-file directory
+/// (given to every command as `DLM_STATE_DIR`).
 struct Cli {
-    server: String,
+    /// `--server ADDR` and the transport flags.
+    flags: Vec<String>,
     state: tempfile::TempDir,
 }
 
 impl Cli {
+    /// Commands for `server` over its transport.
     fn new(server: &ServerProcess) -> Cli {
-        Cli::at(server.addr())
+        Cli {
+            flags: server.cli_flags(),
+            state: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
+    /// Commands for plain gRPC at `addr`.
     fn at(addr: &str) -> Cli {
         Cli {
-            server: addr.to_owned(),
+            flags: vec!["--server".to_owned(), addr.to_owned()],
             state: tempfile::tempdir().expect("temp dir"),
         }
     }
@@ -186,7 +200,8 @@ impl Cli {
         self.state.path()
     }
 
-    /// `dlm SUBCOMMAND --server ADDR ARGS…` with a clean environment.
+    /// `dlm SUBCOMMAND --server ADDR [TRANSPORT FLAGS] ARGS…` with a clean
+    /// environment.
     fn command(&self, subcommand: &str, args: &[&str]) -> Command {
         let mut command = Command::new(dlm_bin());
         for var in CLI_ENV {
@@ -195,8 +210,7 @@ impl Cli {
         command
             .env("DLM_STATE_DIR", self.state_dir())
             .arg(subcommand)
-            .arg("--server")
-            .arg(&self.server)
+            .args(&self.flags)
             .args(args);
         command
     }
@@ -283,9 +297,8 @@ fn closed_addr() -> String {
     addr
 }
 
-#[test]
-fn acquire_two_appends_and_release_as_separate_processes_read_aa() {
-    let server = ServerProcess::start(&[]);
+fn acquire_two_appends_and_release_as_separate_processes_read_aa(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     // This test names the grant directory with --state-dir instead of the
     // environment; the environment's directory must stay untouched.
@@ -329,9 +342,8 @@ fn acquire_two_appends_and_release_as_separate_processes_read_aa() {
     assert_eq!(server.file("file_0"), "AA");
 }
 
-#[test]
-fn kill9_with_the_lock_free_keeps_the_contents() {
-    let mut server = ServerProcess::start(&[]);
+fn kill9_with_the_lock_free_keeps_the_contents(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     let first = cli.run("acquire", &[]).ok().fence();
     cli.run("append", &["file_0", "A"]).ok();
@@ -358,9 +370,8 @@ fn kill9_with_the_lock_free_keeps_the_contents() {
     assert_eq!(server.file("file_0"), "AA1");
 }
 
-#[test]
-fn kill9_with_the_lock_held_keeps_the_grant_file_usable() {
-    let mut server = ServerProcess::start(&[]);
+fn kill9_with_the_lock_held_keeps_the_grant_file_usable(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     let fence = cli.run("acquire", &["--client-id", "1"]).ok().fence();
     cli.run("append", &["--client-id", "1", "file_3", "X"]).ok();
@@ -401,9 +412,8 @@ fn kill9_with_the_lock_held_keeps_the_grant_file_usable() {
     cli.run("release", &["--client-id", "2"]).ok();
 }
 
-#[test]
-fn a_stalled_holder_loses_its_appends_bbaa() {
-    let server = ServerProcess::start(&[]);
+fn a_stalled_holder_loses_its_appends_bbaa(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     // Client 1 takes the lock with a short lease, appends A, and then stalls
     // (nothing renews a grant file's lease).
@@ -445,9 +455,8 @@ fn a_stalled_holder_loses_its_appends_bbaa() {
     assert_eq!(server.file("file_0"), "BBAA");
 }
 
-#[test]
-fn hold_runs_a_command_under_a_lock_and_passes_its_exit_status() {
-    let server = ServerProcess::start(&[]);
+fn hold_runs_a_command_under_a_lock_and_passes_its_exit_status(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     let held = cli
         .run(
@@ -495,9 +504,8 @@ fn hold_runs_a_command_under_a_lock_and_passes_its_exit_status() {
         .ok();
 }
 
-#[test]
-fn hold_of_the_default_lock_lets_a_nested_append_use_its_token() {
-    let server = ServerProcess::start(&[]);
+fn hold_of_the_default_lock_lets_a_nested_append_use_its_token(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     // No grant file exists for client 5: the nested append can only succeed
     // through DLM_TOKEN (and DLM_SERVER, DLM_CLIENT_ID) from `dlm hold`.
@@ -550,9 +558,8 @@ fn an_unreachable_server_exits_5_with_one_line() {
     );
 }
 
-#[test]
-fn bad_requests_fail_with_one_line_and_change_nothing() {
-    let server = ServerProcess::start(&[]);
+fn bad_requests_fail_with_one_line_and_change_nothing(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
 
     // A release without a grant file (nothing acquired yet).
@@ -618,9 +625,8 @@ fn usage_errors_exit_2() {
         .expect_code(EXIT_USAGE);
 }
 
-#[test]
-fn status_lists_the_holder_and_a_queued_waiter() {
-    let server = ServerProcess::start(&[]);
+fn status_lists_the_holder_and_a_queued_waiter(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     assert_eq!(cli.lock_row("s"), None);
     let fence = cli
@@ -647,3 +653,15 @@ fn status_lists_the_holder_and_a_queued_waiter() {
     cli.run("release", &["--client-id", "2", "--lock", "s"])
         .ok();
 }
+
+over_every_wire!(
+    sync:
+    acquire_two_appends_and_release_as_separate_processes_read_aa,
+    kill9_with_the_lock_free_keeps_the_contents,
+    kill9_with_the_lock_held_keeps_the_grant_file_usable,
+    a_stalled_holder_loses_its_appends_bbaa,
+    hold_runs_a_command_under_a_lock_and_passes_its_exit_status,
+    hold_of_the_default_lock_lets_a_nested_append_use_its_token,
+    bad_requests_fail_with_one_line_and_change_nothing,
+    status_lists_the_holder_and_a_queued_waiter,
+);

@@ -3,18 +3,18 @@
 //! At the end every acknowledged release's appends are in the files exactly
 //! once, nothing from a grant that was not released is, an unacknowledged
 //! release is all-or-nothing, and the fencing numbers the clients saw
-//! strictly increase across the whole run.
+//! strictly increase across the whole run. It runs over every transport.
 
 // Only the core is barred from spawning tasks (clippy.toml); tests may.
 #![allow(clippy::disallowed_methods)]
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use common::ServerProcess;
+use common::{ServerProcess, Wire};
 use dlm::client::{AcquireOptions, Client, Error};
 
 const CLIENTS: i32 = 4;
@@ -43,12 +43,8 @@ struct Shared {
     grants: Mutex<Vec<GrantRecord>>,
 }
 
-async fn run_client(server: String, id: i32, shared: Arc<Shared>) {
-    let client = Client::builder(id)
-        .endpoint(server)
-        .backoff(Duration::from_millis(5), Duration::from_millis(100))
-        .build()
-        .unwrap();
+async fn run_client(client: Client, shared: Arc<Shared>) {
+    let id = client.client_id();
     let mut n = 0;
     while !shared.stop.load(Ordering::SeqCst) {
         n += 1;
@@ -93,16 +89,15 @@ async fn run_client(server: String, id: i32, shared: Arc<Shared>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
-    let mut server = ServerProcess::start(&["--lease-ms", "5000"]);
+async fn crash_loop_keeps_every_acknowledged_release_exactly_once(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &["--lease-ms", "5000"]);
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         fences: Mutex::new(Vec::new()),
         grants: Mutex::new(Vec::new()),
     });
     let clients: Vec<_> = (1..=CLIENTS)
-        .map(|id| tokio::spawn(run_client(server.addr().to_owned(), id, shared.clone())))
+        .map(|id| tokio::spawn(run_client(server.client(id), shared.clone())))
         .collect();
 
     // Fault injection: kill at pseudo-random moments (a fixed LCG, so the
@@ -113,12 +108,12 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let delay = 10 + (lcg >> 33) % 90;
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         tokio::task::block_in_place(|| server.restart());
     }
     shared.stop.store(true, Ordering::SeqCst);
     for client in clients {
-        tokio::time::timeout(Duration::from_secs(120), client)
+        tokio::time::timeout(std::time::Duration::from_secs(120), client)
             .await
             .expect("clients finish after the kills stop")
             .expect("client task");
@@ -182,7 +177,12 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once() {
         "too little progress to mean anything: {committed} commits"
     );
     eprintln!(
-        "crash loop: {KILLS} kills, {} grants, {committed} committed",
+        "crash loop over {wire:?}: {KILLS} kills, {} grants, {committed} committed",
         grants.len()
     );
 }
+
+over_every_wire!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    crash_loop_keeps_every_acknowledged_release_exactly_once
+);

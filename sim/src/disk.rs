@@ -59,7 +59,8 @@ impl SimDisk {
                 continue;
             }
             loss.files_hit += 1;
-            let appended = file.current.len() > file.durable.len() && file.current.starts_with(&file.durable);
+            let appended =
+                file.current.len() > file.durable.len() && file.current.starts_with(&file.durable);
             if appended && rng.chance(torn) {
                 let extra = file.current.len() - file.durable.len();
                 let keep = rng.between(0, extra as u64 - 1) as usize;
@@ -157,7 +158,9 @@ struct SimHandle {
 impl SimHandle {
     fn with<T>(&self, f: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
         let mut files = self.disk.lock();
-        let file = files.get_mut(&self.key).ok_or_else(|| not_found(&self.key.1))?;
+        let file = files
+            .get_mut(&self.key)
+            .ok_or_else(|| not_found(&self.key.1))?;
         Ok(f(file))
     }
 }

@@ -132,8 +132,16 @@ impl History {
     /// A queue event of the server's core.
     pub fn on_trace(&mut self, now: u64, trace: &Trace) {
         match trace {
-            Trace::Enqueued { lock, waiter, .. } => self.queues.entry(lock.clone()).or_default().push_back(*waiter),
-            Trace::Dequeued { lock, waiter, granted } => {
+            Trace::Enqueued { lock, waiter, .. } => self
+                .queues
+                .entry(lock.clone())
+                .or_default()
+                .push_back(*waiter),
+            Trace::Dequeued {
+                lock,
+                waiter,
+                granted,
+            } => {
                 let queue = self.queues.entry(lock.clone()).or_default();
                 if granted.is_some() && queue.front() != Some(waiter) {
                     self.violations.push(format!(
@@ -158,23 +166,31 @@ impl History {
     /// The server recovered at `now` with these grants still held.
     pub fn on_recover(&mut self, now: u64, grants: &[GrantSnapshot]) {
         for grant in grants {
-            self.current.insert(grant.lock.clone(), (grant.token.clone(), grant.fence.0));
-            self.fences.insert(grant.token.clone(), (grant.lock.clone(), grant.fence.0));
-            self.intervals.entry(grant.token.clone()).or_default().push(Interval {
-                start: now,
-                end: None,
-            });
+            self.current
+                .insert(grant.lock.clone(), (grant.token.clone(), grant.fence.0));
+            self.fences
+                .insert(grant.token.clone(), (grant.lock.clone(), grant.fence.0));
+            self.intervals
+                .entry(grant.token.clone())
+                .or_default()
+                .push(Interval {
+                    start: now,
+                    end: None,
+                });
         }
     }
 
     /// A client was told it holds `token`.
     pub fn grant_acked(&mut self, client: i32, lock: &str, token: &str, fence: u64) {
-        let rec = self.grants.entry(token.to_owned()).or_insert_with(|| GrantRec {
-            lock: lock.to_owned(),
-            client,
-            fence,
-            releases: Vec::new(),
-        });
+        let rec = self
+            .grants
+            .entry(token.to_owned())
+            .or_insert_with(|| GrantRec {
+                lock: lock.to_owned(),
+                client,
+                fence,
+                releases: Vec::new(),
+            });
         if rec.fence != fence || rec.lock != lock {
             self.violations.push(format!(
                 "token {} acknowledged with fence {fence} on {lock:?}, earlier with fence {} on {:?}",
@@ -210,10 +226,17 @@ impl History {
             };
             if let Some((lock, fence)) = self.fences.get(token) {
                 if *fence != rec.fence || *lock != rec.lock {
-                    out.push(format!("token {} told fence {} but granted fence {fence}", short(token), rec.fence));
+                    out.push(format!(
+                        "token {} told fence {} but granted fence {fence}",
+                        short(token),
+                        rec.fence
+                    ));
                 }
             }
-            per_lock.entry(&rec.lock).or_default().push((first.start, rec.fence, token));
+            per_lock
+                .entry(&rec.lock)
+                .or_default()
+                .push((first.start, rec.fence, token));
         }
         for (lock, mut grants) in per_lock {
             grants.sort();
@@ -250,7 +273,11 @@ impl History {
     fn check_files(&self, files: &[Vec<u8>], out: &mut Vec<String>) {
         // Every byte of every file must belong to a marker `<…>`.
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-        let markers: BTreeMap<&str, &AppendRec> = self.appends.iter().map(|a| (a.marker.as_str(), a)).collect();
+        let markers: BTreeMap<&str, &AppendRec> = self
+            .appends
+            .iter()
+            .map(|a| (a.marker.as_str(), a))
+            .collect();
         for (file, content) in files.iter().enumerate() {
             let Ok(text) = std::str::from_utf8(content) else {
                 out.push(format!("file_{file} is not text"));
@@ -260,17 +287,25 @@ impl History {
             let mut rest = text;
             while !rest.is_empty() {
                 let Some(end) = rest.find('>').filter(|_| rest.starts_with('<')) else {
-                    out.push(format!("file_{file} has bytes no append wrote: {:?}", &rest[..rest.len().min(40)]));
+                    out.push(format!(
+                        "file_{file} has bytes no append wrote: {:?}",
+                        &rest[..rest.len().min(40)]
+                    ));
                     break;
                 };
                 let marker = &rest[..=end];
                 rest = &rest[end + 1..];
                 let Some(append) = markers.get(marker) else {
-                    out.push(format!("file_{file} has {marker}, which no client appended"));
+                    out.push(format!(
+                        "file_{file} has {marker}, which no client appended"
+                    ));
                     continue;
                 };
                 if append.file != file {
-                    out.push(format!("{marker} appended to file_{} but found in file_{file}", append.file));
+                    out.push(format!(
+                        "{marker} appended to file_{} but found in file_{file}",
+                        append.file
+                    ));
                 }
                 *seen.entry(marker).or_insert(0) += 1;
                 let fence = self.grants.get(&append.token).map_or(0, |g| g.fence);
@@ -292,10 +327,18 @@ impl History {
         }
         let count = |a: &AppendRec| seen.get(a.marker.as_str()).copied().unwrap_or(0);
         for (token, appends) in by_grant {
-            let releases = self.grants.get(token).map(|g| g.releases.as_slice()).unwrap_or(&[]);
+            let releases = self
+                .grants
+                .get(token)
+                .map(|g| g.releases.as_slice())
+                .unwrap_or(&[]);
             let committed = releases.contains(&Outcome::Ok);
             let unknown = releases.contains(&Outcome::Unknown);
-            let acked: Vec<usize> = appends.iter().filter(|a| a.outcome == Outcome::Ok).map(|a| count(a)).collect();
+            let acked: Vec<usize> = appends
+                .iter()
+                .filter(|a| a.outcome == Outcome::Ok)
+                .map(|a| count(a))
+                .collect();
             let any_present = appends.iter().any(|a| count(a) > 0);
             if committed {
                 if acked.iter().any(|c| *c != 1) {

@@ -21,7 +21,10 @@ fn assert_clean(seed: u64) {
 
 #[test]
 fn a_fixed_range_of_seeds_is_clean() {
-    let seeds: u64 = std::env::var("DLM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_500);
+    let seeds: u64 = std::env::var("DLM_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_500);
     for seed in 10_000..10_000 + seeds {
         assert_clean(seed);
     }
@@ -44,13 +47,20 @@ fn the_same_seed_twice_gives_the_same_trace() {
         assert!(a.trace.len() > 100, "a trace worth comparing");
         assert_eq!(a.faults, b.faults);
     }
-    assert_ne!(tier1::run_seed(1, None, false).hash, tier1::run_seed(2, None, false).hash);
+    assert_ne!(
+        tier1::run_seed(1, None, false).hash,
+        tier1::run_seed(2, None, false).hash
+    );
 }
 
 #[test]
 fn every_planted_bug_is_caught_within_a_few_hundred_seeds() {
     for (name, plant) in Plant::ALL {
-        let caught = (0..300).find(|&seed| !tier1::run_seed(seed, Some(plant), false).violations.is_empty());
+        let caught = (0..300).find(|&seed| {
+            !tier1::run_seed(seed, Some(plant), false)
+                .violations
+                .is_empty()
+        });
         assert!(caught.is_some(), "plant {name} was not caught in 300 seeds");
     }
 }

@@ -32,8 +32,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
         .env("DLM_LOCK", &lock)
         .env("DLM_TOKEN", guard.token())
         .env("DLM_FENCING_TOKEN", guard.fence().to_string())
-        .env("DLM_CLIENT_ID", client.client_id().to_string())
-        .env("DLM_SERVER", args.connect.servers.join(","))
+        .envs(args.connect.env())
         .spawn();
     let mut child = match spawned {
         Ok(child) => child,

@@ -2,7 +2,7 @@
 //!
 //! A wait is split into attempts of bounded length. Each attempt tells the
 //! server how much of the caller's wait is left; when an attempt is cut off
-//! (our deadline, the server's gRPC deadline, a dropped connection) the next
+//! (our deadline, the server's deadline, a dropped connection) the next
 //! one carries the **same request id**, which re-attaches it to its place in
 //! the server's queue, or collects the grant made meanwhile. This file owns
 //! that plan and loop; it does not renew leases (see [`super::guard`]).
@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::call::{attempt, new_request_id, request, Outcome, Retrier, Servers, Timing};
+use super::call::{attempt, Outcome, Retrier, Servers, Timing};
+use super::conn::Call;
 use super::error::{AttemptError, Error};
 use super::{millis_ceil, AcquireOptions, Grant};
 use crate::proto;
@@ -81,7 +82,7 @@ pub(crate) async fn acquire(
     lock: &str,
     opts: AcquireOptions,
 ) -> Result<Acquired, Error> {
-    let request_id = new_request_id();
+    let request_id = timing.entropy.request_id();
     let started = Instant::now();
     let wait_until = opts.wait.map(|wait| started + wait);
     let budget = opts.wait.map(|wait| wait.max(timing.retry_budget));
@@ -89,7 +90,7 @@ pub(crate) async fn acquire(
     loop {
         let remaining = wait_until.map(|until| until.saturating_duration_since(Instant::now()));
         let plan = plan_attempt(timing, remaining);
-        let (index, rpc, timeout) = retrier.next_attempt(plan.timeout);
+        let (index, conn, timeout) = retrier.next_attempt(plan.timeout);
         let args = proto::LockArgs {
             client_id,
             token: String::new(),
@@ -99,10 +100,7 @@ pub(crate) async fn acquire(
             lease_ms: opts.lease.map(millis_ceil),
         };
         let sent = Instant::now();
-        let result = attempt(rpc, timeout, |mut rpc, timeout| async move {
-            rpc.lock_acquire(request(args, timeout)).await
-        })
-        .await;
+        let result = attempt::<proto::LockResponse>(conn, timeout, Call::LockAcquire(args)).await;
         let outcome = match result {
             Ok(reply) => Outcome::Done(Ok(Acquired {
                 grant: Grant {
@@ -148,6 +146,7 @@ mod tests {
                 base: Duration::from_millis(20),
                 max: Duration::from_secs(1),
             },
+            entropy: crate::client::call::Entropy::default(),
         }
     }
 

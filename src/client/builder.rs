@@ -1,14 +1,16 @@
 //! [`ClientBuilder`]: the knobs of a [`Client`] and their defaults.
 //!
-//! Only configuration: building validates the addresses and makes lazily
-//! connected channels; nothing is dialled and nothing is retried here.
+//! Only configuration: building validates the addresses and the TLS
+//! material and makes lazily connected channels; nothing is dialled and
+//! nothing is retried here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::call::{Servers, Timing};
+use super::call::{Entropy, Servers, Timing};
+use super::conn::Wire;
 use super::retry::BackoffPolicy;
-use super::{Client, Error, Inner};
+use super::{Client, Error, Inner, Transport};
 
 /// Deadline of one attempt of a call that does not wait.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,13 +30,21 @@ pub struct ClientBuilder {
     client_id: i32,
     /// Server addresses in failover order.
     endpoints: Vec<String>,
+    /// What the servers are spoken to with.
+    transport: Transport,
+    /// The caller's QUIC endpoint, if it brought one (e.g. one over a
+    /// simulated socket); else each server gets one bound on first use.
+    quic_endpoint: Option<quinn::Endpoint>,
+    /// A ready-made gRPC channel used instead of `endpoints`, if given.
+    channel: Option<tonic::transport::Channel>,
     /// Deadlines, budget and backoff.
     timing: Timing,
 }
 
 impl ClientBuilder {
-    /// Adds a server address: `host:port` (plain-text gRPC), or a full
-    /// `http://` URI. This build has no TLS.
+    /// Adds a server address: `host:port` (for gRPC also a full `http://`
+    /// or `https://` URI). With [`Transport::Quic`] it is the server's QUIC
+    /// address (`--listen-quic`).
     #[must_use]
     pub fn endpoint(mut self, addr: impl Into<String>) -> Self {
         self.endpoints.push(addr.into());
@@ -52,8 +62,26 @@ impl ClientBuilder {
         self
     }
 
+    /// Speaks `transport` to every server (default: plain-text gRPC).
+    /// Retries, request ids and failover work the same over each.
+    #[must_use]
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Makes QUIC connections over `endpoint` instead of binding a UDP
+    /// socket per server; for an endpoint over a custom
+    /// [`quinn::AsyncUdpSocket`] and [`quinn::Runtime`]. Only used with
+    /// [`Transport::Quic`].
+    #[must_use]
+    pub fn quic_endpoint(mut self, endpoint: quinn::Endpoint) -> Self {
+        self.quic_endpoint = Some(endpoint);
+        self
+    }
+
     /// Deadline of one attempt of a call that does not wait, and of
-    /// connecting (default 5 s). It is sent to the server as the gRPC
+    /// connecting (default 5 s). It is sent to the server as the call's
     /// deadline as well.
     #[must_use]
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
@@ -88,6 +116,24 @@ impl ClientBuilder {
         self
     }
 
+    /// Speaks gRPC over `channel` instead of dialling endpoints: one server,
+    /// reached however the channel connects (a custom connector, a simulated
+    /// network). Endpoints and transport settings are then ignored.
+    #[must_use]
+    pub fn channel(mut self, channel: tonic::transport::Channel) -> Self {
+        self.channel = Some(channel);
+        self
+    }
+
+    /// Draws request ids and backoff jitter from `seed` instead of the
+    /// operating system, so that a simulation replays exactly. Request ids
+    /// are then only as unique as the seeds: give each client its own.
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.timing.entropy = Entropy::seeded(seed);
+        self
+    }
+
     /// Makes the client. Connections are made on first use, so this
     /// succeeds while the servers are still down.
     ///
@@ -95,9 +141,16 @@ impl ClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::BadRequest`] when no address was given or one is malformed.
+    /// [`Error::BadRequest`] when no address was given or one is malformed,
+    /// or the TLS certificates or keys cannot be used.
     pub fn build(self) -> Result<Client, Error> {
-        let servers = Servers::new(&self.endpoints, self.timing.attempt_timeout)?;
+        let servers = match self.channel {
+            Some(channel) => Servers::from_channel(channel),
+            None => {
+                let wire = Wire::new(&self.transport, self.quic_endpoint)?;
+                Servers::new(&self.endpoints, &wire, self.timing.attempt_timeout)?
+            }
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 client_id: self.client_id,
@@ -114,6 +167,9 @@ impl ClientBuilder {
         ClientBuilder {
             client_id,
             endpoints: Vec::new(),
+            transport: Transport::default(),
+            quic_endpoint: None,
+            channel: None,
             timing: Timing {
                 attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
                 wait_attempt_timeout: DEFAULT_WAIT_ATTEMPT_TIMEOUT,
@@ -122,6 +178,7 @@ impl ClientBuilder {
                     base: DEFAULT_BACKOFF_BASE,
                     max: DEFAULT_BACKOFF_MAX,
                 },
+                entropy: Entropy::default(),
             },
         }
     }

@@ -2,25 +2,26 @@
 //! deadline, classify the outcome, back off, fail over, try again.
 //!
 //! Owns the list of servers and which one is current. It knows nothing about
-//! locks: the operations in [`super`] hand it a closure that makes one gRPC
-//! attempt, and it hands back the first reply whose dlm status is `OK`, or a
-//! typed [`Error`]. Every attempt of one call carries the same request id
-//! (built into the request by the caller), so the server applies it once.
+//! locks, nor about the wire: the operations in [`super`] hand it a [`Call`]
+//! (one request message), [`Conn`] carries it over whichever transport the
+//! client uses, and this file hands back the first reply whose dlm status is
+//! `OK`, or a typed [`Error`]. Every attempt of one call carries the same
+//! request id (built into the request by the caller), so the server applies
+//! it once.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-use tonic::transport::Channel;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-use super::error::{classify, AttemptError, Error};
+use tokio::time::Instant;
+
+use super::conn::{Answer, Call, Conn, Wire};
+use super::error::{AttemptError, Error};
 use super::retry::{Backoff, BackoffPolicy};
 use crate::proto;
-use crate::proto::lock_service_client::LockServiceClient;
-
-/// The generated gRPC client, over a lazily connected channel.
-pub(crate) type Rpc = LockServiceClient<Channel>;
 
 /// Shortest deadline given to an attempt, so that an attempt made just
 /// before the budget runs out still has a chance to get through.
@@ -37,6 +38,8 @@ pub(crate) struct Timing {
     pub retry_budget: Duration,
     /// Delays between retries.
     pub backoff: BackoffPolicy,
+    /// Where request ids and backoff jitter come from.
+    pub entropy: Entropy,
 }
 
 /// One server the client may talk to.
@@ -44,9 +47,8 @@ pub(crate) struct Timing {
 struct Server {
     /// The address as given, for messages.
     addr: String,
-    /// Client over a channel that connects on first use and reconnects after
-    /// a failure.
-    rpc: Rpc,
+    /// The way to it: connects on first use and reconnects after a failure.
+    conn: Conn,
 }
 
 /// The servers of a client and which one is in use.
@@ -59,33 +61,20 @@ pub(crate) struct Servers {
 }
 
 impl Servers {
-    /// Lazily connected channels to `addrs` (`host:port`, or a full
-    /// `http://` URI). Nothing is dialled yet.
+    /// Connections to `addrs` over `wire` that connect on first use.
+    /// Nothing is dialled yet.
     ///
     /// Must run inside a Tokio runtime (the channels spawn their workers).
-    pub fn new(addrs: &[String], connect_timeout: Duration) -> Result<Servers, Error> {
+    pub fn new(addrs: &[String], wire: &Wire, connect_timeout: Duration) -> Result<Servers, Error> {
         if addrs.is_empty() {
             return Err(Error::BadRequest("no server address given".into()));
         }
         let list = addrs
             .iter()
             .map(|addr| {
-                let uri = if addr.contains("://") {
-                    addr.clone()
-                } else {
-                    format!("http://{addr}")
-                };
-                let endpoint = tonic::transport::Endpoint::from_shared(uri)
-                    .map_err(|e| Error::BadRequest(format!("bad server address {addr:?}: {e}")))?
-                    .connect_timeout(connect_timeout)
-                    .tcp_nodelay(true);
-                // A file read returns the whole file, which may be large; the
-                // server is trusted, so its replies are not size-capped.
-                let rpc = LockServiceClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(usize::MAX);
                 Ok(Server {
                     addr: addr.clone(),
-                    rpc,
+                    conn: Conn::new(addr, wire, connect_timeout)?,
                 })
             })
             .collect::<Result<_, Error>>()?;
@@ -95,11 +84,24 @@ impl Servers {
         })
     }
 
-    /// The server to try now: its index, address and a client for it.
-    fn pick(&self) -> (usize, &str, Rpc) {
+    /// One server reached through a ready-made gRPC `channel` (a simulated
+    /// network, a custom connector): it reconnects as the channel does.
+    pub fn from_channel(channel: tonic::transport::Channel) -> Servers {
+        let rpc = crate::proto::lock_service_client::LockServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX);
+        Servers {
+            list: vec![Server {
+                addr: "the given channel".to_owned(),
+                conn: Conn::Grpc { rpc, probe: None },
+            }],
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    /// The server to try now: its index and the way to it.
+    fn pick(&self) -> (usize, &Conn) {
         let index = self.current.load(Ordering::Relaxed) % self.list.len();
-        let server = &self.list[index];
-        (index, &server.addr, server.rpc.clone())
+        (index, &self.list[index].conn)
     }
 
     /// Fails over from server `index` to the next one, unless another call
@@ -112,16 +114,18 @@ impl Servers {
     }
 }
 
-/// A reply that carries a dlm status.
-pub(crate) trait Reply {
+/// A reply that carries a dlm status: the response message of one method.
+pub(crate) trait Reply: Sized {
     /// The raw `status` field.
     fn status(&self) -> i32;
     /// The `error_message` field.
     fn error_message(&self) -> &str;
+    /// The reply inside `answer`, if it has this type.
+    fn from_answer(answer: Answer) -> Option<Self>;
 }
 
 macro_rules! impl_reply {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $($variant:ident)|+;)*) => {$(
         impl Reply for $t {
             fn status(&self) -> i32 {
                 self.status
@@ -129,50 +133,90 @@ macro_rules! impl_reply {
             fn error_message(&self) -> &str {
                 &self.error_message
             }
+            fn from_answer(answer: Answer) -> Option<Self> {
+                match answer {
+                    $(Answer::$variant(reply))|+ => Some(reply),
+                    _ => None,
+                }
+            }
         }
     )*};
 }
 
 impl_reply!(
-    proto::Response,
-    proto::LockResponse,
-    proto::LeaseResponse,
-    proto::FileReadResponse,
-    proto::StatusResponse
+    proto::Response => ClientInit | FileAppend | ClientClose;
+    proto::LockResponse => LockAcquire | LockRelease;
+    proto::LeaseResponse => RenewLease;
+    proto::FileReadResponse => FileRead;
+    proto::StatusResponse => LockStatus;
 );
-
-/// Wraps `message` in a request whose gRPC deadline is `timeout`, so the
-/// server also gives up (and, for an acquire, keeps the waiter's place).
-pub(crate) fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
-    request
-}
 
 /// A fresh request id: one per operation, kept across its retries.
 pub(crate) fn new_request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// One attempt: `send` under both a gRPC deadline and a local one.
-pub(crate) async fn attempt<R, F, Fut>(
-    rpc: Rpc,
+/// The client's randomness: request ids and backoff jitter. From the
+/// operating system by default; from a seed for a deterministic simulation.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Entropy {
+    /// The seeded source shared by every call, if the client was given a seed.
+    seeded: Option<Arc<Mutex<ChaCha8Rng>>>,
+}
+
+impl Entropy {
+    /// Randomness drawn from `seed` only.
+    pub fn seeded(seed: u64) -> Entropy {
+        Entropy {
+            seeded: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))),
+        }
+    }
+
+    /// A fresh request id (a UUID v4, random or drawn from the seed).
+    pub fn request_id(&self) -> String {
+        match &self.seeded {
+            None => new_request_id(),
+            Some(rng) => {
+                let mut bytes = [0u8; 16];
+                rng.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .fill_bytes(&mut bytes);
+                uuid::Builder::from_random_bytes(bytes)
+                    .into_uuid()
+                    .to_string()
+            }
+        }
+    }
+
+    /// The backoff of one operation.
+    pub fn backoff(&self, policy: BackoffPolicy) -> Backoff {
+        match &self.seeded {
+            None => Backoff::new(policy),
+            Some(rng) => Backoff::seeded(
+                policy,
+                rng.lock().unwrap_or_else(|e| e.into_inner()).next_u64(),
+            ),
+        }
+    }
+}
+
+/// One attempt: `call` over `conn` under a deadline of `timeout`, which the
+/// server is told as well.
+pub(crate) async fn attempt<R: Reply>(
+    conn: &Conn,
     timeout: Duration,
-    send: F,
-) -> Result<R, AttemptError>
-where
-    R: Reply,
-    F: FnOnce(Rpc, Duration) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-{
-    match tokio::time::timeout(timeout, send(rpc, timeout)).await {
+    call: Call,
+) -> Result<R, AttemptError> {
+    match tokio::time::timeout(timeout, conn.send(call, timeout)).await {
         Err(_elapsed) => Err(AttemptError::TimedOut(format!(
             "no answer within {} ms",
             timeout.as_millis()
         ))),
-        Ok(Err(status)) => Err(classify(&status)),
-        Ok(Ok(response)) => {
-            let reply = response.into_inner();
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(answer)) => {
+            let reply = R::from_answer(answer).ok_or_else(|| {
+                AttemptError::Refused(Error::Server("the answer of another call".into()))
+            })?;
             match Error::from_reply(reply.status(), reply.error_message()) {
                 None => Ok(reply),
                 Some(refusal) => Err(AttemptError::Refused(refusal)),
@@ -226,7 +270,7 @@ impl<'a> Retrier<'a> {
         let started = Instant::now();
         Retrier {
             servers,
-            backoff: Backoff::new(timing.backoff),
+            backoff: timing.entropy.backoff(timing.backoff),
             op,
             request_id,
             started,
@@ -238,16 +282,16 @@ impl<'a> Retrier<'a> {
 
     /// The server for the next attempt and the deadline to give it: at most
     /// `timeout`, and no later than the give-up time.
-    pub fn next_attempt(&mut self, timeout: Duration) -> (usize, Rpc, Duration) {
+    pub fn next_attempt(&mut self, timeout: Duration) -> (usize, &'a Conn, Duration) {
         self.attempts += 1;
-        let (index, _, rpc) = self.servers.pick();
+        let (index, conn) = self.servers.pick();
         let timeout = match self.give_up {
             Some(give_up) => timeout
                 .min(give_up.saturating_duration_since(Instant::now()))
                 .max(MIN_ATTEMPT),
             None => timeout,
         };
-        (index, rpc, timeout)
+        (index, conn, timeout)
     }
 
     /// Takes the outcome of the attempt that went to server `index`: returns
@@ -295,29 +339,24 @@ impl<'a> Retrier<'a> {
     }
 }
 
-/// Runs one operation that does not wait server-side: attempts `send` until
+/// Runs one operation that does not wait server-side: attempts `call` until
 /// the server answers, within the retry budget.
 ///
 /// # Errors
 ///
 /// The server's refusal as its [`Error`] variant, at once; or
 /// [`Error::Unavailable`] when the budget runs out.
-pub(crate) async fn call<R, F, Fut>(
+pub(crate) async fn call<R: Reply>(
     servers: &Servers,
     timing: &Timing,
     op: &'static str,
     request_id: &str,
-    mut send: F,
-) -> Result<R, Error>
-where
-    R: Reply,
-    F: FnMut(Rpc, Duration) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-{
+    call: Call,
+) -> Result<R, Error> {
     let mut retrier = Retrier::new(servers, timing, op, request_id, Some(timing.retry_budget));
     loop {
-        let (index, rpc, timeout) = retrier.next_attempt(timing.attempt_timeout);
-        let outcome = match attempt(rpc, timeout, &mut send).await {
+        let (index, conn, timeout) = retrier.next_attempt(timing.attempt_timeout);
+        let outcome = match attempt(conn, timeout, call.clone()).await {
             Ok(reply) => Outcome::Done(Ok(reply)),
             Err(AttemptError::Refused(error)) => Outcome::Done(Err(error)),
             Err(AttemptError::TimedOut(reason) | AttemptError::Transport(reason)) => {

@@ -51,6 +51,12 @@ pub enum Error {
     /// (a repeat is a new operation with a new request id).
     #[error("no server answered: {0}")]
     Unavailable(String),
+    /// The TLS handshake failed: the server's certificate is not signed by
+    /// the CA the client was given (or is for another name), or the server
+    /// requires a client certificate and refused this client's (or its
+    /// absence). Fix the certificates; retrying will not help.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// The server failed or answered something this client does not know
     /// (an `ERROR` status, a newer status value, an unexpected gRPC status).
     /// The message says what; it is not worth a blind retry.
@@ -104,9 +110,30 @@ pub(crate) enum AttemptError {
     Refused(Error),
 }
 
+/// The TLS error somewhere in `error`'s chain of causes, if any: rustls
+/// errors travel inside `io::Error`s through hyper and tonic.
+pub(crate) fn tls_cause(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                return Some(tls.to_string());
+            }
+        }
+        next = error.source();
+    }
+    None
+}
+
 /// Classifies a gRPC-level failure (the dlm status never travels this way).
 pub(crate) fn classify(status: &tonic::Status) -> AttemptError {
     use tonic::Code;
+    if let Some(tls) = tls_cause(status) {
+        return AttemptError::Refused(Error::Tls(tls));
+    }
     let reason = format!("{}: {}", status.code(), status.message());
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => AttemptError::TimedOut(reason),

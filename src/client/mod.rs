@@ -1,7 +1,7 @@
 //! The dlm client library: named locks under leases, from any tokio program.
 //!
-//! [`Client`] speaks the gRPC protocol of `proto/lock.proto` to one server out
-//! of a list. It owns the client side of the contract in the design: every
+//! [`Client`] speaks the protocol of `proto/lock.proto` to one server out of
+//! a list, over gRPC (plain text or TLS) or QUIC ([`Transport`]). It owns the client side of the contract in the design: every
 //! operation gets one request id that all its retries carry (so the server
 //! applies it once), transport failures are retried with exponential backoff
 //! and full jitter while failing over to the next server, long waits are cut
@@ -30,6 +30,8 @@
 //! # Files
 //!
 //! - `call.rs`: servers, one attempt, the retry loop and failover.
+//! - `conn.rs`: one attempt over the wire, for each transport.
+//! - `transport.rs`: [`Transport`] and [`Tls`], what the client speaks.
 //! - `acquire.rs`: splitting a long wait into re-attaching attempts.
 //! - `guard.rs`: [`LockGuard`] and its renewal task.
 //! - `builder.rs`: [`ClientBuilder`] and the defaults.
@@ -39,12 +41,14 @@
 mod acquire;
 mod builder;
 mod call;
+mod conn;
 mod error;
 mod guard;
 mod report;
 mod retry;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,10 +59,12 @@ pub use builder::{
     ClientBuilder, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX,
     DEFAULT_RETRY_BUDGET, DEFAULT_WAIT_ATTEMPT_TIMEOUT,
 };
-use call::{call, new_request_id, request, Servers, Timing};
+use call::{call, Servers, Timing};
+use conn::Call;
 pub use error::Error;
 pub use guard::LockGuard;
 pub use report::{LockStatus, StatusReport, WaiterStatus};
+pub use transport::{Tls, Transport};
 
 use crate::proto;
 
@@ -156,14 +162,12 @@ impl Client {
     pub async fn init(&self) -> Result<(), Error> {
         let args = proto::ClientInitArgs {
             client_id: self.inner.client_id,
-            request_id: new_request_id(),
+            request_id: self.inner.timing.entropy.request_id(),
         };
-        self.call("init", &args.request_id, |mut rpc, timeout| {
-            let request = request(args.clone(), timeout);
-            async move { rpc.client_init(request).await }
-        })
-        .await
-        .map(drop)
+        let request_id = args.request_id.clone();
+        self.call::<proto::Response>("init", &request_id, Call::ClientInit(args))
+            .await
+            .map(drop)
     }
 
     /// Ends the session: the server releases every lock this client id
@@ -176,14 +180,12 @@ impl Client {
     pub async fn close(&self) -> Result<(), Error> {
         let args = proto::ClientInitArgs {
             client_id: self.inner.client_id,
-            request_id: new_request_id(),
+            request_id: self.inner.timing.entropy.request_id(),
         };
-        self.call("close", &args.request_id, |mut rpc, timeout| {
-            let request = request(args.clone(), timeout);
-            async move { rpc.client_close(request).await }
-        })
-        .await
-        .map(drop)
+        let request_id = args.request_id.clone();
+        self.call::<proto::Response>("close", &request_id, Call::ClientClose(args))
+            .await
+            .map(drop)
     }
 
     /// Acquires `lock` (empty: the default lock), waiting as `opts` says.
@@ -245,17 +247,15 @@ impl Client {
         let args = proto::LockArgs {
             client_id: self.inner.client_id,
             token: token.to_owned(),
-            request_id: new_request_id(),
+            request_id: self.inner.timing.entropy.request_id(),
             lock_name: lock.to_owned(),
             wait_timeout_ms: None,
             lease_ms: None,
         };
-        self.call("release", &args.request_id, |mut rpc, timeout| {
-            let request = request(args.clone(), timeout);
-            async move { rpc.lock_release(request).await }
-        })
-        .await
-        .map(drop)
+        let request_id = args.request_id.clone();
+        self.call::<proto::LockResponse>("release", &request_id, Call::LockRelease(args))
+            .await
+            .map(drop)
     }
 
     /// Extends the lease of `grant` to `lease` from now (`None`: its own
@@ -284,15 +284,13 @@ impl Client {
         let args = proto::LeaseArgs {
             client_id: self.inner.client_id,
             token: token.to_owned(),
-            request_id: new_request_id(),
+            request_id: self.inner.timing.entropy.request_id(),
             lock_name: lock.to_owned(),
             lease_ms: lease.map(millis_ceil),
         };
-        let reply = self
-            .call("renew", &args.request_id, |mut rpc, timeout| {
-                let request = request(args.clone(), timeout);
-                async move { rpc.renew_lease(request).await }
-            })
+        let request_id = args.request_id.clone();
+        let reply: proto::LeaseResponse = self
+            .call("renew", &request_id, Call::RenewLease(args))
             .await?;
         Ok(Duration::from_millis(reply.lease_ms))
     }
@@ -338,14 +336,12 @@ impl Client {
             filename: file.to_owned(),
             content: Vec::from(content.into()),
             token: token.to_owned(),
-            request_id: new_request_id(),
+            request_id: self.inner.timing.entropy.request_id(),
         };
-        self.call("append", &args.request_id, |mut rpc, timeout| {
-            let request = request(args.clone(), timeout);
-            async move { rpc.file_append(request).await }
-        })
-        .await
-        .map(drop)
+        let request_id = args.request_id.clone();
+        self.call::<proto::Response>("append", &request_id, Call::FileAppend(args))
+            .await
+            .map(drop)
     }
 
     /// Reads the committed content of `file` (`file_0` … `file_99`).
@@ -357,12 +353,7 @@ impl Client {
         let args = proto::FileReadArgs {
             filename: file.to_owned(),
         };
-        let reply = self
-            .call("read", "", |mut rpc, timeout| {
-                let request = request(args.clone(), timeout);
-                async move { rpc.file_read(request).await }
-            })
-            .await?;
+        let reply: proto::FileReadResponse = self.call("read", "", Call::FileRead(args)).await?;
         Ok(reply.content)
     }
 
@@ -373,28 +364,25 @@ impl Client {
     /// [`Error::Unavailable`]; [`Error::Server`] from a server without the
     /// status call.
     pub async fn status(&self) -> Result<StatusReport, Error> {
-        let reply = self
-            .call("status", "", |mut rpc, timeout| async move {
-                rpc.lock_status(request(proto::StatusArgs {}, timeout))
-                    .await
-            })
+        let reply: proto::StatusResponse = self
+            .call("status", "", Call::LockStatus(proto::StatusArgs {}))
             .await?;
         Ok(StatusReport::from(reply))
     }
 
     /// Runs one call that does not wait, with retries and failover.
-    async fn call<R, F, Fut>(&self, op: &'static str, request_id: &str, send: F) -> Result<R, Error>
-    where
-        R: call::Reply,
-        F: FnMut(call::Rpc, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-    {
+    async fn call<R: call::Reply>(
+        &self,
+        op: &'static str,
+        request_id: &str,
+        request: Call,
+    ) -> Result<R, Error> {
         call(
             &self.inner.servers,
             &self.inner.timing,
             op,
             request_id,
-            send,
+            request,
         )
         .await
     }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  transports ──CoreMsg──▶ core task ──Job──▶ writer ──▶ replies
-//!  (gRPC, …)              (Core, clock,      (log: group commit + fsync,
+//!  (gRPC, QUIC)           (Core, clock,      (log: group commit + fsync,
 //!                          deadlines)          data files, then replies)
 //! ```
 //!
@@ -13,6 +13,7 @@
 //! contain lock rules (those are the core's) or wire formats (the transports').
 
 pub mod handle;
+pub mod listen;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use crate::log::{LogError, Wal};
 use crate::storage::{Dir, FsDir};
 
 pub use handle::{CoreMsg, Handle, ShuttingDown};
+pub use listen::Bound;
 use writer::{Batch, Job, Persister, WriterError};
 
 /// Name of the server's own subdirectory of the data directory.
@@ -47,8 +49,27 @@ pub const STATE_DIR: &str = "state";
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServerConfig {
     /// Address for gRPC (use port 0 for any free port).
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Also serve QUIC on this UDP address (port 0: any free port). QUIC is
+    /// always TLS: see --cert.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_quic: Option<SocketAddr>,
+    /// Serve gRPC over TLS instead of plain text.
+    #[arg(long)]
+    pub tls: bool,
+    /// Certificate chain (PEM) for TLS and QUIC [default: a development
+    /// certificate, made on first start under DIR/state/tls with its CA]
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM) on gRPC (needs
+    /// --tls) and QUIC. A certificate admits a client; the client id is still
+    /// the one each request names.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
     /// Directory of file_0 … file_99; the server's own state goes in DIR/state.
     #[arg(long, default_value = "./data")]
     pub data_dir: PathBuf,
@@ -77,6 +98,11 @@ impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_quic: None,
+            tls: false,
+            cert: None,
+            key: None,
+            client_ca: None,
             data_dir: data_dir.into(),
             lease_ms: 30_000,
             min_lease_ms: 10,
@@ -115,6 +141,13 @@ pub enum ServerError {
     Writer(#[from] WriterError),
     #[error("transport: {0}")]
     Transport(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
 }
 
 /// What recovery did, for the start-up log line.
@@ -502,17 +535,68 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// [`ServerError`] when the transport fails or storage fails.
 pub async fn serve(
     listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let config = ServerConfig::new(PathBuf::new());
+    serve_bound(Bound::grpc_only(listener, &config), node, shutdown).await
+}
+
+/// Serves every transport of `bound` (gRPC, and QUIC if bound) for a started
+/// `node` until `shutdown` resolves, storage fails or a transport fails;
+/// then stops them all and shuts the node down.
+///
+/// # Errors
+/// [`ServerError`] when a transport fails or storage fails.
+pub async fn serve_bound(
+    bound: Bound,
     mut node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let failed = node.failed();
-    let stop = async move {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let stop = async {
         tokio::select! {
             _ = shutdown => {},
             _ = failed => tracing::error!("core or writer stopped; shutting down"),
+            () = stopped(stop_rx.clone()) => {},
+        }
+        let _ = stop_tx.send(true);
+    };
+    let Bound {
+        grpc,
+        grpc_tls,
+        quic,
+        quic_limits,
+        ..
+    } = bound;
+    let grpc = async {
+        let served = crate::transport::grpc::serve(
+            grpc,
+            node.handle(),
+            grpc_tls.as_ref(),
+            stopped(stop_rx.clone()),
+        )
+        .await;
+        // However gRPC ended, everything else stops too.
+        let _ = stop_tx.send(true);
+        served
+    };
+    let quic = async {
+        if let Some(endpoint) = quic {
+            crate::transport::quic::server::serve(
+                endpoint,
+                node.handle(),
+                quic_limits,
+                stopped(stop_rx.clone()),
+            )
+            .await;
         }
     };
-    let served = crate::transport::grpc::serve(listener, node.handle(), stop).await;
+    let ((), served, ()) = tokio::join!(stop, grpc, quic);
     let stopped = node.shutdown().await;
     served.map_err(|e| ServerError::Transport(e.to_string()))?;
     stopped

@@ -1,40 +1,177 @@
-//! Helpers for the black-box tests: real `dlm server` processes on loopback.
+//! Helpers for the black-box tests: real `dlm server` processes on loopback,
+//! over each transport.
 //!
 //! A [`ServerProcess`] is always killed when dropped, so no test leaves a
-//! server behind. It binds `127.0.0.1:0` on first start and learns its port
-//! from the server's first stdout line; restarts reuse that port so that
-//! clients holding the address reconnect.
+//! server behind. It binds `127.0.0.1:0` on first start and learns its ports
+//! from the lines the server prints; restarts reuse those ports so that
+//! clients holding the addresses reconnect. [`Wire`] names a transport, and
+//! [`over_every_wire!`] runs one scenario `async fn name(wire: Wire)` once
+//! per transport, as the tests `name::grpc`, `name::grpc_tls` and
+//! `name::quic`. The servers log at `warn`, or as `DLM_TEST_SERVER_LOG`
+//! says (a `RUST_LOG` filter).
 
-#![allow(dead_code, clippy::disallowed_methods)]
+#![allow(dead_code, unused_macros, clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use dlm::client::{Client, ClientBuilder, Tls, Transport};
 
 /// Path of the `dlm` binary built for these tests.
 pub fn dlm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_dlm")
 }
 
+/// A transport the suite runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// gRPC in plain text (the server's default).
+    Grpc,
+    /// gRPC over TLS (`--tls`), with the server's development CA.
+    GrpcTls,
+    /// QUIC (`--listen-quic`), with the server's development CA.
+    Quic,
+}
+
+impl Wire {
+    /// Whether the wire uses TLS.
+    pub fn is_tls(self) -> bool {
+        self != Wire::Grpc
+    }
+}
+
+/// Runs each scenario `async fn name(wire: Wire)` over every wire, as the
+/// tests `name::grpc`, `name::grpc_tls` and `name::quic`. An optional test
+/// attribute (e.g. `#[tokio::test(flavor = "multi_thread")]`) comes first;
+/// `sync:` first runs plain `fn name(wire: Wire)` scenarios as `#[test]`s.
+macro_rules! over_every_wire {
+    (@one #[$test:meta] $name:ident) => {
+        mod $name {
+            #[$test]
+            async fn grpc() {
+                super::$name(crate::common::Wire::Grpc).await
+            }
+            #[$test]
+            async fn grpc_tls() {
+                super::$name(crate::common::Wire::GrpcTls).await
+            }
+            #[$test]
+            async fn quic() {
+                super::$name(crate::common::Wire::Quic).await
+            }
+        }
+    };
+    (@one_sync $name:ident) => {
+        mod $name {
+            #[test]
+            fn grpc() {
+                super::$name(crate::common::Wire::Grpc)
+            }
+            #[test]
+            fn grpc_tls() {
+                super::$name(crate::common::Wire::GrpcTls)
+            }
+            #[test]
+            fn quic() {
+                super::$name(crate::common::Wire::Quic)
+            }
+        }
+    };
+    (sync: $($name:ident),+ $(,)?) => {
+        $(over_every_wire!(@one_sync $name);)+
+    };
+    (#[$test:meta] $($name:ident),+ $(,)?) => {
+        $(over_every_wire!(@one #[$test] $name);)+
+    };
+    ($($name:ident),+ $(,)?) => {
+        over_every_wire!(#[tokio::test] $($name),+);
+    };
+}
+
+/// Like [`over_every_wire!`], over the wires that use TLS only.
+macro_rules! over_tls_wires {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn grpc_tls() {
+                super::$name(crate::common::Wire::GrpcTls).await
+            }
+            #[tokio::test]
+            async fn quic() {
+                super::$name(crate::common::Wire::Quic).await
+            }
+        }
+    )+};
+}
+
 /// A `dlm server` child process with its data directory.
 pub struct ServerProcess {
     child: Option<Child>,
+    /// What clients of this server speak.
+    wire: Wire,
     data_dir: PathBuf,
+    /// The gRPC address ("127.0.0.1:0" before the first start).
     addr: String,
+    /// The QUIC address, when the wire is QUIC.
+    quic_addr: Option<String>,
+    /// The development CA the server printed, when it uses TLS.
+    ca: Option<PathBuf>,
     extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The prefix of the line naming the QUIC address.
+const QUIC_LINE: &str = "dlm: serving QUIC on ";
+/// The prefix of the line naming the development CA.
+const CA_LINE: &str = "dlm: CA for clients (--ca): ";
+
 impl ServerProcess {
-    /// Starts a server on a fresh temporary data directory.
+    /// Starts a plain-text gRPC server on a fresh temporary data directory.
     pub fn start(extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_over(Wire::Grpc, extra)
+    }
+
+    /// Starts a server that serves `wire` (and plain or TLS gRPC, which every
+    /// server serves), with `extra` flags.
+    pub fn start_over(wire: Wire, extra: &[&str]) -> ServerProcess {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
         let mut server = ServerProcess {
             child: None,
+            wire,
             data_dir,
             addr: "127.0.0.1:0".to_owned(),
+            quic_addr: (wire == Wire::Quic).then(|| "127.0.0.1:0".to_owned()),
+            ca: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        server.spawn().expect("server starts");
+        server
+    }
+
+    /// Starts a server over `wire` (with gRPC over TLS as well) that requires
+    /// client certificates signed by its development CA
+    /// (`--client-ca DATA/state/tls/ca.pem`).
+    pub fn start_requiring_client_certs(wire: Wire) -> ServerProcess {
+        assert!(wire.is_tls(), "client certificates need TLS");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data_dir = tmp.path().join("data");
+        let ca = data_dir.join("state/tls/ca.pem").display().to_string();
+        let mut extra = vec!["--client-ca".to_owned(), ca];
+        if wire == Wire::Quic {
+            extra.push("--tls".to_owned());
+        }
+        let mut server = ServerProcess {
+            child: None,
+            wire,
+            data_dir,
+            addr: "127.0.0.1:0".to_owned(),
+            quic_addr: (wire == Wire::Quic).then(|| "127.0.0.1:0".to_owned()),
+            ca: None,
+            extra,
             _tmp: Some(tmp),
         };
         server.spawn().expect("server starts");
@@ -43,23 +180,32 @@ impl ServerProcess {
 
     /// Spawns the process; returns its stderr if it exits before serving.
     fn spawn(&mut self) -> Result<(), String> {
-        let mut child = Command::new(dlm_bin())
+        let mut command = Command::new(dlm_bin());
+        command
             .arg("server")
             .arg("--listen")
             .arg(&self.addr)
             .arg("--data-dir")
-            .arg(&self.data_dir)
+            .arg(&self.data_dir);
+        if self.wire == Wire::GrpcTls && !self.extra.iter().any(|a| a == "--tls") {
+            command.arg("--tls");
+        }
+        if let Some(quic) = &self.quic_addr {
+            command.arg("--listen-quic").arg(quic);
+        }
+        let mut child = command
             .args(&self.extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("DLM_TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
+        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         let Some(addr) = line
             .strip_prefix("dlm: serving gRPC on ")
             .and_then(|rest| rest.split(',').next())
@@ -67,13 +213,21 @@ impl ServerProcess {
             let status = child.wait().map_err(|e| e.to_string())?;
             let mut err = String::new();
             if let Some(mut stderr) = child.stderr.take() {
-                use std::io::Read;
                 let _ = stderr.read_to_string(&mut err);
             }
             return Err(format!("server exited ({status}): {err}"));
         };
         self.addr = addr.trim().to_owned();
-        // Keep stderr drained so the server never blocks on a full pipe.
+        // The lines after the first one, as far as this wire needs them.
+        let uses_dev_ca = self.wire.is_tls() && !self.extra.iter().any(|a| a == "--cert");
+        if self.quic_addr.is_some() {
+            self.quic_addr = Some(read_line_after(&mut stdout, QUIC_LINE)?);
+        }
+        if uses_dev_ca {
+            self.ca = Some(PathBuf::from(read_line_after(&mut stdout, CA_LINE)?));
+        }
+        // Keep both pipes drained so the server never blocks on a full pipe
+        // (and never writes to a closed one).
         if let Some(stderr) = child.stderr.take() {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -81,18 +235,108 @@ impl ServerProcess {
                 }
             });
         }
+        std::thread::spawn(move || drain(stdout));
         self.child = Some(child);
         Ok(())
     }
 
-    /// "127.0.0.1:PORT".
+    /// The wire clients of this server speak.
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
+    /// The gRPC address, "127.0.0.1:PORT".
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
-    /// "http://127.0.0.1:PORT".
+    /// "http://127.0.0.1:PORT" (gRPC).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The address clients of the server's wire use: QUIC's for QUIC, else
+    /// gRPC's.
+    pub fn client_addr(&self) -> &str {
+        self.quic_addr.as_deref().unwrap_or(&self.addr)
+    }
+
+    /// The development CA's certificate, when the server uses TLS.
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    /// The TLS settings that trust the server's development CA.
+    pub fn tls(&self) -> Tls {
+        Tls::from_ca_file(self.ca().expect("the server uses TLS")).expect("CA readable")
+    }
+
+    /// The transport for a client of this server, with `tls` if it uses TLS.
+    pub fn transport_with(&self, tls: Tls) -> Transport {
+        match self.wire {
+            Wire::Grpc => Transport::Grpc,
+            Wire::GrpcTls => Transport::GrpcTls(tls),
+            Wire::Quic => Transport::Quic(tls),
+        }
+    }
+
+    /// The transport for a client of this server.
+    pub fn transport(&self) -> Transport {
+        match self.wire {
+            Wire::Grpc => Transport::Grpc,
+            _ => self.transport_with(self.tls()),
+        }
+    }
+
+    /// A client builder for this server and its wire, with short backoffs.
+    pub fn client_builder(&self, id: i32) -> ClientBuilder {
+        Client::builder(id)
+            .endpoint(self.client_addr())
+            .transport(self.transport())
+            .backoff(Duration::from_millis(5), Duration::from_millis(100))
+    }
+
+    /// A client for this server and its wire.
+    pub fn client(&self, id: i32) -> Client {
+        self.client_builder(id).build().expect("client")
+    }
+
+    /// The flags that point a `dlm` client command at this server over its
+    /// wire: `--server ADDR`, and `--transport quic`, `--tls`, `--ca FILE`.
+    pub fn cli_flags(&self) -> Vec<String> {
+        let mut flags = vec!["--server".to_owned(), self.client_addr().to_owned()];
+        match self.wire {
+            Wire::Grpc => {}
+            Wire::GrpcTls => flags.push("--tls".to_owned()),
+            Wire::Quic => flags.extend(["--transport".to_owned(), "quic".to_owned()]),
+        }
+        if let Some(ca) = self.ca() {
+            flags.extend(["--ca".to_owned(), ca.display().to_string()]);
+        }
+        flags
+    }
+
+    /// A `dlm` client command: the subcommand `args[0]`, this server's flags,
+    /// then the rest of `args`; grant files in `state_dir`.
+    pub fn cli(&self, state_dir: &Path, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(dlm_bin());
+        command
+            .arg(args[0])
+            .args(self.cli_flags())
+            .args(&args[1..])
+            .env("DLM_STATE_DIR", state_dir)
+            .env_remove("DLM_SERVER")
+            .env_remove("DLM_TRANSPORT")
+            .env_remove("DLM_TLS")
+            .env_remove("DLM_CA")
+            .env_remove("DLM_CERT")
+            .env_remove("DLM_KEY")
+            .env_remove("DLM_CLIENT_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
     }
 
     /// The data directory (file_0 … file_99, state/).
@@ -114,7 +358,7 @@ impl ServerProcess {
         }
     }
 
-    /// Starts again on the same port and data directory.
+    /// Starts again on the same ports and data directory.
     pub fn restart(&mut self) {
         self.kill9();
         self.try_restart().expect("server restarts");
@@ -136,6 +380,29 @@ impl ServerProcess {
             }
         }
         Err(last)
+    }
+}
+
+/// Reads lines until one starts with `prefix`; returns the rest of it.
+fn read_line_after(stdout: &mut BufReader<ChildStdout>, prefix: &str) -> Result<String, String> {
+    loop {
+        let mut line = String::new();
+        match stdout.read_line(&mut line) {
+            Ok(0) => return Err(format!("the server printed no line {prefix:?}")),
+            Ok(_) => {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return Ok(rest.trim_end().to_owned());
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Forwards the rest of the server's stdout to the test's stderr.
+fn drain(stdout: BufReader<ChildStdout>) {
+    for line in stdout.lines().map_while(Result::ok) {
+        eprintln!("[server stdout] {line}");
     }
 }
 

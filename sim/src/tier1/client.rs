@@ -122,7 +122,13 @@ impl World {
         client.wake_generation += 1;
         client.wake_at = Some(at);
         let generation = client.wake_generation;
-        self.at(at, Event::ClientWake { client: i, generation });
+        self.at(
+            at,
+            Event::ClientWake {
+                client: i,
+                generation,
+            },
+        );
     }
 
     /// Decides what the client does next, and when it wakes again.
@@ -192,7 +198,11 @@ impl World {
             } else if self.rng.chance(0.05) {
                 self.start_op(i, OpKind::Close, Request::ClientClose { client: id });
             } else {
-                let request = Request::Release { client: id, lock, token };
+                let request = Request::Release {
+                    client: id,
+                    lock,
+                    token,
+                };
                 self.start_op(i, OpKind::Release, request);
             }
         } else if now >= client.idle_until {
@@ -355,9 +365,18 @@ impl World {
     fn finish_op(&mut self, i: usize, op: Op, reply: Reply) {
         let now = self.now;
         let id = self.clients[i].id;
-        let token = self.clients[i].holding.as_ref().map(|h| h.token.clone()).unwrap_or_default();
+        let token = self.clients[i]
+            .holding
+            .as_ref()
+            .map(|h| h.token.clone())
+            .unwrap_or_default();
         let ok = !matches!(reply, Reply::Refused(_));
-        if ok && matches!(op.kind, OpKind::Append { .. } | OpKind::Renew | OpKind::Release) {
+        if ok
+            && matches!(
+                op.kind,
+                OpKind::Append { .. } | OpKind::Renew | OpKind::Release
+            )
+        {
             self.history.token_ops.push(TokenOp {
                 token: token.clone(),
                 what: op.kind.name(),
@@ -368,8 +387,13 @@ impl World {
         match (op.kind, reply) {
             (OpKind::Init, _) => self.clients[i].needs_init = false,
             (OpKind::Acquire { lock }, Reply::Granted(grant)) => {
-                self.history.grant_acked(id, &lock, &grant.token, grant.fence.0);
-                let appends_left = if lock.is_empty() { self.rng.between(0, 3) as u32 } else { 0 };
+                self.history
+                    .grant_acked(id, &lock, &grant.token, grant.fence.0);
+                let appends_left = if lock.is_empty() {
+                    self.rng.between(0, 3) as u32
+                } else {
+                    0
+                };
                 self.clients[i].holding = Some(Holding {
                     lock,
                     token: grant.token,
@@ -378,11 +402,16 @@ impl World {
                     appends_left,
                 });
             }
-            (OpKind::Acquire { .. }, _) => self.clients[i].idle_until = now + self.rng.between(0, 50),
+            (OpKind::Acquire { .. }, _) => {
+                self.clients[i].idle_until = now + self.rng.between(0, 50)
+            }
             (OpKind::Append { index }, reply) => {
-                self.history.appends[index].outcome = if ok { Outcome::Ok } else { Outcome::Refused };
+                self.history.appends[index].outcome =
+                    if ok { Outcome::Ok } else { Outcome::Refused };
                 match (&mut self.clients[i].holding, reply) {
-                    (Some(holding), Reply::Done) => holding.appends_left = holding.appends_left.saturating_sub(1),
+                    (Some(holding), Reply::Done) => {
+                        holding.appends_left = holding.appends_left.saturating_sub(1)
+                    }
                     _ => self.clients[i].holding = None,
                 }
             }
@@ -393,7 +422,11 @@ impl World {
             }
             (OpKind::Renew, _) => self.clients[i].holding = None,
             (OpKind::Release, reply) => {
-                let outcome = if matches!(reply, Reply::Done) { Outcome::Ok } else { Outcome::Refused };
+                let outcome = if matches!(reply, Reply::Done) {
+                    Outcome::Ok
+                } else {
+                    Outcome::Refused
+                };
                 if let Some(grant) = self.history.grants.get_mut(&token) {
                     grant.releases.push(outcome);
                 }
@@ -414,7 +447,11 @@ impl World {
     }
 
     fn forget_op(&mut self, i: usize, op: Op) {
-        let token = self.clients[i].holding.as_ref().map(|h| h.token.clone()).unwrap_or_default();
+        let token = self.clients[i]
+            .holding
+            .as_ref()
+            .map(|h| h.token.clone())
+            .unwrap_or_default();
         match op.kind {
             OpKind::Init => self.clients[i].needs_init = false,
             OpKind::Acquire { .. } => {}

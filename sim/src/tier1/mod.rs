@@ -131,9 +131,15 @@ enum Event {
 impl Event {
     fn code(&self) -> (u8, u64, u64) {
         match self {
-            Event::ToServer { client, attempt, .. } => (1, *client as u64, *attempt),
-            Event::Cancel { client, attempt, .. } => (2, *client as u64, *attempt),
-            Event::ToClient { client, attempt, .. } => (3, *client as u64, *attempt),
+            Event::ToServer {
+                client, attempt, ..
+            } => (1, *client as u64, *attempt),
+            Event::Cancel {
+                client, attempt, ..
+            } => (2, *client as u64, *attempt),
+            Event::ToClient {
+                client, attempt, ..
+            } => (3, *client as u64, *attempt),
             Event::ClientWake { client, generation } => (4, *client as u64, *generation),
             Event::ServerDeadline { incarnation } => (5, *incarnation, 0),
             Event::LogSynced { incarnation } => (6, *incarnation, 0),
@@ -470,7 +476,10 @@ impl World {
                 }
             }
             if client.alive && client.ops_since_heal == 0 {
-                violations.push(format!("liveness: client {} completed nothing after the heal", client.id));
+                violations.push(format!(
+                    "liveness: client {} completed nothing after the heal",
+                    client.id
+                ));
             }
         }
         // Operations still in flight at the end have unknown outcomes.

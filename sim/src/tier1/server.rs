@@ -79,7 +79,14 @@ impl World {
         self.server.node.as_mut()
     }
 
-    pub(super) fn server_receive(&mut self, client: usize, incarnation: u64, attempt: u64, request_id: String, request: Request) {
+    pub(super) fn server_receive(
+        &mut self,
+        client: usize,
+        incarnation: u64,
+        attempt: u64,
+        request_id: String,
+        request: Request,
+    ) {
         let now = self.now;
         let Some(node) = self.node() else {
             return;
@@ -97,7 +104,12 @@ impl World {
                 request: request.clone(),
             },
         );
-        self.log(|| format!("server <- c{} #{attempt} {request_id} {request:?}", client + 1));
+        self.log(|| {
+            format!(
+                "server <- c{} #{attempt} {request_id} {request:?}",
+                client + 1
+            )
+        });
         self.absorb(outputs);
     }
 
@@ -106,11 +118,17 @@ impl World {
         let Some(node) = self.node() else {
             return;
         };
-        let calls = node.calls_of.remove(&(client, incarnation, attempt)).unwrap_or_default();
+        let calls = node
+            .calls_of
+            .remove(&(client, incarnation, attempt))
+            .unwrap_or_default();
         let mut outputs = Vec::new();
         for call in calls {
             node.routes.remove(&call);
-            outputs.extend(node.core.handle(Time::from_millis(now), Input::CallDropped(call)));
+            outputs.extend(
+                node.core
+                    .handle(Time::from_millis(now), Input::CallDropped(call)),
+            );
         }
         self.absorb(outputs);
     }
@@ -225,7 +243,9 @@ impl World {
             return;
         }
         if let Err(e) = node.wal.write_pending() {
-            self.history.violations.push(format!("log write failed: {e}"));
+            self.history
+                .violations
+                .push(format!("log write failed: {e}"));
             return;
         }
         let mut flight = std::mem::take(&mut node.open);
@@ -240,14 +260,16 @@ impl World {
             self.reply(route, reply);
         }
         let latency = if has_records {
-            self.rng.between(self.scenario.fsync_min, self.scenario.fsync_max)
+            self.rng
+                .between(self.scenario.fsync_min, self.scenario.fsync_max)
         } else {
             0
         };
         self.at(self.now + latency, Event::LogSynced { incarnation });
         // Aim some crashes at the instants that matter most: between the
         // log write and its fsync, and between the fsync and the replies.
-        if has_records && !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.01) {
+        if has_records && !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.01)
+        {
             let at = self.now + self.rng.between(0, latency + 1);
             self.at(at, Event::InjectedCrash);
         }
@@ -271,7 +293,9 @@ impl World {
         }
         node.synced = Some(flight);
         if let Some(e) = failure {
-            self.history.violations.push(format!("storage failed in the simulation: {e}"));
+            self.history
+                .violations
+                .push(format!("storage failed in the simulation: {e}"));
         }
         let gap = self.rng.between(0, 1);
         self.at(self.now + gap, Event::RepliesOut { incarnation });
@@ -299,17 +323,22 @@ impl World {
         let Some(node) = self.server.node.as_mut() else {
             return;
         };
-        if node.wal.records_since_snapshot() < SNAPSHOT_EVERY || !node.open.is_empty() || node.flight.is_some() {
+        if node.wal.records_since_snapshot() < SNAPSHOT_EVERY
+            || !node.open.is_empty()
+            || node.flight.is_some()
+        {
             return;
         }
         let snapshot = node.core.snapshot();
-        let result = node
-            .files
-            .sync()
-            .map_err(|e| e.to_string())
-            .and_then(|()| node.wal.write_snapshot(&snapshot).map_err(|e| e.to_string()));
+        let result = node.files.sync().map_err(|e| e.to_string()).and_then(|()| {
+            node.wal
+                .write_snapshot(&snapshot)
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = result {
-            self.history.violations.push(format!("snapshot failed: {e}"));
+            self.history
+                .violations
+                .push(format!("snapshot failed: {e}"));
         }
         self.faults.snapshots += 1;
     }
@@ -348,7 +377,12 @@ impl World {
         }
         self.faults.torn_writes += loss.torn;
         self.history.on_crash(self.now);
-        self.log(|| format!("server CRASH (lost unsynced bytes in {} files, {} torn)", loss.files_hit, loss.torn));
+        self.log(|| {
+            format!(
+                "server CRASH (lost unsynced bytes in {} files, {} torn)",
+                loss.files_hit, loss.torn
+            )
+        });
         if !self.healed {
             let down = self.rng.between(10, 1_500);
             self.at(self.now + down, Event::ServerRestart);
@@ -373,7 +407,9 @@ impl World {
         let recovered = match recovered {
             Ok(recovered) => recovered,
             Err(e) => {
-                self.history.violations.push(format!("recovery failed at {}: {e}", self.now));
+                self.history
+                    .violations
+                    .push(format!("recovery failed at {}: {e}", self.now));
                 return;
             }
         };
@@ -420,6 +456,8 @@ impl World {
 
     /// What a reader of each data file sees now.
     pub(super) fn server_files(&self) -> Vec<Vec<u8>> {
-        FileIndex::all().map(|f| self.disk.read("data", &f.name())).collect()
+        FileIndex::all()
+            .map(|f| self.disk.read("data", &f.name()))
+            .collect()
     }
 }

@@ -1,0 +1,176 @@
+//! What a server serves on: binding the gRPC and QUIC sockets its flags name
+//! and readying their TLS material, before anything is served.
+//!
+//! Owns: turning `--listen`, `--listen-quic`, `--tls`, `--cert`/`--key` and
+//! `--client-ca` into a [`Bound`], and the lines `dlm server` prints about
+//! it. Without `--cert`/`--key`, the development CA under
+//! `DATA/state/tls/` is made on first start ([`DevCerts`]); the secret of
+//! QUIC's stateless resets is kept there too, so that it outlives restarts. Must not: serve
+//! (see [`super::serve_bound`]) or know wire formats.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use tokio::net::TcpListener;
+
+use super::{ServerConfig, ServerError, STATE_DIR};
+use crate::transport::quic;
+use crate::transport::tls::{self, DevCerts, ServerTls, TLS_DIR};
+
+/// File in the TLS directory holding the secret of QUIC's stateless resets.
+const QUIC_RESET_SECRET: &str = "quic-reset.key";
+
+/// `DATA/state/tls`: the development certificates and the QUIC secret.
+fn tls_dir(config: &ServerConfig) -> PathBuf {
+    config.data_dir.join(STATE_DIR).join(TLS_DIR)
+}
+
+/// The sockets and TLS material of a server that is about to serve.
+pub struct Bound {
+    /// gRPC's listener (always served).
+    pub grpc: TcpListener,
+    /// TLS for gRPC (`--tls`); `None` serves plain text.
+    pub grpc_tls: Option<ServerTls>,
+    /// The QUIC endpoint (`--listen-quic`), configured with its TLS. A
+    /// caller may build one over any [`quinn::AsyncUdpSocket`] instead.
+    pub quic: Option<quinn::Endpoint>,
+    /// What QUIC accepts from a peer.
+    pub quic_limits: quic::server::Limits,
+    /// The development CA's certificate, when the server uses one: what
+    /// clients pass as `--ca`.
+    pub dev_ca: Option<PathBuf>,
+    /// The client CA, when client certificates are required.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Bound {
+    /// A plain-text gRPC server on `grpc` and nothing else.
+    pub fn grpc_only(grpc: TcpListener, config: &ServerConfig) -> Bound {
+        Bound {
+            grpc,
+            grpc_tls: None,
+            quic: None,
+            quic_limits: quic::server::Limits::for_max_append(config.max_append_bytes),
+            dev_ca: None,
+            client_ca: None,
+        }
+    }
+
+    /// Binds what `config` names and readies TLS when `--tls` or
+    /// `--listen-quic` needs it (making the development CA if there are no
+    /// `--cert`/`--key`). Must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`ServerError::Listen`] when an address cannot be bound;
+    /// [`ServerError::Tls`] or [`ServerError::Config`] when the certificates
+    /// cannot be made, read or used together.
+    pub async fn bind(config: &ServerConfig) -> Result<Bound, ServerError> {
+        let wants_tls = config.tls || config.listen_quic.is_some();
+        if config.client_ca.is_some() && !config.tls {
+            return Err(ServerError::Config(
+                "--client-ca needs --tls: plain-text gRPC would admit clients without certificates"
+                    .into(),
+            ));
+        }
+        if !wants_tls && (config.cert.is_some() || config.key.is_some()) {
+            return Err(ServerError::Config(
+                "--cert/--key are used by --tls and --listen-quic; neither is given".into(),
+            ));
+        }
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| listen_error(config.listen, source))?;
+        let quic_socket = match config.listen_quic {
+            Some(addr) => {
+                Some(std::net::UdpSocket::bind(addr).map_err(|source| listen_error(addr, source))?)
+            }
+            None => None,
+        };
+        let mut bound = Bound::grpc_only(grpc, config);
+        if !wants_tls {
+            return Ok(bound);
+        }
+        let (tls, dev_ca) = server_tls(config)?;
+        if let (Some(socket), Some(addr)) = (quic_socket, config.listen_quic) {
+            let secret = tls::secret(&tls_dir(config).join(QUIC_RESET_SECRET))?;
+            let endpoint = quic::server_endpoint(
+                socket,
+                quic::endpoint_config(&secret),
+                quic::server_config(&tls)?,
+            )
+            .map_err(|e| listen_error(addr, e))?;
+            bound.quic = Some(endpoint);
+        }
+        bound.grpc_tls = config.tls.then_some(tls);
+        bound.dev_ca = dev_ca;
+        bound.client_ca = config.client_ca.clone();
+        Ok(bound)
+    }
+
+    /// The gRPC address.
+    ///
+    /// # Errors
+    /// When the socket has no address.
+    pub fn grpc_addr(&self) -> io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    /// The QUIC address, when QUIC is served.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
+    /// The lines `dlm server` prints once it serves. The first is always
+    /// `dlm: serving gRPC on ADDR, data in DIR`; scripts and tests read the
+    /// addresses and the CA path from these lines.
+    pub fn banner(&self, data_dir: &Path) -> String {
+        let grpc = self.grpc_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut lines = vec![format!(
+            "dlm: serving gRPC on {grpc}, data in {}",
+            data_dir.display()
+        )];
+        if let Some(quic) = self.quic_addr() {
+            lines.push(format!("dlm: serving QUIC on {quic}"));
+        }
+        if self.grpc_tls.is_some() {
+            lines.push("dlm: gRPC requires TLS".to_owned());
+        }
+        if let Some(ca) = &self.dev_ca {
+            lines.push(format!("dlm: CA for clients (--ca): {}", ca.display()));
+        }
+        if let Some(ca) = &self.client_ca {
+            lines.push(format!(
+                "dlm: client certificates required (--client-ca {})",
+                ca.display()
+            ));
+        }
+        lines.join("\n") + "\n"
+    }
+}
+
+fn listen_error(addr: SocketAddr, source: io::Error) -> ServerError {
+    ServerError::Listen { addr, source }
+}
+
+/// The server's TLS material, and the development CA's path when that is
+/// what it uses.
+fn server_tls(config: &ServerConfig) -> Result<(ServerTls, Option<PathBuf>), ServerError> {
+    let client_ca = config.client_ca.as_deref();
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => Ok((ServerTls::load(cert, key, client_ca)?, None)),
+        (None, None) => {
+            let names: Vec<String> = [Some(config.listen), config.listen_quic]
+                .into_iter()
+                .flatten()
+                .map(|addr| addr.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .map(|ip| ip.to_string())
+                .collect();
+            let certs = DevCerts::ensure(&tls_dir(config), &names)?;
+            let tls = ServerTls::load(&certs.server_cert, &certs.server_key, client_ca)?;
+            Ok((tls, Some(certs.ca_cert)))
+        }
+        _ => Err(ServerError::Config("--cert and --key go together".into())),
+    }
+}

@@ -1,0 +1,258 @@
+//! The QUIC client side: one connection to one server, made on first use and
+//! made again after it is lost, and one stream per call on it.
+//!
+//! Owns: resolving the address, the endpoint (the caller's, or one bound on
+//! first use), the connection, and telling the server when a call is given
+//! up (`STOP_SENDING` with [`ErrorCode::Cancelled`] when the call's future is
+//! dropped). It says what went wrong in QUIC's terms ([`CallError`]);
+//! whether that is worth a retry is the client library's business. Must not:
+//! retry, or know what a call means.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use quinn::{ConnectError, Connection, ConnectionError, Endpoint, RecvStream, WriteError};
+
+use super::frame::{self, FrameError};
+use super::{ErrorCode, MAX_RESPONSE_BYTES};
+use crate::proto::{CallRequest, CallResponse};
+
+/// Why a call over QUIC failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The address or server name cannot be used at all.
+    #[error("bad server address: {0}")]
+    BadAddress(String),
+    /// The TLS handshake failed: the server's certificate is not signed by
+    /// the CA given (or is for another name), or the server refused the
+    /// client's certificate (or its absence).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// No connection could be made, or it was lost (server down, restarted,
+    /// unreachable, idle too long).
+    #[error("{0}")]
+    Connection(String),
+    /// The server reset the call's stream: `code` is the raw code,
+    /// `known` its meaning when it is one of ours.
+    #[error("the server reset the call (code {code:#x}, {known:?})")]
+    Reset {
+        /// Our meaning of the code, if it has one.
+        known: Option<ErrorCode>,
+        /// The raw application error code.
+        code: u64,
+    },
+    /// The response was not one frame holding a `CallResponse`.
+    #[error("bad response: {0}")]
+    BadResponse(String),
+}
+
+/// Whether a transport error code is a TLS alert (QUIC's `CRYPTO_ERROR`
+/// range, 0x100–0x1ff).
+fn is_crypto(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+impl From<ConnectionError> for CallError {
+    fn from(error: ConnectionError) -> CallError {
+        let tls = match &error {
+            ConnectionError::TransportError(e) => is_crypto(e.code),
+            ConnectionError::ConnectionClosed(close) => is_crypto(close.error_code),
+            _ => false,
+        };
+        if tls {
+            CallError::Tls(error.to_string())
+        } else {
+            CallError::Connection(error.to_string())
+        }
+    }
+}
+
+impl From<FrameError> for CallError {
+    fn from(error: FrameError) -> CallError {
+        match error {
+            FrameError::Reset(code) => CallError::Reset {
+                known: ErrorCode::from_raw(code),
+                code,
+            },
+            FrameError::Lost(e) => CallError::from(e),
+            FrameError::Closed => CallError::Connection("stream closed".into()),
+            e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
+                CallError::BadResponse(e.to_string())
+            }
+        }
+    }
+}
+
+/// The host part of `host:port` or `[v6]:port`, the name the server's
+/// certificate must carry by default.
+pub fn host_of(addr: &str) -> Option<&str> {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split_once(']').map(|(host, _)| host);
+    }
+    addr.rsplit_once(':')
+        .map(|(host, _)| host)
+        .filter(|h| !h.is_empty())
+}
+
+/// One server over QUIC.
+#[derive(Debug)]
+pub struct QuicConnector {
+    /// The address as given (`host:port`), resolved at each connect.
+    addr: String,
+    /// The name the server's certificate must carry.
+    server_name: String,
+    /// TLS and transport settings of every connection.
+    config: quinn::ClientConfig,
+    /// The caller's endpoint, or one bound on first use.
+    endpoint: Mutex<Option<Endpoint>>,
+    /// The connection while it lasts; calls share it.
+    connection: tokio::sync::Mutex<Option<Connection>>,
+}
+
+impl QuicConnector {
+    /// A connector to `addr` (`host:port`) expecting a certificate for
+    /// `server_name` (default: the host), over `endpoint` if given (for
+    /// instance one over a simulated socket), else over one bound on first
+    /// use. Nothing is sent yet.
+    ///
+    /// # Errors
+    /// [`CallError::BadAddress`] when `addr` has no host and port.
+    pub fn new(
+        addr: &str,
+        server_name: Option<&str>,
+        config: quinn::ClientConfig,
+        endpoint: Option<Endpoint>,
+    ) -> Result<QuicConnector, CallError> {
+        let host = host_of(addr)
+            .ok_or_else(|| CallError::BadAddress(format!("{addr:?} is not HOST:PORT")))?;
+        Ok(QuicConnector {
+            addr: addr.to_owned(),
+            server_name: server_name.unwrap_or(host).to_owned(),
+            config,
+            endpoint: Mutex::new(endpoint),
+            connection: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The address as given.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The current connection, or a new one.
+    ///
+    /// # Errors
+    /// [`CallError`] when no connection can be made.
+    pub async fn connection(&self) -> Result<Connection, CallError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
+        *slot = None;
+        let addr = self.resolve().await?;
+        let endpoint = self.endpoint_for(addr)?;
+        let connecting = endpoint
+            .connect_with(self.config.clone(), addr, &self.server_name)
+            .map_err(|e| match e {
+                ConnectError::InvalidServerName(name) => {
+                    CallError::BadAddress(format!("{name:?} is not a valid server name"))
+                }
+                other => CallError::Connection(other.to_string()),
+            })?;
+        let connection = connecting.await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, CallError> {
+        if let Ok(addr) = self.addr.parse() {
+            return Ok(addr);
+        }
+        let mut addrs = tokio::net::lookup_host(&self.addr)
+            .await
+            .map_err(|e| CallError::Connection(format!("resolving {}: {e}", self.addr)))?;
+        addrs
+            .next()
+            .ok_or_else(|| CallError::Connection(format!("{} resolves to nothing", self.addr)))
+    }
+
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<Endpoint, CallError> {
+        let mut slot = self.endpoint.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(endpoint) = slot.as_ref() {
+            return Ok(endpoint.clone());
+        }
+        let local: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = Endpoint::client(local)
+            .map_err(|e| CallError::Connection(format!("binding a UDP socket: {e}")))?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Makes one call: opens a stream, sends `request`, reads the response.
+    /// Dropping the future gives the call up (the server is told).
+    ///
+    /// # Errors
+    /// [`CallError`] as the connection, the stream or the response failed.
+    pub async fn call(&self, request: &CallRequest) -> Result<CallResponse, CallError> {
+        let connection = self.connection().await?;
+        let (mut send, recv) = connection.open_bi().await?;
+        let mut recv = CancelOnDrop(recv);
+        match send.write_all(&frame::encode(request)).await {
+            // The server stopped reading (it refused the request): its reset
+            // of the other direction says why.
+            Ok(()) | Err(WriteError::Stopped(_)) => {}
+            Err(WriteError::ConnectionLost(e)) => return Err(e.into()),
+            Err(e) => return Err(CallError::Connection(e.to_string())),
+        }
+        let _ = send.finish();
+        let response = frame::read_frame::<CallResponse>(&mut recv.0, MAX_RESPONSE_BYTES).await?;
+        Ok(response)
+    }
+}
+
+impl Drop for QuicConnector {
+    fn drop(&mut self) {
+        if let Ok(slot) = self.connection.try_lock() {
+            if let Some(connection) = slot.as_ref() {
+                connection.close(ErrorCode::NoError.varint(), b"client done");
+            }
+        }
+    }
+}
+
+/// The receiving side of a call; dropping it before the response is read
+/// tells the server the call is given up.
+struct CancelOnDrop(RecvStream);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stop(ErrorCode::Cancelled.varint());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_is_the_default_server_name() {
+        assert_eq!(host_of("127.0.0.1:7000"), Some("127.0.0.1"));
+        assert_eq!(host_of("localhost:7000"), Some("localhost"));
+        assert_eq!(host_of("[::1]:7000"), Some("::1"));
+        assert_eq!(host_of("nohost"), None);
+        assert_eq!(host_of(":7000"), None);
+    }
+
+    #[test]
+    fn crypto_alerts_are_tls_failures_and_other_closes_are_not() {
+        use quinn::TransportErrorCode;
+        assert!(is_crypto(TransportErrorCode::crypto(0x2a)));
+        assert!(!is_crypto(TransportErrorCode::CONNECTION_REFUSED));
+    }
+}

@@ -1,0 +1,204 @@
+//! QUIC transport (quinn + rustls): the same calls as gRPC, one
+//! bidirectional stream per call, each message one length-delimited
+//! [`CallRequest`](crate::proto::CallRequest) or
+//! [`CallResponse`](crate::proto::CallResponse) envelope. `proto/QUIC.md` is
+//! the wire contract; this module is its implementation.
+//!
+//! Owns: the protocol constants (ALPN, stream error codes), the limits that
+//! keep a peer from exhausting the server (concurrent streams, connections,
+//! frame size, idle timeout, keep-alive) and the quinn configurations built
+//! from them. The sockets are not ours: [`server::serve`] takes a
+//! [`quinn::Endpoint`] from its caller, and the client can be handed one, so
+//! an endpoint over another [`quinn::AsyncUdpSocket`] and
+//! [`quinn::Runtime`] (a simulated network) plugs in unchanged.
+//!
+//! 0-RTT stays off on both sides. A 0-RTT request can be replayed by anyone
+//! who recorded it; request ids make most replays harmless, but not those of
+//! calls without one (status, reads, an old-style acquire) nor a replay that
+//! arrives after its id left the bounded dedup memory. 0-RTT would only save
+//! one round trip when a connection is made, which a client does once.
+//!
+//! Files: `frame.rs` the framing, `server.rs` the endpoint's accept loop and
+//! one task per stream, `client.rs` one lazily made connection per server.
+
+pub mod client;
+pub mod frame;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+use super::tls::{ServerTls, TlsError};
+
+/// The ALPN protocol name both sides offer; a peer without it is refused
+/// during the handshake.
+pub const ALPN: &[u8] = b"dlm/1";
+
+/// Most streams (calls) one connection may have open at once. A peer that
+/// opens more waits for QUIC stream credit: nothing more is accepted.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// Most connections the server keeps at once; more are refused.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// A connection on which nothing was received for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Both sides send a ping after this long without sending, so a live but
+/// quiet peer (a client waiting on a long acquire) keeps its connection and a
+/// dead one is noticed within [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// How long a request may take to arrive whole once its stream is open.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Room in a request frame for everything but an append's content.
+pub const FRAME_OVERHEAD: usize = 64 << 10;
+
+/// Largest response a client accepts (a file read returns a whole file).
+pub const MAX_RESPONSE_BYTES: usize = 1 << 32;
+
+/// Application error codes of `RESET_STREAM`, `STOP_SENDING` and
+/// `CONNECTION_CLOSE`; see `proto/QUIC.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// Closing a connection normally (the server shuts down).
+    NoError = 0x0,
+    /// The request is not one well-formed frame holding a `CallRequest`.
+    MalformedFrame = 0x1,
+    /// The request frame declares or has more bytes than the server takes.
+    FrameTooLarge = 0x2,
+    /// The envelope holds no call this server knows.
+    UnknownCall = 0x3,
+    /// The server is shutting down; retry (elsewhere).
+    Unavailable = 0x4,
+    /// The request's `timeout_ms` passed before the answer.
+    DeadlineExceeded = 0x5,
+    /// The client gave up on the call.
+    Cancelled = 0x6,
+    /// The request did not arrive whole within the server's time.
+    IncompleteRequest = 0x7,
+}
+
+impl ErrorCode {
+    /// As a QUIC variable-length integer.
+    pub fn varint(self) -> VarInt {
+        VarInt::from_u32(self as u32)
+    }
+
+    /// The code of a raw value, if it is one of ours.
+    pub fn from_raw(raw: u64) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            NoError,
+            MalformedFrame,
+            FrameTooLarge,
+            UnknownCall,
+            Unavailable,
+            DeadlineExceeded,
+            Cancelled,
+            IncompleteRequest,
+        ]
+        .into_iter()
+        .find(|code| *code as u64 == raw)
+    }
+}
+
+/// Transport parameters both sides use: the stream and idle limits above,
+/// no unidirectional streams, no datagrams.
+pub fn transport_config() -> TransportConfig {
+    let mut config = TransportConfig::default();
+    config
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is a valid idle timeout"),
+        ))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .datagram_receive_buffer_size(None);
+    config
+}
+
+/// The quinn server configuration for `tls` (TLS 1.3, ALPN [`ALPN`], no
+/// 0-RTT) with [`transport_config`].
+///
+/// # Errors
+/// [`TlsError`] when the certificates are unusable.
+pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = QuicServerConfig::try_from(tls.rustls_config(&[ALPN])?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The quinn client configuration for `ca_pem` and an optional client
+/// `identity` (certificate chain and key, PEM).
+///
+/// # Errors
+/// [`TlsError`] when the certificates are unusable.
+pub fn client_config(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let rustls = super::tls::client_rustls_config(ca_pem, identity, &[ALPN])?;
+    let crypto = QuicClientConfig::try_from(rustls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The endpoint configuration of a server whose connection ids and
+/// stateless-reset tokens are derived from `secret`. Keeping the secret
+/// across restarts (see [`super::tls::secret`]) lets a restarted server
+/// recognise the connection ids of its previous run and reset those
+/// connections, so their clients reconnect at once instead of waiting for
+/// the idle timeout.
+pub fn endpoint_config(secret: &[u8; 32]) -> quinn::EndpointConfig {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, b"dlm connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
+/// A server endpoint on an already bound UDP `socket`, on tokio.
+///
+/// # Errors
+/// When the socket cannot be handed to tokio.
+pub fn server_endpoint(
+    socket: std::net::UdpSocket,
+    endpoint: quinn::EndpointConfig,
+    config: quinn::ServerConfig,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        endpoint,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_round_trip_and_unknown_values_are_none() {
+        for raw in 0..8u64 {
+            let code = ErrorCode::from_raw(raw).unwrap();
+            assert_eq!(code as u64, raw);
+            assert_eq!(code.varint().into_inner(), raw);
+        }
+        assert_eq!(ErrorCode::from_raw(8), None);
+    }
+}

@@ -1,0 +1,185 @@
+//! The QUIC server: an accept loop over a caller's [`Endpoint`], a task per
+//! connection, a task per stream (call).
+//!
+//! Owns: the life of connections and streams, and the limits on them. A
+//! stream's task reads one request frame, hands the call to
+//! [`calls::dispatch`], and writes one response frame. While the call waits
+//! (a long acquire) it watches for the client giving up — `STOP_SENDING` on
+//! the stream, or the connection ending — and then drops the call's future,
+//! which is how the core learns that a call was cut off. A bad request resets
+//! only its own stream. Must not: know what a call means (that is
+//! [`calls`]), or bind sockets (the caller does).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Endpoint, Incoming, RecvStream, SendStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::frame;
+use super::{ErrorCode, MAX_CONNECTIONS, REQUEST_TIMEOUT};
+use crate::proto::{CallRequest, CallResponse};
+use crate::server::Handle;
+use crate::transport::calls;
+
+/// What the server accepts from a peer.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest request frame body, in bytes.
+    pub max_request_bytes: usize,
+    /// Most connections at once; more are refused during the handshake.
+    pub max_connections: usize,
+    /// How long a request may take to arrive whole.
+    pub request_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits for a server whose largest append is `max_append_bytes`.
+    pub fn for_max_append(max_append_bytes: usize) -> Limits {
+        Limits {
+            max_request_bytes: max_append_bytes.saturating_add(super::FRAME_OVERHEAD),
+            max_connections: MAX_CONNECTIONS,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// Serves calls arriving on `endpoint` until `shutdown` resolves, then
+/// closes every connection (calls in progress are cut off, and clients
+/// retry elsewhere) and waits until the endpoint is idle.
+pub async fn serve(
+    endpoint: Endpoint,
+    handle: Handle,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        connections.spawn(serve_connection(incoming, handle.clone(), limits, slot));
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %incoming.remote_address(), "too many QUIC connections; refusing");
+                        incoming.refuse();
+                    }
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    endpoint.close(ErrorCode::NoError.varint(), b"server shutting down");
+    connections.shutdown().await;
+    // Lets the close reach the peers; bounded by the idle timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// One connection: a task per stream until the connection ends, then the
+/// streams still running are aborted (their calls cut off).
+async fn serve_connection(
+    incoming: Incoming,
+    handle: Handle,
+    limits: Limits,
+    _slot: OwnedSemaphorePermit,
+) {
+    let peer = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "QUIC handshake failed");
+            return;
+        }
+    };
+    tracing::debug!(%peer, "QUIC connection");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(handle.clone(), send, recv, limits));
+                }
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "QUIC connection ended");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    streams.shutdown().await;
+    drop(connection);
+}
+
+/// Resets both directions of a stream with `code`.
+fn refuse(send: &mut SendStream, recv: &mut RecvStream, code: ErrorCode) {
+    let _ = recv.stop(code.varint());
+    let _ = send.reset(code.varint());
+}
+
+/// One call: request frame in, response frame out.
+async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream, limits: Limits) {
+    let read = tokio::time::timeout(
+        limits.request_timeout,
+        frame::read_frame::<CallRequest>(&mut recv, limits.max_request_bytes),
+    )
+    .await;
+    let request = match read {
+        Ok(Ok(request)) => request,
+        Ok(Err(error)) => {
+            if let Some(code) = error.code() {
+                tracing::debug!(stream = %send.id(), %error, "refusing a bad request frame");
+                refuse(&mut send, &mut recv, code);
+            }
+            return;
+        }
+        Err(_elapsed) => {
+            tracing::debug!(stream = %send.id(), "request frame incomplete in time");
+            refuse(&mut send, &mut recv, ErrorCode::IncompleteRequest);
+            return;
+        }
+    };
+    drop(recv);
+    let Some(call) = request.call else {
+        let _ = send.reset(ErrorCode::UnknownCall.varint());
+        return;
+    };
+    let deadline = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
+    let stopped = send.stopped();
+    let answer = tokio::select! {
+        answer = calls::dispatch(&handle, call) => answer,
+        // The client gave up or the connection ended: dropping the call's
+        // future tells the core.
+        _ = stopped => return,
+        () = sleep_opt(deadline) => {
+            let _ = send.reset(ErrorCode::DeadlineExceeded.varint());
+            return;
+        }
+    };
+    match answer {
+        Ok(reply) => {
+            let response = CallResponse { reply: Some(reply) };
+            if send.write_all(&frame::encode(&response)).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Err(_shutting_down) => {
+            let _ = send.reset(ErrorCode::Unavailable.varint());
+        }
+    }
+}
+
+/// Sleeps for `duration`; forever when `None`.
+async fn sleep_opt(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
+    }
+}

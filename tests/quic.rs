@@ -1,0 +1,279 @@
+//! The QUIC wire below the client library, as `proto/QUIC.md` describes it:
+//! a bad request resets only its own stream with a clear code, and a peer
+//! that opens streams without end is held to the stream limit while others
+//! are served. (A client killed in the middle of an acquire is a scenario of
+//! `blackbox.rs`, over every transport.)
+
+// Only the core is barred from spawning tasks (clippy.toml); tests may.
+#![allow(clippy::disallowed_methods)]
+
+#[macro_use]
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use common::{ServerProcess, Wire};
+use dlm::client::AcquireOptions;
+use dlm::proto::{
+    call_request::Call, call_response::Reply, CallRequest, CallResponse, FileArgs, StatusArgs,
+};
+use dlm::transport::quic::client::QuicConnector;
+use dlm::transport::quic::{self, frame, ErrorCode, MAX_STREAMS_PER_CONNECTION};
+use prost::Message as _;
+
+/// A raw QUIC connector to `server`, trusting its development CA.
+fn connector(server: &ServerProcess) -> QuicConnector {
+    let ca = std::fs::read(server.ca().expect("QUIC servers print their CA")).unwrap();
+    let config = quic::client_config(&ca, None).unwrap();
+    QuicConnector::new(server.client_addr(), None, config, None).unwrap()
+}
+
+fn status_request() -> CallRequest {
+    CallRequest {
+        call: Some(Call::LockStatus(StatusArgs {})),
+        timeout_ms: 0,
+    }
+}
+
+/// Whether `response` is an OK status reply.
+fn is_ok_status(response: &CallResponse) -> bool {
+    matches!(&response.reply, Some(Reply::LockStatus(s)) if s.status == 0)
+}
+
+/// Sends `bytes` as the whole request side of a new stream: the server's
+/// response bytes, or the code it reset the stream with.
+async fn send_raw(connection: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, u64> {
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // The server may stop reading early (that is the point of some cases).
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    match recv.read_to_end(1 << 20).await {
+        Ok(bytes) => Ok(bytes),
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => Err(code.into_inner()),
+        Err(other) => panic!("stream failed otherwise: {other}"),
+    }
+}
+
+/// A protobuf varint.
+fn varint(value: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    prost::encoding::encode_varint(value, &mut out);
+    out
+}
+
+#[tokio::test]
+async fn malformed_and_oversize_frames_reset_only_their_own_stream() {
+    let server = ServerProcess::start_over(Wire::Quic, &["--max-append-bytes", "1024"]);
+    let connector = connector(&server);
+    let connection = connector.connection().await.unwrap();
+    let good = frame::encode(&status_request());
+    let oversize_append = frame::encode(&CallRequest {
+        call: Some(Call::FileAppend(FileArgs {
+            client_id: 1,
+            filename: "file_0".into(),
+            content: vec![b'x'; 200 << 10],
+            token: "t".into(),
+            request_id: "r".into(),
+        })),
+        timeout_ms: 0,
+    });
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut cut_short = varint(50);
+    cut_short.extend_from_slice(&[0; 10]);
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        ("an empty stream", vec![], ErrorCode::MalformedFrame),
+        (
+            "a length prefix of 11 bytes",
+            vec![0xff; 11],
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "a body that is not protobuf",
+            vec![3, 0xff, 0xff, 0xff],
+            ErrorCode::MalformedFrame,
+        ),
+        ("a frame cut short", cut_short, ErrorCode::MalformedFrame),
+        ("bytes after the frame", trailing, ErrorCode::MalformedFrame),
+        (
+            "a prefix declaring 1 TiB",
+            varint(1 << 40),
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "a 200 KiB append",
+            oversize_append,
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "an envelope without a call",
+            frame::encode(&CallRequest::default()),
+            ErrorCode::UnknownCall,
+        ),
+    ];
+    for (name, bytes, code) in cases {
+        assert_eq!(
+            send_raw(&connection, &bytes).await,
+            Err(code as u64),
+            "{name}"
+        );
+        // Only that stream was reset: the connection serves the next one.
+        let answer = send_raw(&connection, &good).await.expect(name);
+        let response = CallResponse::decode_length_delimited(answer.as_slice()).unwrap();
+        assert!(is_ok_status(&response), "after {name}: {response:?}");
+    }
+    assert!(connection.close_reason().is_none());
+    // Other clients are unaffected.
+    let other = server.client(1);
+    let grant = other.acquire("", AcquireOptions::try_once()).await.unwrap();
+    other.release(&grant).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_streams_opened_at_once_are_all_answered() {
+    let server = ServerProcess::start_over(Wire::Quic, &[]);
+    let connector = Arc::new(connector(&server));
+    connector.connection().await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..10_000 {
+        let connector = connector.clone();
+        calls.spawn(async move { connector.call(&status_request()).await });
+    }
+    let mut answered = 0;
+    while let Some(result) = calls.join_next().await {
+        let response = result.unwrap().unwrap();
+        assert!(is_ok_status(&response), "{response:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, 10_000);
+    server.client(1).init().await.unwrap();
+}
+
+/// Polls `future` once: whether it is still pending.
+async fn is_pending<F: Future + Unpin>(future: &mut F) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx).is_pending())).await
+}
+
+#[tokio::test]
+async fn a_peer_that_opens_streams_without_end_is_held_to_the_stream_limit() {
+    let server = ServerProcess::start_over(Wire::Quic, &[]);
+    let connector = connector(&server);
+    let connection = connector.connection().await.unwrap();
+    // Every stream the server allows, each left with half a request.
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_CONNECTION {
+        let (mut send, recv) = connection.open_bi().await.unwrap();
+        send.write_all(&varint(5)).await.unwrap();
+        stalled.push((send, recv));
+    }
+    // One more is not granted: QUIC's stream credit is used up.
+    let mut next = Box::pin(connection.open_bi());
+    assert!(is_pending(&mut next).await);
+
+    // Meanwhile other clients are served as usual.
+    let other = server.client(1);
+    let grant = other.acquire("", AcquireOptions::try_once()).await.unwrap();
+    other.release(&grant).await.unwrap();
+
+    // Giving up the stalled streams frees their slots (QUIC announces new
+    // credit once an eighth of the limit is free), and the waiting one opens.
+    for (mut send, recv) in stalled {
+        send.reset(ErrorCode::Cancelled.varint()).unwrap();
+        drop(recv);
+    }
+    let (mut send, mut recv) = next.await.unwrap();
+    send.write_all(&frame::encode(&status_request()))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let answer = recv.read_to_end(1 << 20).await.unwrap();
+    let response = CallResponse::decode_length_delimited(answer.as_slice()).unwrap();
+    assert!(is_ok_status(&response), "{response:?}");
+}
+
+/// The waiters of `lock` as the server shows them: (client id, cut off).
+async fn waiters(server: &ServerProcess, lock: &str) -> Vec<(i32, bool)> {
+    let status = server.client(99).status().await.unwrap();
+    status
+        .locks
+        .iter()
+        .find(|l| l.name == lock)
+        .map(|l| {
+            l.waiters
+                .iter()
+                .map(|w| (w.client_id, w.detached))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the server shows exactly `expected` waiting for `lock`.
+async fn until_waiters(server: &ServerProcess, lock: &str, expected: &[(i32, bool)]) {
+    while waiters(server, lock).await != expected {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn acquire(client_id: i32, lock: &str, request_id: &str) -> CallRequest {
+    CallRequest {
+        call: Some(Call::LockAcquire(dlm::proto::LockArgs {
+            client_id,
+            lock_name: lock.into(),
+            request_id: request_id.into(),
+            ..Default::default()
+        })),
+        timeout_ms: 0,
+    }
+}
+
+#[tokio::test]
+async fn giving_up_a_call_or_losing_the_connection_cuts_the_waiter_off() {
+    let server = ServerProcess::start_over(Wire::Quic, &[]);
+    let holder = server.client(1);
+    let held = holder
+        .acquire("q", AcquireOptions::default())
+        .await
+        .unwrap();
+
+    // A waiter whose call is given up (STOP_SENDING on its stream) is cut off
+    // but keeps its place; the same request id on a new stream takes it back.
+    let connector = Arc::new(connector(&server));
+    let waiting = tokio::spawn({
+        let connector = connector.clone();
+        async move { connector.call(&acquire(2, "q", "r-2")).await }
+    });
+    until_waiters(&server, "q", &[(2, false)]).await;
+    waiting.abort();
+    until_waiters(&server, "q", &[(2, true)]).await;
+    let retried = tokio::spawn({
+        let connector = connector.clone();
+        async move { connector.call(&acquire(2, "q", "r-2")).await }
+    });
+    until_waiters(&server, "q", &[(2, false)]).await;
+
+    // A waiter whose connection closes is cut off too.
+    let other = Arc::new(self::connector(&server));
+    let lost = tokio::spawn({
+        let other = other.clone();
+        async move { other.call(&acquire(3, "q", "r-3")).await }
+    });
+    until_waiters(&server, "q", &[(2, false), (3, false)]).await;
+    other
+        .connection()
+        .await
+        .unwrap()
+        .close(ErrorCode::NoError.varint(), b"gone");
+    assert!(lost.await.unwrap().is_err());
+    until_waiters(&server, "q", &[(2, false), (3, true)]).await;
+
+    // The re-attached waiter is granted when the holder releases.
+    holder.release(&held).await.unwrap();
+    let response = retried.await.unwrap().unwrap();
+    assert!(
+        matches!(&response.reply, Some(Reply::LockAcquire(r)) if r.status == 0 && !r.token.is_empty()),
+        "{response:?}"
+    );
+}

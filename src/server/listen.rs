@@ -66,7 +66,10 @@ impl Bound {
     /// [`ServerError::Tls`] or [`ServerError::Config`] when the certificates
     /// cannot be made, read or used together.
     pub async fn bind(config: &ServerConfig) -> Result<Bound, ServerError> {
-        let wants_tls = config.tls || config.listen_quic.is_some();
+        let mut config = config.clone();
+        let quic_by_transport =
+            config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
+        let wants_tls = config.tls || config.listen_quic.is_some() || quic_by_transport;
         if config.client_ca.is_some() && !config.tls {
             return Err(ServerError::Config(
                 "--client-ca needs --tls: plain-text gRPC would admit clients without certificates"
@@ -81,6 +84,14 @@ impl Bound {
         let grpc = TcpListener::bind(config.listen)
             .await
             .map_err(|source| listen_error(config.listen, source))?;
+        if quic_by_transport {
+            // QUIC on the port gRPC got (which matters for port 0), over UDP.
+            config.listen_quic = Some(
+                grpc.local_addr()
+                    .map_err(|e| listen_error(config.listen, e))?,
+            );
+        }
+        let config = &config;
         let quic_socket = match config.listen_quic {
             Some(addr) => {
                 Some(std::net::UdpSocket::bind(addr).map_err(|source| listen_error(addr, source))?)

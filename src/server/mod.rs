@@ -55,6 +55,11 @@ pub struct ServerConfig {
     /// always TLS: see --cert.
     #[arg(long, value_name = "ADDR")]
     pub listen_quic: Option<SocketAddr>,
+    /// The transport clients use: `grpc`, or `quic` to serve QUIC on the
+    /// --listen address as well (same port, over UDP; gRPC stays on TCP for
+    /// the original clients). --listen-quic picks another QUIC address.
+    #[arg(long, value_enum, default_value_t = ServerTransport::Grpc)]
+    pub transport: ServerTransport,
     /// Serve gRPC over TLS instead of plain text.
     #[arg(long)]
     pub tls: bool,
@@ -99,6 +104,7 @@ impl ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen_quic: None,
+            transport: ServerTransport::Grpc,
             tls: false,
             cert: None,
             key: None,
@@ -124,6 +130,16 @@ impl ServerConfig {
             ..CoreConfig::default()
         }
     }
+}
+
+/// `dlm server --transport`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServerTransport {
+    /// gRPC on --listen (and QUIC only if --listen-quic is given).
+    #[default]
+    Grpc,
+    /// gRPC on --listen over TCP and QUIC on the same address over UDP.
+    Quic,
 }
 
 /// Why the server could not start or had to stop.

@@ -190,8 +190,9 @@ impl ServerProcess {
         if self.wire == Wire::GrpcTls && !self.extra.iter().any(|a| a == "--tls") {
             command.arg("--tls");
         }
-        if let Some(quic) = &self.quic_addr {
-            command.arg("--listen-quic").arg(quic);
+        if self.quic_addr.is_some() {
+            // QUIC on the --listen address (UDP), chosen by the server's flag.
+            command.arg("--transport").arg("quic");
         }
         let mut child = command
             .args(&self.extra)

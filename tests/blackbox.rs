@@ -446,7 +446,10 @@ async fn a_client_killed_in_the_middle_of_an_acquire_loses_its_locks_by_their_le
     )
     .await;
     let killed_fence = fence_of(&held);
-    let b = c1.acquire("b", AcquireOptions::default()).await.unwrap();
+    // c1 holds "b" on a long lease, so that it is still c1's to release
+    // however long the wait for "a" below takes on a loaded machine.
+    let long = AcquireOptions::default().lease(Duration::from_secs(60));
+    let b = c1.acquire("b", long).await.unwrap();
     let mut killed = server
         .cli(
             state.path(),
@@ -460,7 +463,6 @@ async fn a_client_killed_in_the_middle_of_an_acquire_loses_its_locks_by_their_le
     // Other clients are unaffected: c2 gets "a" once the killed client's
     // lease runs out, and "b" after c1's release (and after whatever grant
     // the killed waiter got meanwhile ran out).
-    let long = AcquireOptions::default().lease(Duration::from_secs(60));
     let a = c2.acquire("a", long).await.unwrap();
     assert!(a.fence > killed_fence, "{} <= {killed_fence}", a.fence);
     c1.release(&b).await.unwrap();

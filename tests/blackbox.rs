@@ -149,7 +149,7 @@ async fn a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter(wire: Wi
     let grant = c1
         .acquire(
             "",
-            AcquireOptions::default().lease(Duration::from_millis(300)),
+            AcquireOptions::default().lease(Duration::from_millis(1500)),
         )
         .await
         .unwrap();

@@ -60,6 +60,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            biased;
             () = &mut shutdown => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
@@ -102,6 +103,7 @@ async fn serve_connection(
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {
+            biased;
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(serve_stream(handle.clone(), send, recv, limits));
@@ -154,6 +156,7 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
     let deadline = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
     let stopped = send.stopped();
     let answer = tokio::select! {
+        biased;
         answer = calls::dispatch(&handle, call) => answer,
         // The client gave up or the connection ended: dropping the call's
         // future tells the core.

@@ -23,6 +23,9 @@ use crate::transport::quic::{self, ErrorCode};
 pub(crate) use crate::proto::call_request::Call;
 pub(crate) use crate::proto::call_response::Reply as Answer;
 
+/// How often an idle gRPC connection is pinged, and how long a ping may
+/// go unanswered before the connection is dropped.
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 /// One server, reached one way.
 #[derive(Clone, Debug)]
 pub(crate) enum Conn {
@@ -95,7 +98,13 @@ impl Conn {
                 let mut endpoint = tonic::transport::Endpoint::from_shared(uri)
                     .map_err(|e| bad(e.to_string()))?
                     .connect_timeout(connect_timeout)
-                    .tcp_nodelay(true);
+                    .tcp_nodelay(true)
+                    // A black-holed connection (peer gone without a FIN) is
+                    // noticed in seconds and redialled, instead of failing
+                    // attempt after attempt until TCP gives up.
+                    .http2_keep_alive_interval(KEEP_ALIVE)
+                    .keep_alive_timeout(KEEP_ALIVE)
+                    .keep_alive_while_idle(true);
                 let mut probe = None;
                 if let Some(tls) = tls {
                     let (config, name) = grpc_tls(addr, tls);

@@ -76,6 +76,35 @@ impl Workload {
 /// Most cycles one client runs in one row (the time bound comes first).
 const MAX_CYCLES: u64 = 10_000_000;
 
+/// `DLM_BENCH_TRACE_SLOW=MS`: print every acquire slower than MS to stderr
+/// (with its time), to find what stalls a row.
+fn trace_slow() -> Option<Duration> {
+    static SLOW: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *SLOW.get_or_init(|| {
+        std::env::var("DLM_BENCH_TRACE_SLOW")
+            .ok()
+            .and_then(|ms| ms.parse::<f64>().ok())
+            .filter(|ms| ms.is_finite() && *ms > 0.0)
+            .map(|ms| Duration::from_secs_f64(ms / 1e3))
+    })
+}
+
+/// Prints a call that took at least `DLM_BENCH_TRACE_SLOW` ms, with when it
+/// ended relative to the start of the measured span.
+fn trace(client: usize, what: &str, from: Instant, to: Instant, start: Instant) {
+    if trace_slow().is_some_and(|slow| to - from >= slow) {
+        let at = if to >= start {
+            (to - start).as_secs_f64()
+        } else {
+            -(start - to).as_secs_f64()
+        };
+        eprintln!(
+            "slow {what}: client {client} took {:.1} ms, ended at {at:+.3} s",
+            (to - from).as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// What one client measured.
 struct ClientResult {
     hist: hdrhistogram::Histogram<u64>,
@@ -130,6 +159,7 @@ async fn client_loop(
             }
         };
         let t1 = Instant::now();
+        trace(client_index, "acquire", t0, t1, start);
         // Inside the critical section: the order of these numbers is the
         // order of the grants.
         let s = seq.fetch_add(1, Ordering::SeqCst);
@@ -144,6 +174,7 @@ async fn client_loop(
                     break;
                 }
                 calls[n_calls] = t.elapsed();
+                trace(client_index, "append", t, t + calls[n_calls], start);
                 n_calls += 1;
                 ops += 1;
             }
@@ -154,6 +185,7 @@ async fn client_loop(
             continue;
         }
         calls[n_calls] = t.elapsed();
+        trace(client_index, "release", t, t + calls[n_calls], start);
         n_calls += 1;
         let t2 = Instant::now();
         if t1 >= start && t1 < end {
@@ -359,6 +391,9 @@ async fn run(settings: Settings) -> i32 {
         if !settings.wants_system(system.name()) {
             continue;
         }
+        if system == System::DlmB && std::env::var_os("DLM_BENCH_COMPARE_BIN").is_none() {
+            continue;
+        }
         match Server::start(system).await {
             Ok(Ok(server)) => {
                 println!(
@@ -409,7 +444,7 @@ async fn run(settings: Settings) -> i32 {
         }
         for clients in settings.client_counts(workload.default_clients()) {
             for server in &mut servers {
-                if workload == Workload::CriticalSection && server.system != System::Dlm {
+                if workload == Workload::CriticalSection && !server.system.is_dlm() {
                     continue;
                 }
                 if !server.alive() {
@@ -459,8 +494,7 @@ async fn run(settings: Settings) -> i32 {
             _ => Workload::CriticalSection,
         };
         let (per, parallel, note) = workload.bound_shape(row.clients);
-        let fsync = row.fsync_ms.unwrap_or(fsync_ms);
-        row.bound_per_sec = Some(physical::bound(fsync, rtt_ms, per, parallel));
+        row.bound_per_sec = Some(physical::bound(fsync_ms, rtt_ms, per, parallel));
         row.bound_note = note.to_owned();
     }
     drop(servers);
@@ -468,8 +502,9 @@ async fn run(settings: Settings) -> i32 {
     let table = report::table(&rows);
     println!();
     println!(
-        "bound per row: its own fsync probe (4 KiB append + fdatasync, mean of 0.25 s just \
-         before and after the row; whole run {fsync_ms:.3} ms) + TCP loopback RTT {rtt_ms:.3} ms"
+        "bound: fsync {fsync_ms:.3} ms (4 KiB append + fdatasync, mean of the 2 s probes before and \
+         after the rows) + TCP loopback RTT {rtt_ms:.3} ms; the fsync ms column is a 0.25 s probe \
+         just before and after each row, to spot rows the disk disturbed"
     );
     if let Some(g) = grpc_rtt {
         println!(

@@ -347,7 +347,7 @@ fn run(mix: Mix, records: u64) -> Result<Vec<serde_json::Value>> {
             cold.secs,
         );
         println!(
-            "|   | (phases, warm: open data files {:.1} ms, read + decode log {:.1} ms, replay {:.1} ms) | | | | | | |",
+            "|   | (phases, warm: open data files {:.1} ms, read + decode log {:.1} ms, restore snapshot + replay {:.1} ms) | | | | | | |",
             1e3 * open_s,
             1e3 * read_s,
             1e3 * replay_s

@@ -108,8 +108,8 @@ pub struct Row {
     /// CPU cores the bench (client) process used during the span.
     pub client_cpu: Option<f64>,
     pub errors: u64,
-    /// Mean 4 KiB append + fdatasync latency probed just before and just
-    /// after the row (the disk's latency drifts; the row's bound uses this).
+    /// Mean 4 KiB append + fdatasync latency probed for 0.25 s just before
+    /// and just after the row: shows when the disk drifted during a row.
     pub fsync_ms: Option<f64>,
     /// The fsync + round-trip bound on the row's headline figure, per second.
     pub bound_per_sec: Option<f64>,
@@ -172,7 +172,7 @@ pub fn table(rows: &[Row]) -> String {
         });
         let mut ratios = Vec::new();
         for peer in PEERS {
-            let ratio = if row.system == "dlm" {
+            let ratio = if row.system.starts_with("dlm") {
                 rows.iter()
                     .find(|r| {
                         r.system == peer && r.workload == row.workload && r.clients == row.clients

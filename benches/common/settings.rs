@@ -2,10 +2,16 @@
 //!
 //! Environment:
 //! - `DLM_BENCH_SECS` — measured seconds per row (default 3);
-//! - `DLM_BENCH_WARMUP_SECS` — warm-up seconds before each row (default 1).
+//! - `DLM_BENCH_WARMUP_SECS` — warm-up seconds before each row (default 1);
+//! - `DLM_BENCH_DLM_BIN` — another `dlm` binary to bench (default: the one
+//!   cargo built with the bench), e.g. to compare two builds;
+//! - `DLM_BENCH_COMPARE_BIN` — a second `dlm` binary, benched as `dlm-b`
+//!   next to `dlm` in the same run (A/B of two builds);
+//! - `DLM_BENCH_SERVER_ARGS` — extra `dlm server` flags (whitespace-separated);
+//! - `DLM_BENCH_RECORDS` — log lengths of the recovery bench.
 //!
-//! Arguments (after `--`) are filter words: a system (`dlm`, `etcd`,
-//! `redis` = both Redis rows, `redis-aof`, `redis-mem`), a workload
+//! Arguments (after `--`) are filter words: a system (`dlm` = both dlm
+//! builds, `dlm-b`, `etcd`, `redis` = both Redis rows, `redis-aof`, `redis-mem`), a workload
 //! (`uncontended`, `contended`, `critical-section`) or a client count (replaces
 //! the default counts). Words of one kind are alternatives; kinds combine.
 //! `cargo bench` itself passes `--bench`, which is ignored.
@@ -24,7 +30,7 @@ pub struct Settings {
     pub unknown: Vec<String>,
 }
 
-const SYSTEMS: [&str; 5] = ["dlm", "etcd", "redis", "redis-aof", "redis-mem"];
+const SYSTEMS: [&str; 6] = ["dlm", "dlm-b", "etcd", "redis", "redis-aof", "redis-mem"];
 const WORKLOADS: [&str; 3] = ["uncontended", "contended", "critical-section"];
 
 fn env_secs(name: &str, default: f64) -> f64 {
@@ -79,7 +85,7 @@ impl Settings {
             || self
                 .systems
                 .iter()
-                .any(|s| s == system || (s == "redis" && system.starts_with("redis")))
+                .any(|s| s == system || (s.len() < system.len() && system.starts_with(s.as_str())))
     }
 
     /// Whether `workload` was selected.

@@ -34,6 +34,9 @@ pub const LEASE_MS: u64 = 30_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum System {
     Dlm,
+    /// A second dlm build (`DLM_BENCH_COMPARE_BIN`), benched next to the
+    /// first in the same run; absent unless that variable is set.
+    DlmB,
     Etcd,
     RedisAof,
     RedisMem,
@@ -41,8 +44,9 @@ pub enum System {
 
 impl System {
     /// Every system, in table order.
-    pub const ALL: [System; 4] = [
+    pub const ALL: [System; 5] = [
         System::Dlm,
+        System::DlmB,
         System::Etcd,
         System::RedisAof,
         System::RedisMem,
@@ -52,6 +56,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Dlm => "dlm",
+            System::DlmB => "dlm-b",
             System::Etcd => "etcd",
             System::RedisAof => "redis-aof",
             System::RedisMem => "redis-mem",
@@ -61,7 +66,7 @@ impl System {
     /// Its wire protocol.
     pub fn transport(self) -> &'static str {
         match self {
-            System::Dlm | System::Etcd => "grpc",
+            System::Dlm | System::DlmB | System::Etcd => "grpc",
             System::RedisAof | System::RedisMem => "resp",
         }
     }
@@ -69,16 +74,24 @@ impl System {
     /// What durability it gives.
     pub fn durability(self) -> &'static str {
         match self {
-            System::Dlm => "fdatasync per group commit",
+            System::Dlm | System::DlmB => "fdatasync per group commit",
             System::Etcd => "raft WAL fsync (default)",
             System::RedisAof => "appendfsync always",
             System::RedisMem => "none",
         }
     }
 
+    /// dlm itself (either build).
+    pub fn is_dlm(self) -> bool {
+        matches!(self, System::Dlm | System::DlmB)
+    }
+
     fn program(self) -> Option<PathBuf> {
         match self {
             System::Dlm => Some(dlm_binary()),
+            System::DlmB => std::env::var_os("DLM_BENCH_COMPARE_BIN")
+                .filter(|bin| !bin.is_empty())
+                .map(PathBuf::from),
             System::Etcd => procs::which("etcd"),
             System::RedisAof | System::RedisMem => procs::which("redis-server"),
         }
@@ -135,7 +148,7 @@ impl Server {
         let log = dir.path().join("server.log");
         let version = version_of(system, &program);
         let server = match system {
-            System::Dlm => {
+            System::Dlm | System::DlmB => {
                 let mut command = Command::new(&program);
                 command
                     .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -144,7 +157,7 @@ impl Server {
                 if let Ok(extra) = std::env::var("DLM_BENCH_SERVER_ARGS") {
                     command.args(extra.split_whitespace());
                 }
-                let mut guard = procs::spawn("dlm", command, &log, true)?;
+                let mut guard = procs::spawn(system.name(), command, &log, true)?;
                 let line = procs::wait_for_line(&mut guard, "serving", Duration::from_secs(60))?;
                 let port = line
                     .split_whitespace()
@@ -234,8 +247,8 @@ impl Server {
 }
 
 fn version_of(system: System, program: &std::path::Path) -> String {
-    if system == System::Dlm {
-        return format!("dlm {}", env!("CARGO_PKG_VERSION"));
+    if system.is_dlm() {
+        return format!("dlm {} ({})", env!("CARGO_PKG_VERSION"), program.display());
     }
     Command::new(program)
         .arg("--version")
@@ -273,7 +286,9 @@ impl Conn {
     /// When the server can not be reached.
     pub async fn connect(server: &Server, client: i32, tag: &str) -> Result<Conn> {
         Ok(match server.system {
-            System::Dlm => Conn::Dlm(DlmConn::connect(server.port, client, tag).await?),
+            System::Dlm | System::DlmB => {
+                Conn::Dlm(DlmConn::connect(server.port, client, tag).await?)
+            }
             System::Etcd => Conn::Etcd(EtcdConn::connect(server.port).await?),
             System::RedisAof | System::RedisMem => {
                 Conn::Redis(RedisConn::connect(server.port, &format!("{tag}-{client}")).await?)

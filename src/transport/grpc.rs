@@ -11,6 +11,7 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
 use super::calls;
@@ -64,13 +65,21 @@ pub async fn serve(
     tls: Option<&ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls.tonic_config())?;
     }
+    // tonic's own `tcp_nodelay` does not apply to an incoming stream we hand
+    // it, so set it on every accepted socket: with Nagle on, a reply written
+    // right after an HTTP/2 window update waits ~40 ms for a delayed ACK.
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    });
     builder
         .add_service(GrpcService::new(handle).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

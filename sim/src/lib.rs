@@ -14,7 +14,10 @@
 //! - [`tier2`]: the real server shell, log, gRPC transport and client
 //!   library on turmoil's simulated TCP and disk, with partitions, held and
 //!   failing links, a duplicating relay, client crashes and stalls, server
-//!   restarts, power losses and aimed power cuts.
+//!   restarts, power losses and aimed power cuts; or the same over QUIC.
+//! - [`quic_turmoil`]: quinn on turmoil — a UDP socket and a runtime for
+//!   quinn over turmoil's network and clock, and seeded QUIC material — so
+//!   that dlm's QUIC transport runs in tier 2 and replays from a seed.
 
 pub mod disk;
 pub mod history;

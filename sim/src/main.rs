@@ -89,7 +89,9 @@ fn parse() -> Args {
         std::process::exit(2);
     }
     if args.tier == 1 && transport_given {
-        eprintln!("tier 1 has no transport (its network carries messages); --transport is for tier 2");
+        eprintln!(
+            "tier 1 has no transport (its network carries messages); --transport is for tier 2"
+        );
         std::process::exit(2);
     }
     args

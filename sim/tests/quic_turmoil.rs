@@ -1,8 +1,9 @@
 //! quinn over turmoil, on its own: a dlm server (the real `recover`, `Node`
-//! with its writer as a task, and the QUIC transport's `serve`) and clients
-//! of the real client library over QUIC, on turmoil's simulated UDP with
-//! latency jitter and packet loss, which QUIC repairs. Two runs of a seed
-//! must give the same packet schedule and the same history.
+//! with its writer as a task, and the QUIC transport's `serve`, on sim's
+//! in-memory disk) and clients of the real client library over QUIC, on
+//! turmoil's simulated UDP with latency jitter and packet loss, which QUIC
+//! repairs. Two runs of a seed must give the same packet schedule and the
+//! same history. `DLM_SIM_QUIC_SEEDS=N` runs N seeds in each test.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -39,7 +40,10 @@ struct Run {
 type Events = Arc<Mutex<Vec<String>>>;
 
 fn note(events: &Events, line: String) {
-    events.lock().unwrap().push(format!("{:>6} {line}", now_ms()));
+    events
+        .lock()
+        .unwrap()
+        .push(format!("{:>6} {line}", now_ms()));
 }
 
 async fn server(quic: SimQuic, disk: SimDisk, tap: Tap) -> turmoil::Result {
@@ -108,10 +112,18 @@ fn run(seed: u64, fail_rate: f64) -> Run {
         .build();
     {
         let (quic, disk, tap) = (quic.clone(), disk.clone(), tap("server"));
-        sim.host("server", move || server(quic.clone(), disk.clone(), tap.clone()));
+        sim.host("server", move || {
+            server(quic.clone(), disk.clone(), tap.clone())
+        });
     }
     for id in 1..=CLIENTS {
-        let future = client(id, seed, quic.clone(), tap(&format!("client{id}")), events.clone());
+        let future = client(
+            id,
+            seed,
+            quic.clone(),
+            tap(&format!("client{id}")),
+            events.clone(),
+        );
         sim.client(format!("client{id}"), future);
     }
     if let Err(e) = sim.run() {
@@ -139,9 +151,14 @@ fn check(seed: u64, run: &Run) {
         "seed {seed}: {text}"
     );
     for pair in markers.chunks(2) {
-        let first = pair[0].strip_suffix("0]").expect("a section starts with part 0");
+        let first = pair[0]
+            .strip_suffix("0]")
+            .expect("a section starts with part 0");
         let second = pair[1].strip_suffix("1]").expect("and ends with part 1");
-        assert_eq!(first, second, "seed {seed}: a torn critical section in {text}");
+        assert_eq!(
+            first, second,
+            "seed {seed}: a torn critical section in {text}"
+        );
     }
     let mut fences: Vec<u64> = run
         .events
@@ -152,15 +169,24 @@ fn check(seed: u64, run: &Run) {
     let acquired = fences.clone();
     fences.sort_unstable();
     fences.dedup();
-    assert_eq!(fences, acquired, "seed {seed}: fences go up: {:?}", run.events);
+    assert_eq!(
+        fences, acquired,
+        "seed {seed}: fences go up: {:?}",
+        run.events
+    );
+}
+
+/// `DLM_SIM_QUIC_SEEDS` (default `default`) seeds.
+fn seeds(default: u64) -> u64 {
+    std::env::var("DLM_SIM_QUIC_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]
 fn acquire_append_release_over_quic_on_a_lossy_network() {
-    let seeds: u64 = std::env::var("DLM_SIM_QUIC_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+    let seeds = seeds(8);
     let mut lost = 0;
     for seed in 0..seeds {
         // From 1 % to 8 % of messages break their link, losing what is in
@@ -176,8 +202,7 @@ fn acquire_append_release_over_quic_on_a_lossy_network() {
 
 #[test]
 fn the_same_seed_twice_gives_the_same_packet_schedule_and_history() {
-    let seeds: Vec<u64> = match std::env::var("DLM_SIM_QUIC_DET") { Ok(n) => (0..n.parse().unwrap()).collect(), Err(_) => vec![3, 11] };
-    for seed in seeds {
+    for seed in 0..seeds(3) {
         let a = run(seed, 0.05);
         let b = run(seed, 0.05);
         assert_eq!(a, b, "seed {seed}");

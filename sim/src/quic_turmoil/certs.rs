@@ -9,13 +9,13 @@
 //! certificate and of the handshake's `CertificateVerify` — and with it how
 //! QUIC packs the handshake into packets — would vary from run to run.
 
+use quinn::rustls::pki_types::PrivatePkcs8KeyDer;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ED25519,
 };
-use quinn::rustls::pki_types::PrivatePkcs8KeyDer;
 
 /// The PKCS#8 (v1) prefix of an Ed25519 private key; the 32-byte seed follows.
 const ED25519_PKCS8_PREFIX: [u8; 16] = [

@@ -32,10 +32,16 @@
 //! of packets, never their number, sizes or timing: key shares, randoms,
 //! connection ids and ticket ids have fixed sizes, Ed25519 signatures are
 //! always 64 bytes, and nothing quinn or dlm decides depends on their
-//! values. [`PacketLog`] hashes the packet schedule — simulated time,
-//! direction, addresses and length of every datagram — and the tests assert
+//! values. [`PacketLog`] hashes the packet schedule — simulated time, host,
+//! direction, peer and length of every datagram — and the tests assert
 //! that it is the same for two runs of a seed, along with everything dlm
 //! did.
+//!
+//! One more source of randomness is tokio's: `select!` polls its branches
+//! from a random start, from an RNG that turmoil seeds only under
+//! `--cfg tokio_unstable`. dlm's QUIC server therefore selects `biased;`
+//! (an answer ready in the same instant as the client's `STOP_SENDING` or
+//! the deadline went out in one run and not in another).
 
 mod certs;
 mod socket;
@@ -246,14 +252,12 @@ impl SimQuic {
     fn endpoint_config(secret: &[u8; 32], seed: u64) -> quinn::EndpointConfig {
         let mut config = quic::endpoint_config(secret);
         let key = u64::from_le_bytes(secret[..8].try_into().expect("8 bytes"));
-        config
-            .rng_seed(Some(seeded(seed)))
-            .cid_generator(move || {
-                Box::new(SeededCids {
-                    rng: ChaCha8Rng::seed_from_u64(seed ^ 0xc1d5),
-                    key,
-                })
-            });
+        config.rng_seed(Some(seeded(seed))).cid_generator(move || {
+            Box::new(SeededCids {
+                rng: ChaCha8Rng::seed_from_u64(seed ^ 0xc1d5),
+                key,
+            })
+        });
         config
     }
 

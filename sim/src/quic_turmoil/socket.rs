@@ -66,8 +66,10 @@ impl Default for PacketLog {
 impl PacketLog {
     fn record(&self, host: &str, sent: bool, peer: SocketAddr, len: usize) {
         let now = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
-        let line = format!("{now} {host} {} {peer} {len}\n", if sent { '>' } else { '<' });
-        if std::env::var("DLM_PKT").is_ok() { eprint!("PKT {line}"); }
+        let line = format!(
+            "{now} {host} {} {peer} {len}\n",
+            if sent { '>' } else { '<' }
+        );
         let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for byte in line.bytes() {
             state.hash ^= u64::from(byte);
@@ -242,7 +244,8 @@ impl AsyncUdpSocket for SimUdpSocket {
                 return Poll::Ready(Ok(received));
             }
             let socket = self.socket.clone();
-            let wait = readable.get_or_insert_with(|| Box::pin(async move { socket.readable().await }));
+            let wait =
+                readable.get_or_insert_with(|| Box::pin(async move { socket.readable().await }));
             match wait.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(result) => {

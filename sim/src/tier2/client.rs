@@ -373,13 +373,15 @@ fn short(token: &str) -> &str {
 /// nothing is left held and reads the files, whenever the driver asks.
 pub(crate) async fn checker(shared: Arc<Shared>) -> turmoil::Result {
     let built = async {
-        let (reader, _) = build(CHECKER_ID, "checker", "server", 0xc4ec_4e55, &shared, false).await?;
+        let (reader, _) =
+            build(CHECKER_ID, "checker", "server", 0xc4ec_4e55, &shared, false).await?;
         let auditor = Client::builder(CHECKER_ID + 1)
             .seed(0xa0d1_7000)
             .attempt_timeout(ms(200))
             .retry_budget(ms(400))
             .backoff(ms(10), ms(100));
-        let (auditor, _) = connect(auditor, "checker", "server", 0xa0d1_7000, &shared, false).await?;
+        let (auditor, _) =
+            connect(auditor, "checker", "server", 0xa0d1_7000, &shared, false).await?;
         Ok::<_, Error>((reader, auditor))
     };
     let (reader, auditor) = match built.await {

@@ -374,8 +374,7 @@ impl Driver {
             trace: Tracer::new(trace),
             transport,
             // From the seed itself, so that a gRPC run draws as before.
-            quic: (transport == Transport::Quic)
-                .then(|| quic::QuicWorld::new(seed ^ 0x9017_c0de)),
+            quic: (transport == Transport::Quic).then(|| quic::QuicWorld::new(seed ^ 0x9017_c0de)),
         };
         Driver {
             sim,

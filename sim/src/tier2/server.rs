@@ -137,7 +137,8 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
             shared.with(|s| s.problems.push(format!("the server cannot listen: {e}")));
         }
         let stopped = node.shutdown().await;
-        shared.with(|s| s.log(|| format!("server stopped: served {served:?}, storage {stopped:?}")));
+        shared
+            .with(|s| s.log(|| format!("server stopped: served {served:?}, storage {stopped:?}")));
         std::future::pending::<()>().await;
         return Ok(());
     }

@@ -59,6 +59,8 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // `biased`: branches in a fixed order rather than tokio's random
+        // one, so that a simulation replays from its seed.
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -102,6 +104,7 @@ async fn serve_connection(
     tracing::debug!(%peer, "QUIC connection");
     let mut streams = JoinSet::new();
     loop {
+        // `biased`: a fixed order, so that a simulation replays.
         tokio::select! {
             biased;
             accepted = connection.accept_bi() => match accepted {
@@ -155,6 +158,9 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
     };
     let deadline = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
     let stopped = send.stopped();
+    // `biased`: an answer that is ready goes out even if the client gave up
+    // or the deadline passed in the same instant, and a simulation replays
+    // (tokio's random pick of a branch is not seeded).
     let answer = tokio::select! {
         biased;
         answer = calls::dispatch(&handle, call) => answer,

@@ -228,13 +228,15 @@ pub fn recover(
             files.apply(&write)?;
         }
     }
-    let short = files.trim_to(&core.snapshot().file_lengths)?;
+    // One copy of the state serves both the trim and the report (a snapshot
+    // copies the whole dedup memory, which is not free on a large server).
+    let snapshot = core.snapshot();
+    let short = files.trim_to(&snapshot.file_lengths)?;
     if !short.is_empty() {
         tracing::warn!(files = ?short, "data files were shorter than committed; damaged outside dlm");
     }
     files.sync()?;
     core.resume(now);
-    let snapshot = core.snapshot();
     let report = RecoveryReport {
         records_replayed: recovered.records.len(),
         torn_bytes: recovered.torn_bytes,

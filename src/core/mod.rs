@@ -663,8 +663,8 @@ impl Core {
         lease: Millis,
         step: &mut Step,
     ) -> types::GrantInfo {
-        self.last_fence = Fence(self.last_fence.0 + 1);
-        let fence = self.last_fence;
+        let fence = self.next_fence();
+        self.last_fence = fence;
         let token = self.new_token();
         let deadline = self.now.plus(lease);
         self.timers.arm(deadline, Timer::Lease(lock.clone()));
@@ -687,6 +687,11 @@ impl Core {
         let info = grant.info(&lock);
         self.locks.entry(lock).or_default().holder = Some(grant);
         info
+    }
+
+    /// The fencing number the next grant gets.
+    fn next_fence(&self) -> Fence {
+        Fence(self.last_fence.0 + 1)
     }
 
     fn new_token(&mut self) -> Token {
@@ -735,7 +740,7 @@ impl Core {
                 state.waiters.front().map(|w| w.id)
             }
         });
-        let fence = Fence(self.last_fence.0 + 1);
+        let fence = self.next_fence();
         match next.and_then(|id| self.remove_waiter(id, Some(fence), step)) {
             Some(waiter) => {
                 let info = self.grant(lock.to_owned(), waiter.client, waiter.lease, step);

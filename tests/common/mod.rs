@@ -137,15 +137,20 @@ impl ServerProcess {
     /// server serves), with `extra` flags.
     pub fn start_over(wire: Wire, extra: &[&str]) -> ServerProcess {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let data_dir = tmp.path().join("data");
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        ServerProcess::launch(wire, tmp, extra)
+    }
+
+    /// Starts a server over `wire` with its data under `tmp`/data.
+    fn launch(wire: Wire, tmp: tempfile::TempDir, extra: Vec<String>) -> ServerProcess {
         let mut server = ServerProcess {
             child: None,
             wire,
-            data_dir,
+            data_dir: tmp.path().join("data"),
             addr: "127.0.0.1:0".to_owned(),
             quic_addr: (wire == Wire::Quic).then(|| "127.0.0.1:0".to_owned()),
             ca: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             _tmp: Some(tmp),
         };
         server.spawn().expect("server starts");
@@ -158,24 +163,16 @@ impl ServerProcess {
     pub fn start_requiring_client_certs(wire: Wire) -> ServerProcess {
         assert!(wire.is_tls(), "client certificates need TLS");
         let tmp = tempfile::tempdir().expect("temp dir");
-        let data_dir = tmp.path().join("data");
-        let ca = data_dir.join("state/tls/ca.pem").display().to_string();
+        let ca = tmp
+            .path()
+            .join("data/state/tls/ca.pem")
+            .display()
+            .to_string();
         let mut extra = vec!["--client-ca".to_owned(), ca];
         if wire == Wire::Quic {
             extra.push("--tls".to_owned());
         }
-        let mut server = ServerProcess {
-            child: None,
-            wire,
-            data_dir,
-            addr: "127.0.0.1:0".to_owned(),
-            quic_addr: (wire == Wire::Quic).then(|| "127.0.0.1:0".to_owned()),
-            ca: None,
-            extra,
-            _tmp: Some(tmp),
-        };
-        server.spawn().expect("server starts");
-        server
+        ServerProcess::launch(wire, tmp, extra)
     }
 
     /// Spawns the process; returns its stderr if it exits before serving.

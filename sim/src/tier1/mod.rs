@@ -82,7 +82,7 @@ impl Scenario {
 pub const LIVENESS_BOUND_MS: u64 = 6_000;
 
 /// A packet or a timer.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Event {
     ToServer {
         client: usize,
@@ -306,7 +306,7 @@ impl World {
             let this = if copy + 1 == copies {
                 event.take()
             } else {
-                event.as_ref().map(clone_event)
+                event.clone()
             };
             if let Some(this) = this {
                 self.at(at, this);
@@ -496,45 +496,6 @@ impl World {
         }
         violations.extend(self.history.check(&files));
         violations
-    }
-}
-
-fn clone_event(event: &Event) -> Event {
-    match event {
-        Event::ToServer {
-            client,
-            incarnation,
-            attempt,
-            request_id,
-            request,
-        } => Event::ToServer {
-            client: *client,
-            incarnation: *incarnation,
-            attempt: *attempt,
-            request_id: request_id.clone(),
-            request: request.clone(),
-        },
-        Event::Cancel {
-            client,
-            incarnation,
-            attempt,
-        } => Event::Cancel {
-            client: *client,
-            incarnation: *incarnation,
-            attempt: *attempt,
-        },
-        Event::ToClient {
-            client,
-            incarnation,
-            attempt,
-            reply,
-        } => Event::ToClient {
-            client: *client,
-            incarnation: *incarnation,
-            attempt: *attempt,
-            reply: reply.clone(),
-        },
-        _ => Event::End,
     }
 }
 

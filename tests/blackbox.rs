@@ -310,11 +310,21 @@ async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost(wire: Wi
     let held = c1.acquire("", AcquireOptions::default()).await.unwrap();
     c1.append(&held, "file_0", "B").await.unwrap();
     server.kill9();
-    // A write the crash cut short: a header promising 100 bytes, 10 present.
+    // A write the crash cut short: a header promising 100 bytes, 10 present,
+    // right after the last good record (zeros of the preallocated log follow).
     let log = log_files(&server).pop().unwrap();
     let mut bytes = std::fs::read(&log).unwrap();
-    bytes.extend_from_slice(&100u32.to_le_bytes());
-    bytes.extend_from_slice(&[0xAB; 14]);
+    let end = dlm::log::frame::scan(&bytes).valid_len as usize;
+    assert!(
+        dlm::log::frame::all_zero(&bytes[end..]),
+        "only zeros after the data"
+    );
+    let mut torn = 100u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0xAB; 14]);
+    if bytes.len() < end + torn.len() {
+        bytes.resize(end + torn.len(), 0);
+    }
+    bytes[end..end + torn.len()].copy_from_slice(&torn);
     std::fs::write(&log, &bytes).unwrap();
     server
         .try_restart()

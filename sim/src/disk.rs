@@ -50,8 +50,9 @@ impl SimDisk {
     }
 
     /// Power loss: every file falls back to its durable bytes; with
-    /// probability `torn` a file that was appended to keeps a random prefix
-    /// of its unsynced tail (a write cut short).
+    /// probability `torn` a file keeps a random prefix of what changed since
+    /// its last sync (a write cut short: appended bytes, or the rewritten
+    /// blocks of a preallocated log).
     pub fn crash(&self, rng: &mut SimRng, torn: f64) -> CrashLoss {
         let mut loss = CrashLoss::default();
         for file in self.lock().values_mut() {
@@ -59,12 +60,21 @@ impl SimDisk {
                 continue;
             }
             loss.files_hit += 1;
-            let appended =
-                file.current.len() > file.durable.len() && file.current.starts_with(&file.durable);
-            if appended && rng.chance(torn) {
-                let extra = file.current.len() - file.durable.len();
-                let keep = rng.between(0, extra as u64 - 1) as usize;
-                file.current.truncate(file.durable.len() + keep);
+            let first = file
+                .current
+                .iter()
+                .zip(&file.durable)
+                .position(|(a, b)| a != b)
+                .unwrap_or(file.current.len().min(file.durable.len()));
+            let changed_end = file.current.len();
+            let grew_or_same = file.current.len() >= file.durable.len();
+            if grew_or_same && changed_end > first + 1 && rng.chance(torn) {
+                let keep = first + rng.between(1, (changed_end - first - 1) as u64) as usize;
+                let mut torn_bytes = file.current[..keep].to_vec();
+                if file.durable.len() > keep {
+                    torn_bytes.extend_from_slice(&file.durable[keep..]);
+                }
+                file.current = torn_bytes;
                 loss.torn += 1;
             } else {
                 file.current = file.durable.clone();

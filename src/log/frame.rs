@@ -3,6 +3,12 @@
 //! Owns: encoding a frame and scanning a byte buffer into payloads, telling a
 //! torn tail (a crash cut the last write short) from corruption in the middle.
 //! Must not: know what a payload means.
+//!
+//! Log segments are preallocated with zeros (an fdatasync of blocks that
+//! already exist need not update the file's size, which makes every group
+//! commit cheaper), so the data ends where a header's length is zero and
+//! only zeros follow. Payloads are never empty: a zero length always means
+//! "end".
 
 /// Bytes of a frame header.
 pub const HEADER: usize = 8;
@@ -10,8 +16,13 @@ pub const HEADER: usize = 8;
 /// Largest payload accepted when scanning; anything larger is corruption.
 pub const MAX_PAYLOAD: usize = 256 << 20;
 
-/// Appends one framed `payload` to `out`.
+/// Appends one framed `payload` to `out`. The payload must not be empty
+/// (a zero length marks the end of the data).
 pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
+    debug_assert!(
+        !payload.is_empty(),
+        "an empty frame reads as the end of the log"
+    );
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
@@ -31,10 +42,12 @@ pub struct Scan<'a> {
 /// How a scan ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ScanEnd {
-    /// Exactly at the end of the buffer.
+    /// At the end of the buffer, or where only zeros (preallocated space)
+    /// follow.
     Clean,
-    /// The last frame is incomplete or fails its checksum and nothing follows
-    /// it: a write cut short by a crash. Safe to truncate at `valid_len`.
+    /// The last frame is incomplete or fails its checksum and nothing but
+    /// zeros follows it: a write cut short by a crash. Safe to cut at
+    /// `valid_len`.
     TornTail,
     /// A bad frame with data after it: the log is damaged at `offset`.
     Corrupt { offset: u64, reason: String },
@@ -46,7 +59,7 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
     let mut at = 0usize;
     let end = loop {
         let rest = &buf[at..];
-        if rest.is_empty() {
+        if all_zero(rest) {
             break ScanEnd::Clean;
         }
         if rest.len() < HEADER {
@@ -54,6 +67,13 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
         }
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        if len == 0 {
+            // The end marker, but data follows: not a prefix of a write.
+            break ScanEnd::Corrupt {
+                offset: at as u64,
+                reason: "data after the end of the log".to_owned(),
+            };
+        }
         if len > MAX_PAYLOAD {
             break ScanEnd::Corrupt {
                 offset: at as u64,
@@ -65,7 +85,7 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
         }
         let payload = &rest[HEADER..HEADER + len];
         if crc32c::crc32c(payload) != crc {
-            break if rest.len() == HEADER + len {
+            break if all_zero(&rest[HEADER + len..]) {
                 ScanEnd::TornTail
             } else {
                 ScanEnd::Corrupt {
@@ -84,6 +104,19 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
     }
 }
 
+/// True when `bytes` holds nothing but zeros (or nothing).
+pub fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| *b == 0)
+}
+
+/// Where the last non-zero byte of `bytes` ends (0 when all are zero).
+pub fn dirty_end(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |i| i as u64 + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,11 +131,57 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let buf = log_of(&[b"one", b"", b"three"]);
+        let buf = log_of(&[b"one", b"2", b"three"]);
         let scan = scan(&buf);
         assert_eq!(scan.end, ScanEnd::Clean);
         let payloads: Vec<&[u8]> = scan.frames.iter().map(|f| f.1).collect();
-        assert_eq!(payloads, vec![&b"one"[..], b"", b"three"]);
+        assert_eq!(payloads, vec![&b"one"[..], b"2", b"three"]);
+    }
+
+    #[test]
+    fn zeros_after_the_data_are_preallocated_space() {
+        let mut buf = log_of(&[b"one", b"three"]);
+        let len = buf.len() as u64;
+        buf.resize(4096, 0);
+        let s = scan(&buf);
+        assert_eq!(s.end, ScanEnd::Clean);
+        assert_eq!((s.frames.len(), s.valid_len), (2, len));
+        assert_eq!(scan(&[0u8; 4096]).valid_len, 0);
+        assert_eq!(dirty_end(&buf), len);
+    }
+
+    #[test]
+    fn every_truncation_followed_by_zeros_is_a_torn_tail() {
+        let buf = log_of(&[b"alpha", b"beta"]);
+        let first = HEADER + 5;
+        for cut in 0..buf.len() {
+            let mut padded = buf[..cut].to_vec();
+            padded.resize(buf.len() + 100, 0);
+            let s = scan(&padded);
+            assert!(
+                matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail),
+                "cut {cut}: {:?}",
+                s.end
+            );
+            let expect = if cut >= first { first } else { 0 };
+            assert_eq!(s.valid_len as usize, expect, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn data_after_a_zero_header_is_corruption() {
+        let mut buf = log_of(&[b"alpha"]);
+        let end = buf.len();
+        buf.extend_from_slice(&[0u8; 16]);
+        buf.extend_from_slice(&log_of(&[b"late"]));
+        let s = scan(&buf);
+        assert!(matches!(s.end, ScanEnd::Corrupt { offset, .. } if offset == end as u64));
+        let mut buf = log_of(&[b"alpha", b"beta"]);
+        buf[HEADER + 5 + HEADER] ^= 0xff;
+        buf.resize(4096, 0);
+        assert_eq!(scan(&buf).end, ScanEnd::TornTail);
+        buf[4000] = 1;
+        assert!(matches!(scan(&buf).end, ScanEnd::Corrupt { .. }));
     }
 
     #[test]

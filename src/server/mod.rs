@@ -96,6 +96,37 @@ pub struct ServerConfig {
     /// Write a snapshot and start a new log after this many records.
     #[arg(long, default_value_t = 100_000)]
     pub snapshot_every: u64,
+    /// Zero-filled space kept ahead of the log (bytes, or with KiB / MiB;
+    /// 0: none). Group commits into space that exists are cheaper to make
+    /// durable.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub log_prealloc: u64,
+}
+
+/// A size in bytes: `4096`, `8KiB`, `64MiB` (K/M/G, with or without `iB`).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (say 4096, 8KiB or 64MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 impl ServerConfig {
@@ -116,6 +147,7 @@ impl ServerConfig {
             max_append_bytes: 1 << 20,
             dedup_capacity: 100_000,
             snapshot_every: 100_000,
+            log_prealloc: crate::log::DEFAULT_PREALLOC,
         }
     }
 
@@ -217,7 +249,7 @@ pub fn recover(
     }
     let mut files = DataFiles::open(data)?;
     let lengths = files.lengths()?;
-    let recovered = Wal::recover(state, || Snapshot {
+    let recovered = Wal::recover_with(state, config.log_prealloc, || Snapshot {
         file_lengths: FileLengths::from_vec(lengths).unwrap_or_default(),
         ..Snapshot::default()
     })?;

@@ -187,6 +187,10 @@ impl ServerProcess {
         if self.wire == Wire::GrpcTls && !self.extra.iter().any(|a| a == "--tls") {
             command.arg("--tls");
         }
+        if !self.extra.iter().any(|a| a == "--log-prealloc") {
+            // 1 MiB of zeros ahead of the log, not 64: tests start many servers.
+            command.arg("--log-prealloc").arg("1MiB");
+        }
         if self.quic_addr.is_some() {
             // QUIC on the --listen address (UDP), chosen by the server's flag.
             command.arg("--transport").arg("quic");

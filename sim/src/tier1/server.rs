@@ -71,6 +71,8 @@ const SNAPSHOT_EVERY: u64 = 25;
 fn config() -> ServerConfig {
     let mut config = ServerConfig::new("sim");
     config.lease_ms = 1_000;
+    // Two blocks of zeros ahead: every few snapshots' logs grow past it.
+    config.log_prealloc = 8192;
     config
 }
 

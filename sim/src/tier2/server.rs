@@ -28,6 +28,8 @@ fn config() -> ServerConfig {
     let mut config = ServerConfig::new(DATA_DIR);
     config.lease_ms = 1_000;
     config.snapshot_every = 25;
+    // Two blocks of zeros ahead: every few snapshots' logs grow past it.
+    config.log_prealloc = 8192;
     config
 }
 

@@ -12,7 +12,7 @@
 //!
 //! Arguments (after `--`) are filter words: a system (`dlm` = both dlm
 //! builds, `dlm-b`, `etcd`, `redis` = both Redis rows, `redis-aof`, `redis-mem`), a workload
-//! (`uncontended`, `contended`, `critical-section`) or a client count (replaces
+//! (`uncontended`, `contended`, `critical-section`, `no-fsync`) or a client count (replaces
 //! the default counts). Words of one kind are alternatives; kinds combine.
 //! `cargo bench` itself passes `--bench`, which is ignored.
 
@@ -31,7 +31,7 @@ pub struct Settings {
 }
 
 const SYSTEMS: [&str; 6] = ["dlm", "dlm-b", "etcd", "redis", "redis-aof", "redis-mem"];
-const WORKLOADS: [&str; 3] = ["uncontended", "contended", "critical-section"];
+const WORKLOADS: [&str; 4] = ["uncontended", "contended", "critical-section", "no-fsync"];
 
 fn env_secs(name: &str, default: f64) -> f64 {
     std::env::var(name)

@@ -337,6 +337,18 @@ impl Conn {
         }
     }
 
+    /// A status call (dlm only): the server's whole request path without a
+    /// durable record.
+    ///
+    /// # Errors
+    /// A transport error, or a system without it.
+    pub async fn status(&mut self) -> Result<()> {
+        match self {
+            Conn::Dlm(c) => c.status().await,
+            _ => bail!("only dlm is measured without fsync"),
+        }
+    }
+
     /// Ends the session (etcd: revokes the lease; dlm: client close).
     pub async fn close(self) {
         match self {

@@ -62,7 +62,7 @@ pub struct Recovered {
 pub const BLOCK: u64 = 4096;
 
 /// Default zero-filled space kept ahead of the log's data.
-pub const DEFAULT_PREALLOC: u64 = 64 << 20;
+pub const DEFAULT_PREALLOC: u64 = 16 << 20;
 
 fn block_floor(n: u64) -> u64 {
     n / BLOCK * BLOCK

@@ -99,7 +99,7 @@ pub struct ServerConfig {
     /// Zero-filled space kept ahead of the log (bytes, or with KiB / MiB;
     /// 0: none). Group commits into space that exists are cheaper to make
     /// durable.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub log_prealloc: u64,
 }
 
@@ -650,4 +650,21 @@ pub async fn serve_bound(
     let stopped = node.shutdown().await;
     served.map_err(|e| ServerError::Transport(e.to_string()))?;
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_and_without_units_and_nonsense_is_refused() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("8KiB"), Ok(8 << 10));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        for bad in ["", "MiB", "-1", "12XB", "1.5MiB", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

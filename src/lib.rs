@@ -10,7 +10,8 @@
 //! - [`log`]: the durable log — CRC-framed records, group commit, snapshots,
 //!   recovery that truncates a torn tail and refuses damage in the middle.
 //! - [`files`]: the 100 data files, written at exact offsets.
-//! - [`server`]: the shell — recovery, the core task, the writer thread.
+//! - [`server`]: the shell — recovery, the engine (the core behind a lock,
+//!   a job queue, group commit by the caller or the writer thread).
 //! - [`transport`]: gRPC (tonic, plain text or TLS) and QUIC (quinn; the
 //!   framing is in `proto/QUIC.md`), both serving the calls of
 //!   [`transport::calls`]; [`transport::tls`] makes the development CA. Each

@@ -4,26 +4,16 @@
 //! transport dropped the future: client deadline or lost connection), so a
 //! waiter can keep its place for a retry. Must not: know any wire format.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::core::staging::FileIndex;
 use crate::core::types::{CallId, RefusalCode, Reply, Request, RequestId};
+use crate::core::Input;
 
+use super::engine::Engine;
 use super::writer::Job;
-
-/// A message to the core task.
-pub enum CoreMsg {
-    Call {
-        id: CallId,
-        request_id: RequestId,
-        request: Request,
-        reply: oneshot::Sender<Reply>,
-    },
-    Dropped(CallId),
-}
 
 /// The server is stopping (or stopped after a storage failure).
 #[derive(Debug, thiserror::Error)]
@@ -33,21 +23,22 @@ pub struct ShuttingDown;
 /// A cheap, cloneable way into a running server.
 #[derive(Clone)]
 pub struct Handle {
-    pub(super) core: mpsc::UnboundedSender<CoreMsg>,
-    pub(super) writer: mpsc::UnboundedSender<Job>,
-    pub(super) next_call: Arc<AtomicU64>,
+    pub(super) engine: Arc<Engine>,
 }
 
-struct CutOff {
+/// Tells the core when a call's future is dropped before its reply.
+struct CutOff<'a> {
     id: CallId,
-    core: mpsc::UnboundedSender<CoreMsg>,
+    engine: &'a Engine,
     answered: bool,
 }
 
-impl Drop for CutOff {
+impl Drop for CutOff<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self.core.send(CoreMsg::Dropped(self.id));
+            self.engine.dropped(self.id);
+            // Not here: a drop may run anywhere; the writer carries it out.
+            self.engine.wake_writer();
         }
     }
 }
@@ -63,21 +54,23 @@ impl Handle {
         request_id: RequestId,
         request: Request,
     ) -> Result<Reply, ShuttingDown> {
-        let id = CallId(self.next_call.fetch_add(1, Ordering::Relaxed));
+        let engine = &*self.engine;
+        let id = engine.call_id();
         let (tx, rx) = oneshot::channel();
-        self.core
-            .send(CoreMsg::Call {
-                id,
-                request_id,
-                request,
-                reply: tx,
-            })
-            .map_err(|_| ShuttingDown)?;
+        let input = Input::Call {
+            id,
+            request_id,
+            request,
+        };
+        if !engine.step(input, Some((id, tx))) {
+            return Err(ShuttingDown);
+        }
         let mut cut_off = CutOff {
             id,
-            core: self.core.clone(),
+            engine,
             answered: false,
         };
+        engine.flush_here();
         let reply = rx.await.map_err(|_| ShuttingDown);
         cut_off.answered = true;
         reply
@@ -93,9 +86,10 @@ impl Handle {
             Err(reason) => return Ok(Err(Reply::refused(RefusalCode::InvalidArgument, reason))),
         };
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(Job::Read { file, reply: tx })
-            .map_err(|_| ShuttingDown)?;
+        if !self.engine.queue(Job::Read { file, reply: tx }) {
+            return Err(ShuttingDown);
+        }
+        self.engine.flush_here();
         match rx.await.map_err(|_| ShuttingDown)? {
             Ok(bytes) => Ok(Ok(bytes)),
             Err(e) => Ok(Err(Reply::refused(

@@ -1,17 +1,21 @@
-//! The server shell: recovery, the core task, the writer, the transports.
+//! The server shell: recovery, the engine, the writer, the transports.
 //!
 //! ```text
-//!  transports ──CoreMsg──▶ core task ──Job──▶ writer ──▶ replies
-//!  (gRPC, QUIC)           (Core, clock,      (log: group commit + fsync,
-//!                          deadlines)          data files, then replies)
+//!  transports ──call──▶ engine: Core under a lock ──Job queue──▶ group commit
+//!  (gRPC, QUIC)         (clock, timer task for       (by the caller when no one
+//!                        deadlines)                    is writing, else by the
+//!                                                      background writer), then
+//!                                                      file writes, then replies
 //! ```
 //!
-//! Owns: turning the pure core into a running service. The core task feeds
-//! every message to the core with the current time, ticks it at its next
-//! deadline, and hands the outputs, in order, to the writer, which makes the
-//! records durable before it writes files or releases replies. Must not:
-//! contain lock rules (those are the core's) or wire formats (the transports').
+//! Owns: turning the pure core into a running service. Every call is fed to
+//! the core with the current time, the timer ticks it at its next deadline,
+//! and the outputs are queued in order for a writer, which makes the records
+//! durable before it writes files or releases replies (see `engine.rs`).
+//! Must not: contain lock rules (those are the core's) or wire formats (the
+//! transports').
 
+mod engine;
 pub mod handle;
 pub mod listen;
 pub mod writer;
@@ -20,27 +24,26 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::core::records::Snapshot;
 use crate::core::staging::FileLengths;
 use crate::core::time::{Millis, Time};
-use crate::core::types::{CallId, Reply};
-use crate::core::{Core, CoreConfig, Input, Output, Plants, ReplayError};
+use crate::core::{Core, CoreConfig, Output, Plants, ReplayError};
 use crate::files::DataFiles;
 use crate::log::{LogError, Wal};
 use crate::storage::{Dir, FsDir};
 
-pub use handle::{CoreMsg, Handle, ShuttingDown};
+pub use handle::{Handle, ShuttingDown};
 pub use listen::Bound;
-use writer::{Batch, Job, Persister, WriterError};
+use writer::Persister;
 
 /// Name of the server's own subdirectory of the data directory.
 pub const STATE_DIR: &str = "state";
@@ -185,8 +188,8 @@ pub enum ServerError {
     Replay(#[from] ReplayError),
     #[error("data files: {0}")]
     Data(#[from] std::io::Error),
-    #[error("storage failure, stopping: {0}")]
-    Writer(#[from] WriterError),
+    #[error("storage failure, stopping (the error is in the log above)")]
+    StorageFailed,
     #[error("transport: {0}")]
     Transport(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -311,30 +314,36 @@ impl Clock {
         Time::from_millis(self.start.elapsed().as_millis() as u64)
     }
 
+    /// Microseconds since the clock started (finer than [`Clock::now`]).
+    pub fn micros(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
     /// The instant of a core time.
     pub fn instant(&self, at: Time) -> Instant {
         self.start + Duration::from_millis(at.as_millis())
     }
 }
 
-/// A running node: the core task and the writer, reachable through [`Handle`].
+/// A running node: the engine (core, queue, group commit), its timer and its
+/// background writer, reachable through [`Handle`].
 pub struct Node {
     handle: Handle,
-    core_task: JoinHandle<()>,
+    timer: JoinHandle<()>,
     writer: WriterTask,
-    /// Fires when the writer or the core task stops on its own (a failure).
+    /// Fires when storage fails.
     failed: Option<mpsc::UnboundedReceiver<()>>,
 }
 
 enum WriterTask {
-    Thread(std::thread::JoinHandle<Result<(), WriterError>>),
-    Task(JoinHandle<Result<(), WriterError>>),
+    Thread(std::thread::JoinHandle<()>),
+    Task(JoinHandle<()>),
 }
 
-/// How the writer runs.
+/// How the background writer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriterMode {
-    /// On its own OS thread (production: fsync blocks only it).
+    /// On its own OS thread (production: its fsyncs block only it).
     Thread,
     /// As a task on the current runtime (deterministic simulation).
     Task,
@@ -364,58 +373,68 @@ impl Node {
         ))
     }
 
-    /// Starts the core task and the writer over recovered state.
+    /// Starts the engine, its timer and its background writer over
+    /// recovered state.
     pub fn start(
         config: &ServerConfig,
         recovered: Recovered,
         clock: Clock,
         mode: WriterMode,
     ) -> Node {
-        let (core_tx, core_rx) = mpsc::unbounded_channel();
-        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
         let (failed_tx, failed_rx) = mpsc::unbounded_channel();
-        let writer_failed = failed_tx.clone();
-        let report = move |result: Result<(), WriterError>| {
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "storage failure");
-                let _ = writer_failed.send(());
-            }
-            result
-        };
-        let persister = recovered.persister;
-        let writer = match mode {
-            WriterMode::Thread => WriterTask::Thread(
-                std::thread::Builder::new()
-                    .name("dlm-writer".into())
-                    .spawn(move || report(writer::run_blocking(writer_rx, persister)))
-                    .expect("spawning the writer thread"),
-            ),
-            WriterMode::Task => WriterTask::Task(tokio::spawn(async move {
-                report(writer::run_inline(writer_rx, persister).await)
-            })),
-        };
         let mut core = recovered.core;
         core.set_tracing(recovered.observer.is_some());
-        let core_loop = CoreLoop {
-            core,
-            observer: recovered.observer,
-            clock,
-            writer: writer_tx.clone(),
-            pending: HashMap::new(),
-            since_snapshot: recovered.records_since_snapshot,
-            snapshot_every: config.snapshot_every.max(1),
+        let (wake, wakes) = match mode {
+            WriterMode::Thread => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                (engine::Wake::Thread(tx), Some(rx))
+            }
+            WriterMode::Task => (engine::Wake::Task(Arc::new(Notify::new())), None),
         };
-        let core_task = tokio::spawn(async move {
-            core_loop.run(core_rx).await;
-            let _ = failed_tx.send(());
+        let engine = Arc::new(engine::Engine {
+            state: Mutex::new(engine::State {
+                core,
+                observer: recovered.observer,
+                pending: HashMap::new(),
+                queue: Vec::new(),
+                since_snapshot: recovered.records_since_snapshot,
+                snapshot_every: config.snapshot_every.max(1),
+                timer_at: None,
+                closed: false,
+            }),
+            io: Mutex::new(engine::Io {
+                persister: Some(recovered.persister),
+                failed: false,
+            }),
+            clock,
+            wake,
+            timer: Notify::new(),
+            next_call: AtomicU64::new(0),
+            failed_tx,
+            stopping: AtomicBool::new(false),
+            writer_busy: AtomicBool::new(false),
+            writer_idle_since: AtomicU64::new(0),
         });
+        let writer = match (&engine.wake, wakes) {
+            (engine::Wake::Thread(_), Some(wakes)) => {
+                let engine = engine.clone();
+                WriterTask::Thread(
+                    std::thread::Builder::new()
+                        .name("dlm-writer".into())
+                        .spawn(move || engine::run_thread(engine, wakes))
+                        .expect("spawning the writer thread"),
+                )
+            }
+            (engine::Wake::Task(notify), _) => {
+                let notify = notify.clone();
+                WriterTask::Task(tokio::spawn(engine::run_task(engine.clone(), notify)))
+            }
+            (engine::Wake::Thread(_), None) => unreachable!("a thread writer has its channel"),
+        };
+        let timer = tokio::spawn(engine::run_timer(engine.clone()));
         Node {
-            handle: Handle {
-                core: core_tx,
-                writer: writer_tx,
-                next_call: Arc::new(AtomicU64::new(0)),
-            },
-            core_task,
+            handle: Handle { engine },
+            timer,
             writer,
             failed: Some(failed_rx),
         }
@@ -439,142 +458,36 @@ impl Node {
         }
     }
 
-    /// Stops the core task, lets the writer finish what it was given, and
+    /// Stops taking calls, lets the writer finish what was queued, and
     /// reports a storage failure if there was one.
     ///
     /// # Errors
-    /// The writer's failure.
+    /// [`ServerError::StorageFailed`] after a storage failure.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         let Node {
             handle,
-            core_task,
+            timer,
             writer,
             ..
         } = self;
-        drop(handle);
-        core_task.abort();
-        let _ = core_task.await;
-        let result = match writer {
-            WriterTask::Thread(thread) => tokio::task::spawn_blocking(move || thread.join())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(Ok(())),
-            WriterTask::Task(task) => task.await.unwrap_or(Ok(())),
-        };
-        result.map_err(ServerError::from)
-    }
-}
-
-/// The task that owns the core.
-struct CoreLoop {
-    core: Core,
-    observer: Option<Observer>,
-    clock: Clock,
-    writer: mpsc::UnboundedSender<Job>,
-    /// Reply channels of calls the core has not answered yet.
-    pending: HashMap<CallId, oneshot::Sender<Reply>>,
-    since_snapshot: u64,
-    snapshot_every: u64,
-}
-
-/// Most messages fed to the core before its outputs go to the writer.
-const MAX_BATCH: usize = 4096;
-
-impl CoreLoop {
-    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<CoreMsg>) {
-        loop {
-            let deadline = self.core.next_deadline().map(|t| self.clock.instant(t));
-            let first = tokio::select! {
-                biased;
-                msg = inbox.recv() => match msg {
-                    Some(msg) => Some(msg),
-                    None => return,
-                },
-                _ = sleep_until_opt(deadline) => None,
-            };
-            let mut batch = Batch::default();
-            let now = self.clock.now();
-            match first {
-                Some(msg) => {
-                    self.feed(now, msg, &mut batch);
-                    for _ in 1..MAX_BATCH {
-                        match inbox.try_recv() {
-                            Ok(msg) => self.feed(now, msg, &mut batch),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                None => {
-                    let outputs = self.core.tick(now);
-                    self.collect(outputs, &mut batch);
-                }
+        let engine = handle.engine;
+        engine.close();
+        timer.abort();
+        let _ = timer.await;
+        engine.stopping.store(true, Ordering::Release);
+        engine.wake_writer();
+        match writer {
+            WriterTask::Thread(thread) => {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
             }
-            let records = batch.records.len() as u64;
-            if !batch.is_empty() && self.writer.send(Job::Batch(batch)).is_err() {
-                return;
-            }
-            self.since_snapshot += records;
-            if self.since_snapshot >= self.snapshot_every {
-                self.since_snapshot = 0;
-                let snapshot = Box::new(self.core.snapshot());
-                if self.writer.send(Job::Snapshot(snapshot)).is_err() {
-                    return;
-                }
+            WriterTask::Task(task) => {
+                let _ = task.await;
             }
         }
-    }
-
-    fn feed(&mut self, now: Time, msg: CoreMsg, batch: &mut Batch) {
-        let input = match msg {
-            CoreMsg::Call {
-                id,
-                request_id,
-                request,
-                reply,
-            } => {
-                self.pending.insert(id, reply);
-                Input::Call {
-                    id,
-                    request_id,
-                    request,
-                }
-            }
-            CoreMsg::Dropped(id) => {
-                self.pending.remove(&id);
-                Input::CallDropped(id)
-            }
-        };
-        let outputs = self.core.handle(now, input);
-        self.collect(outputs, batch);
-    }
-
-    fn collect(&mut self, outputs: Vec<Output>, batch: &mut Batch) {
-        if let Some(observer) = &mut self.observer {
-            let now = self.core.now();
-            for output in &outputs {
-                observer(now, output);
-            }
+        if engine.has_failed() {
+            return Err(ServerError::StorageFailed);
         }
-        for output in outputs {
-            match output {
-                Output::Persist(record) => batch.records.push(record),
-                Output::Write(write) => batch.writes.push(write),
-                Output::Trace(_) => {}
-                Output::Reply { call, reply } => {
-                    if let Some(to) = self.pending.remove(&call) {
-                        batch.replies.push((to, reply));
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+        Ok(())
     }
 }
 

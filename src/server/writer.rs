@@ -10,7 +10,7 @@
 
 use std::io;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::core::records::{Record, Snapshot};
 use crate::core::staging::{FileIndex, FileWrite};
@@ -124,40 +124,4 @@ impl Persister {
         }
         Ok(())
     }
-}
-
-/// Runs the writer on the current (dedicated) thread until the channel closes.
-///
-/// # Errors
-/// The first storage failure.
-pub fn run_blocking(
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    mut persister: Persister,
-) -> Result<(), WriterError> {
-    while let Some(job) = jobs.blocking_recv() {
-        let mut group = vec![job];
-        while let Ok(more) = jobs.try_recv() {
-            group.push(more);
-        }
-        persister.run_jobs(group)?;
-    }
-    Ok(())
-}
-
-/// Runs the writer as a task (single-threaded simulation): same order, same groups.
-///
-/// # Errors
-/// The first storage failure.
-pub async fn run_inline(
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    mut persister: Persister,
-) -> Result<(), WriterError> {
-    while let Some(job) = jobs.recv().await {
-        let mut group = vec![job];
-        while let Ok(more) = jobs.try_recv() {
-            group.push(more);
-        }
-        persister.run_jobs(group)?;
-    }
-    Ok(())
 }

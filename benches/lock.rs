@@ -590,20 +590,29 @@ async fn run(settings: Settings) -> i32 {
     0
 }
 
-/// The targets that this run can judge.
+/// The targets that this run can judge, for dlm over gRPC and over
+/// QUIC.
 fn targets(rows: &[Row], fastest_bound: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    for dlm in ["dlm", "dlm-quic"] {
+        out.extend(targets_of(rows, dlm, fastest_bound));
+    }
+    out
+}
+
+fn targets_of(rows: &[Row], me: &str, fastest_bound: f64) -> Vec<String> {
     let find = |system: &str, workload: &str, clients: usize| {
         rows.iter()
             .find(|r| r.system == system && r.workload == workload && r.clients == clients)
     };
     let verdict = |ok: bool| if ok { "MET" } else { "NOT MET" };
     let mut out = Vec::new();
-    if let Some(dlm) = find("dlm", "uncontended", 64) {
+    if let Some(dlm) = find(me, "uncontended", 64) {
         for (peer, want) in [("etcd", 10.0), ("redis-aof", 1.0)] {
             if let Some(p) = find(peer, "uncontended", 64) {
                 let ratio = dlm.cycles_per_sec / p.cycles_per_sec.max(f64::MIN_POSITIVE);
                 out.push(format!(
-                    "target uncontended C=64: dlm {:.0} / {peer} {:.0} cycles/s = {ratio:.2}× (want ≥ {want}×): {}",
+                    "target uncontended C=64: {me} {:.0} / {peer} {:.0} cycles/s = {ratio:.2}× (want ≥ {want}×): {}",
                     dlm.cycles_per_sec,
                     p.cycles_per_sec,
                     verdict(ratio >= want)
@@ -611,12 +620,12 @@ fn targets(rows: &[Row], fastest_bound: f64) -> Vec<String> {
             }
         }
     }
-    if let Some(dlm) = find("dlm", "contended", 64) {
+    if let Some(dlm) = find(me, "contended", 64) {
         let h = dlm.headline();
         if let Some(p) = find("etcd", "contended", 64) {
             let ratio = h / p.headline().max(f64::MIN_POSITIVE);
             out.push(format!(
-                "target contended C=64: dlm {h:.0} / etcd {:.0} handoffs/s = {ratio:.2}× (want ≥ 10×): {}",
+                "target contended C=64: {me} {h:.0} / etcd {:.0} handoffs/s = {ratio:.2}× (want ≥ 10×): {}",
                 p.headline(),
                 verdict(ratio >= 10.0)
             ));
@@ -624,7 +633,7 @@ fn targets(rows: &[Row], fastest_bound: f64) -> Vec<String> {
         if let Some(bound) = dlm.bound_per_sec {
             let share = h / bound;
             out.push(format!(
-                "target contended C=64: dlm {h:.0} handoffs/s = {:.0}% of the fsync+RTT bound {bound:.0}/s (want ≥ 70%): {}",
+                "target contended C=64: {me} {h:.0} handoffs/s = {:.0}% of the fsync+RTT bound {bound:.0}/s (want ≥ 70%): {}",
                 100.0 * share,
                 verdict(share >= 0.7)
             ));
@@ -641,11 +650,11 @@ fn targets(rows: &[Row], fastest_bound: f64) -> Vec<String> {
         }
     }
     if let (Some(dlm), Some(p)) = (
-        find("dlm", "uncontended", 1),
+        find(me, "uncontended", 1),
         find("redis-aof", "uncontended", 1),
     ) {
         out.push(format!(
-            "target uncontended C=1: dlm acquire p50 {:.3} ms vs redis-aof p50 {:.3} ms (want ≤): {}",
+            "target uncontended C=1: {me} acquire p50 {:.3} ms vs redis-aof p50 {:.3} ms (want ≤): {}",
             dlm.acquire.p50_ms,
             p.acquire.p50_ms,
             verdict(dlm.acquire.p50_ms <= p.acquire.p50_ms)

@@ -30,7 +30,15 @@ pub struct Settings {
     pub unknown: Vec<String>,
 }
 
-const SYSTEMS: [&str; 6] = ["dlm", "dlm-b", "etcd", "redis", "redis-aof", "redis-mem"];
+const SYSTEMS: [&str; 7] = [
+    "dlm",
+    "dlm-b",
+    "dlm-quic",
+    "etcd",
+    "redis",
+    "redis-aof",
+    "redis-mem",
+];
 const WORKLOADS: [&str; 4] = ["uncontended", "contended", "critical-section", "no-fsync"];
 
 fn env_secs(name: &str, default: f64) -> f64 {

@@ -4,6 +4,9 @@
 //!
 //! - **dlm**: the release binary (`dlm server`), fsync on (always); raw
 //!   generated gRPC client, a request id per call (as the client library does).
+//! - **dlm-quic**: the same server with `--transport quic`, reached over QUIC
+//!   (one QUIC connection per client, one stream per call, TLS 1.3 with the
+//!   server's development CA) through `dlm::transport::quic::QuicConnector`.
 //! - **etcd**: the v3 lock API (`v3lockpb.Lock/Lock`, `Unlock`) with one lease
 //!   per client, kept alive over a `LeaseKeepAlive` stream; raw gRPC with
 //!   hand-declared messages (the `etcd-client` crate needs a system `protoc`
@@ -22,8 +25,11 @@ use tokio::time::Instant;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
+use dlm::proto::call_request::Call;
+use dlm::proto::call_response::Reply;
 use dlm::proto::lock_service_client::LockServiceClient;
-use dlm::proto::{ClientInitArgs, FileArgs, LockArgs, StatusArgs};
+use dlm::proto::{CallRequest, ClientInitArgs, FileArgs, LockArgs, StatusArgs};
+use dlm::transport::quic::client::QuicConnector;
 
 use super::procs::{self, ChildGuard};
 
@@ -37,6 +43,8 @@ pub enum System {
     /// A second dlm build (`DLM_BENCH_COMPARE_BIN`), benched next to the
     /// first in the same run; absent unless that variable is set.
     DlmB,
+    /// dlm over QUIC.
+    DlmQuic,
     Etcd,
     RedisAof,
     RedisMem,
@@ -44,9 +52,10 @@ pub enum System {
 
 impl System {
     /// Every system, in table order.
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 6] = [
         System::Dlm,
         System::DlmB,
+        System::DlmQuic,
         System::Etcd,
         System::RedisAof,
         System::RedisMem,
@@ -57,6 +66,7 @@ impl System {
         match self {
             System::Dlm => "dlm",
             System::DlmB => "dlm-b",
+            System::DlmQuic => "dlm-quic",
             System::Etcd => "etcd",
             System::RedisAof => "redis-aof",
             System::RedisMem => "redis-mem",
@@ -67,6 +77,7 @@ impl System {
     pub fn transport(self) -> &'static str {
         match self {
             System::Dlm | System::DlmB | System::Etcd => "grpc",
+            System::DlmQuic => "quic",
             System::RedisAof | System::RedisMem => "resp",
         }
     }
@@ -74,7 +85,7 @@ impl System {
     /// What durability it gives.
     pub fn durability(self) -> &'static str {
         match self {
-            System::Dlm | System::DlmB => "fdatasync per group commit",
+            System::Dlm | System::DlmB | System::DlmQuic => "fdatasync per group commit",
             System::Etcd => "raft WAL fsync (default)",
             System::RedisAof => "appendfsync always",
             System::RedisMem => "none",
@@ -83,12 +94,12 @@ impl System {
 
     /// dlm itself (either build).
     pub fn is_dlm(self) -> bool {
-        matches!(self, System::Dlm | System::DlmB)
+        matches!(self, System::Dlm | System::DlmB | System::DlmQuic)
     }
 
     fn program(self) -> Option<PathBuf> {
         match self {
-            System::Dlm => Some(dlm_binary()),
+            System::Dlm | System::DlmQuic => Some(dlm_binary()),
             System::DlmB => std::env::var_os("DLM_BENCH_COMPARE_BIN")
                 .filter(|bin| !bin.is_empty())
                 .map(PathBuf::from),
@@ -133,6 +144,11 @@ impl Server {
         self.dir.path()
     }
 
+    /// dlm's development CA (PEM), made by the server on its first start.
+    pub fn dev_ca(&self) -> PathBuf {
+        self.dir.path().join("data/state/tls/ca.pem")
+    }
+
     /// Starts `system`; `Ok(None)` with a reason when it is not installed.
     ///
     /// # Errors
@@ -148,12 +164,16 @@ impl Server {
         let log = dir.path().join("server.log");
         let version = version_of(system, &program);
         let server = match system {
-            System::Dlm | System::DlmB => {
+            System::Dlm | System::DlmB | System::DlmQuic => {
                 let mut command = Command::new(&program);
                 command
                     .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
                     .arg(dir.path().join("data"))
                     .env("RUST_LOG", "warn");
+                if system == System::DlmQuic {
+                    // QUIC on the --listen port (UDP), with the development CA.
+                    command.args(["--transport", "quic"]);
+                }
                 if let Ok(extra) = std::env::var("DLM_BENCH_SERVER_ARGS") {
                     command.args(extra.split_whitespace());
                 }
@@ -274,6 +294,7 @@ pub struct Held {
 /// One client's connection to a system.
 pub enum Conn {
     Dlm(DlmConn),
+    DlmQuic(QuicConn),
     Etcd(EtcdConn),
     Redis(RedisConn),
 }
@@ -288,6 +309,9 @@ impl Conn {
         Ok(match server.system {
             System::Dlm | System::DlmB => {
                 Conn::Dlm(DlmConn::connect(server.port, client, tag).await?)
+            }
+            System::DlmQuic => {
+                Conn::DlmQuic(QuicConn::connect(server.port, &server.dev_ca(), client, tag).await?)
             }
             System::Etcd => Conn::Etcd(EtcdConn::connect(server.port).await?),
             System::RedisAof | System::RedisMem => {
@@ -307,6 +331,9 @@ impl Conn {
             Conn::Dlm(c) => tokio::time::timeout(wait, c.acquire(lock))
                 .await
                 .map_err(|_| anyhow!("dlm acquire timed out"))?,
+            Conn::DlmQuic(c) => tokio::time::timeout(wait, c.acquire(lock))
+                .await
+                .map_err(|_| anyhow!("dlm acquire timed out"))?,
             Conn::Etcd(c) => tokio::time::timeout(wait, c.acquire(lock))
                 .await
                 .map_err(|_| anyhow!("etcd lock timed out"))?,
@@ -321,6 +348,7 @@ impl Conn {
     pub async fn release(&mut self, held: Held) -> Result<()> {
         match self {
             Conn::Dlm(c) => c.release(held).await,
+            Conn::DlmQuic(c) => c.release(held).await,
             Conn::Etcd(c) => c.release(held).await,
             Conn::Redis(c) => c.release(held).await,
         }
@@ -333,6 +361,7 @@ impl Conn {
     pub async fn append(&mut self, held: &Held, file: &str, content: Vec<u8>) -> Result<()> {
         match self {
             Conn::Dlm(c) => c.append(held, file, content).await,
+            Conn::DlmQuic(c) => c.append(held, file, content).await,
             _ => bail!("only dlm has appends under a lock"),
         }
     }
@@ -345,6 +374,7 @@ impl Conn {
     pub async fn status(&mut self) -> Result<()> {
         match self {
             Conn::Dlm(c) => c.status().await,
+            Conn::DlmQuic(c) => c.status().await,
             _ => bail!("only dlm is measured without fsync"),
         }
     }
@@ -353,6 +383,7 @@ impl Conn {
     pub async fn close(self) {
         match self {
             Conn::Dlm(c) => c.close().await,
+            Conn::DlmQuic(c) => c.close().await,
             Conn::Etcd(c) => c.close().await,
             Conn::Redis(_) => {}
         }
@@ -479,6 +510,147 @@ impl DlmConn {
                 client_id: self.id,
                 request_id,
             })
+            .await;
+    }
+}
+
+/// A dlm client over its own QUIC connection.
+pub struct QuicConn {
+    connector: QuicConnector,
+    id: i32,
+    tag: String,
+    next_request: u64,
+}
+
+impl QuicConn {
+    /// Connects (TLS with the server's CA `ca`) and says hello as `id`.
+    ///
+    /// # Errors
+    /// Transport or TLS errors.
+    pub async fn connect(port: u16, ca: &std::path::Path, id: i32, tag: &str) -> Result<QuicConn> {
+        let ca_pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let config = dlm::transport::quic::client_config(&ca_pem, None)?;
+        let connector = QuicConnector::new(
+            &format!("127.0.0.1:{port}"),
+            Some("localhost"),
+            config,
+            None,
+        )?;
+        let mut conn = QuicConn {
+            connector,
+            id,
+            tag: tag.to_owned(),
+            next_request: 0,
+        };
+        let request_id = conn.request_id();
+        let reply = conn
+            .call(Call::ClientInit(ClientInitArgs {
+                client_id: id,
+                request_id,
+            }))
+            .await?;
+        match reply {
+            Reply::ClientInit(r) => ok_status(r.status, &r.error_message)?,
+            other => bail!("client init answered with {other:?}"),
+        }
+        Ok(conn)
+    }
+
+    fn request_id(&mut self) -> String {
+        self.next_request += 1;
+        format!("{}-{}-{}", self.tag, self.id, self.next_request)
+    }
+
+    async fn call(&self, call: Call) -> Result<Reply> {
+        let request = CallRequest {
+            call: Some(call),
+            timeout_ms: 0,
+        };
+        let response = self
+            .connector
+            .call(&request)
+            .await
+            .map_err(|e| anyhow!("quic call: {e}"))?;
+        response.reply.context("an empty QUIC response")
+    }
+
+    async fn acquire(&mut self, lock: &str) -> Result<Held> {
+        let request_id = self.request_id();
+        let reply = self
+            .call(Call::LockAcquire(LockArgs {
+                client_id: self.id,
+                token: String::new(),
+                request_id,
+                lock_name: lock.to_owned(),
+                wait_timeout_ms: None,
+                lease_ms: Some(LEASE_MS),
+            }))
+            .await?;
+        let Reply::LockAcquire(reply) = reply else {
+            bail!("acquire answered with {reply:?}");
+        };
+        ok_status(reply.status, &reply.error_message)?;
+        Ok(Held {
+            lock: lock.to_owned(),
+            token: reply.token,
+            key: Vec::new(),
+            fence: reply.fencing_token,
+        })
+    }
+
+    async fn release(&mut self, held: Held) -> Result<()> {
+        let request_id = self.request_id();
+        let reply = self
+            .call(Call::LockRelease(LockArgs {
+                client_id: self.id,
+                token: held.token,
+                request_id,
+                lock_name: held.lock,
+                wait_timeout_ms: None,
+                lease_ms: None,
+            }))
+            .await?;
+        match reply {
+            Reply::LockRelease(r) => ok_status(r.status, &r.error_message),
+            other => bail!("release answered with {other:?}"),
+        }
+    }
+
+    async fn append(&mut self, held: &Held, file: &str, content: Vec<u8>) -> Result<()> {
+        let request_id = self.request_id();
+        let reply = self
+            .call(Call::FileAppend(FileArgs {
+                client_id: self.id,
+                filename: file.to_owned(),
+                content,
+                token: held.token.clone(),
+                request_id,
+            }))
+            .await?;
+        match reply {
+            Reply::FileAppend(r) => ok_status(r.status, &r.error_message),
+            other => bail!("append answered with {other:?}"),
+        }
+    }
+
+    /// One status call over QUIC (no fsync).
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn status(&mut self) -> Result<()> {
+        match self.call(Call::LockStatus(StatusArgs {})).await? {
+            Reply::LockStatus(r) => ok_status(r.status, &r.error_message),
+            other => bail!("status answered with {other:?}"),
+        }
+    }
+
+    async fn close(mut self) {
+        let request_id = self.request_id();
+        let _ = self
+            .call(Call::ClientClose(ClientInitArgs {
+                client_id: self.id,
+                request_id,
+            }))
             .await;
     }
 }

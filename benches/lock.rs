@@ -347,8 +347,8 @@ async fn run_row(
     })
 }
 
-/// Round trips of dlm's status call: gRPC, the core task and the writer
-/// thread, but no fsync.
+/// Round trips of dlm's status call: gRPC and the engine (core step, job
+/// queue, reply), but no fsync.
 async fn dlm_status_rtt(server: &Server, span: Duration) -> anyhow::Result<Latency> {
     let mut conn = DlmConn::connect(server.port, 999_999, "rtt").await?;
     let mut hist = report::histogram();
@@ -460,10 +460,7 @@ async fn run(settings: Settings) -> i32 {
     if let Some(dlm) = servers.iter().find(|s| s.system == System::Dlm) {
         match dlm_status_rtt(dlm, Duration::from_secs(1)).await {
             Ok(lat) => {
-                println!(
-                    "  dlm status RTT (gRPC + core + writer, no fsync): {}",
-                    lat.line()
-                );
+                println!("  dlm status RTT (gRPC + engine, no fsync): {}", lat.line());
                 grpc_rtt = Some(lat);
             }
             Err(e) => println!("  dlm status RTT failed: {e:#}"),

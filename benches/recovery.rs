@@ -319,7 +319,7 @@ fn run(mix: Mix, records: u64) -> Result<Vec<serde_json::Value>> {
             wal.write_snapshot(&snapshot)?;
             snapshot_cost = (copy_secs, write.elapsed().as_secs_f64());
             println!(
-                "|   | (taking that snapshot: Core::snapshot {:.1} ms on the core task, Wal::write_snapshot {:.1} ms on the writer) | | | | | | |",
+                "|   | (taking that snapshot: Core::snapshot {:.1} ms under the state lock, Wal::write_snapshot {:.1} ms on the writer) | | | | | | |",
                 1e3 * snapshot_cost.0,
                 1e3 * snapshot_cost.1
             );

@@ -492,8 +492,8 @@ impl DlmConn {
         ok_status(reply.status, &reply.error_message)
     }
 
-    /// One status call: a round trip through gRPC, the core task and the
-    /// writer thread that needs no fsync.
+    /// One status call: a round trip through gRPC and the engine that needs
+    /// no fsync.
     ///
     /// # Errors
     /// Transport errors.

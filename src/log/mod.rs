@@ -112,6 +112,15 @@ fn generation_of(name: &str, prefix: &str) -> Option<u64> {
 }
 
 impl Wal {
+    /// The error of the current segment's file, named only when it happens
+    /// (no allocation on the group-commit path).
+    fn segment_io(&self) -> impl FnOnce(io::Error) -> LogError + '_ {
+        move |source| LogError::Io {
+            file: self.dir.describe(&log_name(self.generation)),
+            source,
+        }
+    }
+
     fn io(&self, name: &str) -> impl FnOnce(io::Error) -> LogError + '_ {
         let file = self.dir.describe(name);
         move |source| LogError::Io { file, source }
@@ -312,7 +321,6 @@ impl Wal {
             return Ok(());
         }
         let to = block_ceil(end) + self.prealloc;
-        let name = log_name(self.generation);
         let zeros = vec![0u8; 1 << 20];
         // Above `allocated` there is no data: the file ends there.
         let mut at = self.allocated;
@@ -320,10 +328,10 @@ impl Wal {
             let n = (to - at).min(zeros.len() as u64);
             self.segment
                 .write_at(at, &zeros[..n as usize])
-                .map_err(self.io(&name))?;
+                .map_err(self.segment_io())?;
             at += n;
         }
-        self.segment.sync_data().map_err(self.io(&name))?;
+        self.segment.sync_data().map_err(self.segment_io())?;
         self.allocated = to;
         Ok(())
     }
@@ -343,11 +351,10 @@ impl Wal {
         buf.extend_from_slice(&self.tail);
         buf.extend_from_slice(&self.pending);
         buf.resize((padded - start) as usize, 0);
-        let name = log_name(self.generation);
         let written = self.segment.write_at(start, &buf);
         if let Err(e) = written {
             self.scratch = buf;
-            return Err(self.io(&name)(e));
+            return Err(self.segment_io()(e));
         }
         let tail_start = block_floor(data_end);
         self.tail.clear();
@@ -397,8 +404,7 @@ impl Wal {
         if !self.unsynced {
             return Ok(());
         }
-        let name = log_name(self.generation);
-        self.segment.sync_data().map_err(self.io(&name))?;
+        self.segment.sync_data().map_err(self.segment_io())?;
         self.unsynced = false;
         Ok(())
     }

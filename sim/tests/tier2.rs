@@ -18,6 +18,13 @@ const REGRESSIONS: &[u64] = &[
     // stopped waited 3 s; a cut-off waiter whose kept place is granted just
     // before it lapses legitimately holds the lock until 3.4 s.
     1043, 1114, 2205, 2443, 2948, 3932, 4154, 4992,
+    // The engine stepped the core from a dropped call's destructor: when a
+    // bounce tore the old server's tasks down, a call dropped after its
+    // holder's lease had run out granted the lock to the next waiter from a
+    // node that was already gone (seen by the checker as a FIFO violation).
+    // Dropped calls are now only noted, and applied by the next step or the
+    // background writer.
+    1460, 1808,
 ];
 
 fn assert_clean(seed: u64) {

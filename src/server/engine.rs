@@ -51,6 +51,9 @@ pub(super) struct State {
     pub timer_at: Option<Time>,
     /// No new calls: the node stopped or storage failed.
     pub closed: bool,
+    /// Calls whose futures were dropped before their reply, not yet told to
+    /// the core (see [`Engine::dropped`]).
+    pub dropped: Vec<CallId>,
 }
 
 /// The persister, held by whoever is writing.
@@ -113,6 +116,7 @@ impl Engine {
         if state.closed {
             return false;
         }
+        self.apply_dropped(&mut state);
         if let Some((id, to)) = reply {
             state.pending.insert(id, to);
         }
@@ -124,15 +128,28 @@ impl Engine {
 
     /// A call's future was dropped before its reply: the core decides what
     /// that means for a waiter (keep its place for a retry, or give it up).
+    /// Only noted here: a drop runs wherever the future is dropped — also
+    /// while a stopping runtime tears its tasks down — so the core hears of
+    /// it from the next step or from the background writer, never from the
+    /// teardown itself (which would step a node that is going away).
     pub fn dropped(&self, id: CallId) {
         let mut state = self.state();
-        if state.closed {
+        if !state.closed {
+            state.dropped.push(id);
+        }
+    }
+
+    /// Tells the core of the calls dropped since the last step.
+    fn apply_dropped(&self, state: &mut State) {
+        if state.dropped.is_empty() {
             return;
         }
-        state.pending.remove(&id);
         let now = self.clock.now();
-        let outputs = state.core.handle(now, Input::CallDropped(id));
-        self.queue_outputs(&mut state, outputs);
+        for id in std::mem::take(&mut state.dropped) {
+            state.pending.remove(&id);
+            let outputs = state.core.handle(now, Input::CallDropped(id));
+            self.queue_outputs(state, outputs);
+        }
     }
 
     /// Ticks the core at the current time and queues its outputs.
@@ -141,6 +158,7 @@ impl Engine {
         if state.closed {
             return;
         }
+        self.apply_dropped(&mut state);
         let now = self.clock.now();
         let outputs = state.core.tick(now);
         self.queue_outputs(&mut state, outputs);
@@ -266,6 +284,12 @@ impl Engine {
     pub fn drain(&self) {
         self.writer_busy.store(true, Ordering::SeqCst);
         loop {
+            {
+                let mut state = self.state();
+                if !state.closed {
+                    self.apply_dropped(&mut state);
+                }
+            }
             let io = locked(&self.io);
             if self.run_group(io) {
                 continue;
@@ -276,9 +300,11 @@ impl Engine {
             self.writer_idle_since
                 .store(self.clock.micros(), Ordering::Relaxed);
             self.writer_busy.store(false, Ordering::SeqCst);
-            if self.state().queue.is_empty() {
+            let state = self.state();
+            if state.queue.is_empty() && state.dropped.is_empty() {
                 return;
             }
+            drop(state);
             self.writer_busy.store(true, Ordering::SeqCst);
         }
     }

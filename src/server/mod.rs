@@ -401,6 +401,7 @@ impl Node {
                 snapshot_every: config.snapshot_every.max(1),
                 timer_at: None,
                 closed: false,
+                dropped: Vec::new(),
             }),
             io: Mutex::new(engine::Io {
                 persister: Some(recovered.persister),

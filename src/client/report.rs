@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::proto;
 
-/// The server's view of its locks, from [`Client::status`].
+/// The server's view of its locks, from [`Client::status`](super::Client::status).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusReport {
     /// Every lock that is held or waited for.

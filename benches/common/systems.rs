@@ -28,7 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 use dlm::proto::call_request::Call;
 use dlm::proto::call_response::Reply;
 use dlm::proto::lock_service_client::LockServiceClient;
-use dlm::proto::{CallRequest, ClientInitArgs, FileArgs, LockArgs, StatusArgs};
+use dlm::proto::{CallRequest, ClientInitArgs, FileArgs, LockArgs, LockResponse, StatusArgs};
 use dlm::transport::quic::client::QuicConnector;
 
 use super::procs::{self, ChildGuard};
@@ -437,58 +437,20 @@ impl DlmConn {
     }
 
     async fn acquire(&mut self, lock: &str) -> Result<Held> {
-        let request_id = self.request_id();
-        let reply = self
-            .client
-            .lock_acquire(LockArgs {
-                client_id: self.id,
-                token: String::new(),
-                request_id,
-                lock_name: lock.to_owned(),
-                wait_timeout_ms: None,
-                lease_ms: Some(LEASE_MS),
-            })
-            .await?
-            .into_inner();
-        ok_status(reply.status, &reply.error_message)?;
-        Ok(Held {
-            lock: lock.to_owned(),
-            token: reply.token,
-            key: Vec::new(),
-            fence: reply.fencing_token,
-        })
+        let args = acquire_args(self.id, self.request_id(), lock);
+        let reply = self.client.lock_acquire(args).await?.into_inner();
+        held_of(lock, reply)
     }
 
     async fn release(&mut self, held: Held) -> Result<()> {
-        let request_id = self.request_id();
-        let reply = self
-            .client
-            .lock_release(LockArgs {
-                client_id: self.id,
-                token: held.token,
-                request_id,
-                lock_name: held.lock,
-                wait_timeout_ms: None,
-                lease_ms: None,
-            })
-            .await?
-            .into_inner();
+        let args = release_args(self.id, self.request_id(), held);
+        let reply = self.client.lock_release(args).await?.into_inner();
         ok_status(reply.status, &reply.error_message)
     }
 
     async fn append(&mut self, held: &Held, file: &str, content: Vec<u8>) -> Result<()> {
-        let request_id = self.request_id();
-        let reply = self
-            .client
-            .file_append(FileArgs {
-                client_id: self.id,
-                filename: file.to_owned(),
-                content,
-                token: held.token.clone(),
-                request_id,
-            })
-            .await?
-            .into_inner();
+        let args = append_args(self.id, self.request_id(), held, file, content);
+        let reply = self.client.file_append(args).await?.into_inner();
         ok_status(reply.status, &reply.error_message)
     }
 
@@ -575,59 +537,24 @@ impl QuicConn {
     }
 
     async fn acquire(&mut self, lock: &str) -> Result<Held> {
-        let request_id = self.request_id();
-        let reply = self
-            .call(Call::LockAcquire(LockArgs {
-                client_id: self.id,
-                token: String::new(),
-                request_id,
-                lock_name: lock.to_owned(),
-                wait_timeout_ms: None,
-                lease_ms: Some(LEASE_MS),
-            }))
-            .await?;
-        let Reply::LockAcquire(reply) = reply else {
-            bail!("acquire answered with {reply:?}");
-        };
-        ok_status(reply.status, &reply.error_message)?;
-        Ok(Held {
-            lock: lock.to_owned(),
-            token: reply.token,
-            key: Vec::new(),
-            fence: reply.fencing_token,
-        })
+        let args = acquire_args(self.id, self.request_id(), lock);
+        match self.call(Call::LockAcquire(args)).await? {
+            Reply::LockAcquire(reply) => held_of(lock, reply),
+            other => bail!("acquire answered with {other:?}"),
+        }
     }
 
     async fn release(&mut self, held: Held) -> Result<()> {
-        let request_id = self.request_id();
-        let reply = self
-            .call(Call::LockRelease(LockArgs {
-                client_id: self.id,
-                token: held.token,
-                request_id,
-                lock_name: held.lock,
-                wait_timeout_ms: None,
-                lease_ms: None,
-            }))
-            .await?;
-        match reply {
+        let args = release_args(self.id, self.request_id(), held);
+        match self.call(Call::LockRelease(args)).await? {
             Reply::LockRelease(r) => ok_status(r.status, &r.error_message),
             other => bail!("release answered with {other:?}"),
         }
     }
 
     async fn append(&mut self, held: &Held, file: &str, content: Vec<u8>) -> Result<()> {
-        let request_id = self.request_id();
-        let reply = self
-            .call(Call::FileAppend(FileArgs {
-                client_id: self.id,
-                filename: file.to_owned(),
-                content,
-                token: held.token.clone(),
-                request_id,
-            }))
-            .await?;
-        match reply {
+        let args = append_args(self.id, self.request_id(), held, file, content);
+        match self.call(Call::FileAppend(args)).await? {
             Reply::FileAppend(r) => ok_status(r.status, &r.error_message),
             other => bail!("append answered with {other:?}"),
         }
@@ -653,6 +580,58 @@ impl QuicConn {
             }))
             .await;
     }
+}
+
+/// The arguments of an acquire of `lock` (no wait limit, the bench's lease).
+fn acquire_args(client_id: i32, request_id: String, lock: &str) -> LockArgs {
+    LockArgs {
+        client_id,
+        token: String::new(),
+        request_id,
+        lock_name: lock.to_owned(),
+        wait_timeout_ms: None,
+        lease_ms: Some(LEASE_MS),
+    }
+}
+
+/// The arguments of a release of `held`.
+fn release_args(client_id: i32, request_id: String, held: Held) -> LockArgs {
+    LockArgs {
+        client_id,
+        token: held.token,
+        request_id,
+        lock_name: held.lock,
+        wait_timeout_ms: None,
+        lease_ms: None,
+    }
+}
+
+/// The arguments of an append under `held`.
+fn append_args(
+    client_id: i32,
+    request_id: String,
+    held: &Held,
+    file: &str,
+    content: Vec<u8>,
+) -> FileArgs {
+    FileArgs {
+        client_id,
+        filename: file.to_owned(),
+        content,
+        token: held.token.clone(),
+        request_id,
+    }
+}
+
+/// The grant an acquire of `lock` answered, or its refusal as an error.
+fn held_of(lock: &str, reply: LockResponse) -> Result<Held> {
+    ok_status(reply.status, &reply.error_message)?;
+    Ok(Held {
+        lock: lock.to_owned(),
+        token: reply.token,
+        key: Vec::new(),
+        fence: reply.fencing_token,
+    })
 }
 
 fn ok_status(status: i32, message: &str) -> Result<()> {

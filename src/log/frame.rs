@@ -151,24 +151,6 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_followed_by_zeros_is_a_torn_tail() {
-        let buf = log_of(&[b"alpha", b"beta"]);
-        let first = HEADER + 5;
-        for cut in 0..buf.len() {
-            let mut padded = buf[..cut].to_vec();
-            padded.resize(buf.len() + 100, 0);
-            let s = scan(&padded);
-            assert!(
-                matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail),
-                "cut {cut}: {:?}",
-                s.end
-            );
-            let expect = if cut >= first { first } else { 0 };
-            assert_eq!(s.valid_len as usize, expect, "cut at {cut}");
-        }
-    }
-
-    #[test]
     fn data_after_a_zero_header_is_corruption() {
         let mut buf = log_of(&[b"alpha"]);
         let end = buf.len();
@@ -185,18 +167,22 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_is_a_torn_tail() {
+    fn every_truncation_is_a_torn_tail_also_when_zeros_follow() {
         let buf = log_of(&[b"alpha", b"beta"]);
         let first = HEADER + 5;
-        for cut in 0..buf.len() {
-            let s = scan(&buf[..cut]);
-            assert!(
-                matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail),
-                "cut {cut}: {:?}",
-                s.end
-            );
-            let expect = if cut >= first { first } else { 0 };
-            assert_eq!(s.valid_len as usize, expect, "cut at {cut}");
+        for zeros in [0, 100] {
+            for cut in 0..buf.len() {
+                let mut torn = buf[..cut].to_vec();
+                torn.resize(cut + zeros, 0);
+                let s = scan(&torn);
+                assert!(
+                    matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail),
+                    "cut {cut} + {zeros} zeros: {:?}",
+                    s.end
+                );
+                let expect = if cut >= first { first } else { 0 };
+                assert_eq!(s.valid_len as usize, expect, "cut at {cut} + {zeros} zeros");
+            }
         }
     }
 

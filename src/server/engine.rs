@@ -58,7 +58,7 @@ pub(super) struct State {
 
 /// The persister, held by whoever is writing.
 pub(super) struct Io {
-    pub persister: Option<Persister>,
+    pub persister: Persister,
     /// Storage failed: nothing more is written.
     pub failed: bool,
 }
@@ -246,10 +246,7 @@ impl Engine {
         if io.failed {
             return true;
         }
-        let Some(persister) = io.persister.as_mut() else {
-            return true;
-        };
-        if let Err(e) = persister.run_jobs(jobs) {
+        if let Err(e) = io.persister.run_jobs(jobs) {
             io.failed = true;
             drop(io);
             self.fail(&e);

@@ -384,12 +384,20 @@ impl Node {
         let (failed_tx, failed_rx) = mpsc::unbounded_channel();
         let mut core = recovered.core;
         core.set_tracing(recovered.observer.is_some());
-        let (wake, wakes) = match mode {
+        // The engine's end of the writer's wake-up, and the writer's end.
+        enum WriterEnd {
+            Thread(std::sync::mpsc::Receiver<()>),
+            Task(Arc<Notify>),
+        }
+        let (wake, writer_end) = match mode {
             WriterMode::Thread => {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                (engine::Wake::Thread(tx), Some(rx))
+                (engine::Wake::Thread(tx), WriterEnd::Thread(rx))
             }
-            WriterMode::Task => (engine::Wake::Task(Arc::new(Notify::new())), None),
+            WriterMode::Task => {
+                let notify = Arc::new(Notify::new());
+                (engine::Wake::Task(notify.clone()), WriterEnd::Task(notify))
+            }
         };
         let engine = Arc::new(engine::Engine {
             state: Mutex::new(engine::State {
@@ -404,7 +412,7 @@ impl Node {
                 dropped: Vec::new(),
             }),
             io: Mutex::new(engine::Io {
-                persister: Some(recovered.persister),
+                persister: recovered.persister,
                 failed: false,
             }),
             clock,
@@ -416,8 +424,8 @@ impl Node {
             writer_busy: AtomicBool::new(false),
             writer_idle_since: AtomicU64::new(0),
         });
-        let writer = match (&engine.wake, wakes) {
-            (engine::Wake::Thread(_), Some(wakes)) => {
+        let writer = match writer_end {
+            WriterEnd::Thread(wakes) => {
                 let engine = engine.clone();
                 WriterTask::Thread(
                     std::thread::Builder::new()
@@ -426,11 +434,9 @@ impl Node {
                         .expect("spawning the writer thread"),
                 )
             }
-            (engine::Wake::Task(notify), _) => {
-                let notify = notify.clone();
+            WriterEnd::Task(notify) => {
                 WriterTask::Task(tokio::spawn(engine::run_task(engine.clone(), notify)))
             }
-            (engine::Wake::Thread(_), None) => unreachable!("a thread writer has its channel"),
         };
         let timer = tokio::spawn(engine::run_timer(engine.clone()));
         Node {

@@ -222,8 +222,8 @@ impl Core {
     /// records logged after the snapshot, then call [`Core::resume`].
     pub fn restore(config: CoreConfig, seed: [u8; 32], snapshot: Snapshot) -> Core {
         let mut dedup = Dedup::new(config.dedup_capacity);
-        for a in snapshot.answers {
-            dedup.answer(a.client, &a.request_id, a.kind, a.reply);
+        for answer in snapshot.answers {
+            dedup.restore(answer);
         }
         let mut locks = BTreeMap::new();
         for g in snapshot.grants {
@@ -500,9 +500,9 @@ impl Core {
         let dedup = !request_id.is_empty() && kind != RequestKind::Status && !self.plants.dedup_off;
         if dedup {
             match self.dedup.get(client, &request_id) {
-                Some(Seen::Answered { kind: seen, reply }) => {
-                    let reply = if *seen == kind {
-                        reply.clone()
+                Some(Seen::Answered(answer)) => {
+                    let reply = if answer.kind == kind {
+                        answer.reply.clone()
                     } else {
                         reused_request_id()
                     };

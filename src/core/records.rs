@@ -6,6 +6,8 @@
 //! snapshot rebuilds the durable state exactly. Leases are deliberately not
 //! durable: after a restart every surviving grant gets a fresh lease.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -70,11 +72,12 @@ pub struct AnswerSnapshot {
     pub reply: Reply,
 }
 
-/// The whole durable state at one point of the log.
+/// The whole durable state at one point of the log. Answers are shared with
+/// the core's dedup table (`Arc` is encoded as the value it points to).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub last_fence: Fence,
     pub file_lengths: FileLengths,
     pub grants: Vec<GrantSnapshot>,
-    pub answers: Vec<AnswerSnapshot>,
+    pub answers: Vec<Arc<AnswerSnapshot>>,
 }

@@ -107,7 +107,10 @@ async fn run_client(client: Client, shared: Arc<Shared>) {
 }
 
 async fn crash_loop_keeps_every_acknowledged_release_exactly_once(wire: Wire) {
-    let mut server = ServerProcess::start_over(wire, &["--lease-ms", "5000"]);
+    // Frequent snapshots (written on a thread of their own while the log
+    // goes on in the next generation), so that kills land mid-snapshot too.
+    let mut server =
+        ServerProcess::start_over(wire, &["--lease-ms", "5000", "--snapshot-every", "32"]);
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         fences: Mutex::new(Vec::new()),
@@ -199,8 +202,17 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once(wire: Wire) {
         committed >= 10,
         "too little progress to mean anything: {committed} commits"
     );
+    // Snapshots were taken (and survived the kills): the newest snapshot's
+    // generation is past the first.
+    let state = server.state_files();
+    let generation = state
+        .iter()
+        .filter_map(|n| n.strip_prefix("snap-")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(generation > 0, "no snapshot was taken: {state:?}");
     eprintln!(
-        "crash loop over {wire:?}: {KILLS} kills, {} grants, {committed} committed",
+        "crash loop over {wire:?}: {KILLS} kills, {} grants, {committed} committed, snapshot generation {generation}",
         grants.len()
     );
 }

@@ -81,6 +81,9 @@ pub struct Faults {
     pub crash_unsynced_lost: u64,
     pub torn_writes: u64,
     pub snapshots: u64,
+    /// Server crashes while a snapshot was being written (its generation's
+    /// log already in use).
+    pub crash_mid_snapshot: u64,
     /// Tier 2: links held (messages delayed, then delivered at once).
     pub holds: u64,
     /// Tier 2: windows in which a link failed at random (turmoil's fail rate).
@@ -107,6 +110,7 @@ impl Faults {
         self.crash_unsynced_lost += other.crash_unsynced_lost;
         self.torn_writes += other.torn_writes;
         self.snapshots += other.snapshots;
+        self.crash_mid_snapshot += other.crash_mid_snapshot;
         self.holds += other.holds;
         self.link_failures += other.link_failures;
         self.reconnects += other.reconnects;
@@ -134,7 +138,7 @@ impl Faults {
             (self.drops.to_string(), String::new())
         };
         format!(
-            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}) | snapshots {}{tier2}",
+            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, while a snapshot was written {}) | snapshots {}{tier2}",
             self.duplicates,
             self.reorders,
             self.partitions,
@@ -146,6 +150,7 @@ impl Faults {
             self.crash_before_reply,
             self.crash_unsynced_lost,
             self.torn_writes,
+            self.crash_mid_snapshot,
             self.snapshots
         )
     }

@@ -306,6 +306,20 @@ impl Engine {
         }
     }
 
+    /// Waits for a snapshot still being written in the background (the
+    /// writer's last act); its failure is a storage failure.
+    fn finish(&self) {
+        let mut io = locked(&self.io);
+        if io.failed {
+            return;
+        }
+        if let Err(e) = io.persister.finish() {
+            io.failed = true;
+            drop(io);
+            self.fail(&e);
+        }
+    }
+
     /// Closes to new calls and drops replies still waiting for the core
     /// (queued jobs are still carried out by the writer).
     pub fn close(&self) {
@@ -335,6 +349,7 @@ pub(super) fn run_thread(engine: Arc<Engine>, wakes: std_mpsc::Receiver<()>) {
         }
     }
     engine.drain();
+    engine.finish();
 }
 
 /// The background writer as a task (single-threaded simulation).
@@ -347,6 +362,7 @@ pub(super) async fn run_task(engine: Arc<Engine>, notify: Arc<Notify>) {
         }
     }
     engine.drain();
+    engine.finish();
 }
 
 /// The timer: ticks the core at its next deadline.

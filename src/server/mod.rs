@@ -382,6 +382,10 @@ impl Node {
         mode: WriterMode,
     ) -> Node {
         let (failed_tx, failed_rx) = mpsc::unbounded_channel();
+        let mut persister = recovered.persister;
+        if mode == WriterMode::Thread {
+            persister.write_snapshots_in_background();
+        }
         let mut core = recovered.core;
         core.set_tracing(recovered.observer.is_some());
         // The engine's end of the writer's wake-up, and the writer's end.
@@ -412,7 +416,7 @@ impl Node {
                 dropped: Vec::new(),
             }),
             io: Mutex::new(engine::Io {
-                persister: recovered.persister,
+                persister,
                 failed: false,
             }),
             clock,

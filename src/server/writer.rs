@@ -5,8 +5,11 @@
 //! makes them durable with one fdatasync (group commit: all requests that
 //! arrived during the previous sync share the next one), applies the file
 //! writes they committed, and only then releases the replies. Reads and
-//! snapshots are ordered with the writes. Must not: decide anything; it
-//! carries out the core's outputs in order.
+//! snapshots are ordered with the writes: a snapshot moves the log to a new
+//! generation in line, and its file is written on a thread of its own (one
+//! at a time; a snapshot due while the last is still being written is
+//! skipped, the log just grows until the next). Must not: decide anything;
+//! it carries out the core's outputs in order.
 
 use std::io;
 
@@ -16,7 +19,7 @@ use crate::core::records::{Record, Snapshot};
 use crate::core::staging::{FileIndex, FileWrite};
 use crate::core::types::Reply;
 use crate::files::DataFiles;
-use crate::log::{LogError, Wal};
+use crate::log::{LogError, Premade, Wal};
 
 /// The outputs of one core step, to be carried out in order.
 #[derive(Default)]
@@ -56,22 +59,44 @@ pub enum WriterError {
     Data(#[from] io::Error),
 }
 
+/// A snapshot being written on its own thread: its result is the next
+/// generation's zero-filled segment.
+type SnapshotThread = std::thread::JoinHandle<Result<Option<Premade>, LogError>>;
+
 /// The log and the data files, used by one writer.
 pub struct Persister {
     wal: Wal,
     files: DataFiles,
     /// Fsyncs done (each served a whole group).
     pub syncs: u64,
+    /// Write snapshots on a thread of their own (production) rather than
+    /// in line (the deterministic simulation).
+    background: bool,
+    /// The snapshot being written in the background, if any.
+    snapshot: Option<SnapshotThread>,
+    /// Snapshots not taken because the previous one was still being written.
+    pub snapshots_skipped: u64,
 }
 
 impl Persister {
-    /// A persister over a recovered log and opened data files.
+    /// A persister over a recovered log and opened data files; snapshots
+    /// are written in line until [`Persister::write_snapshots_in_background`].
     pub fn new(wal: Wal, files: DataFiles) -> Persister {
         Persister {
             wal,
             files,
             syncs: 0,
+            background: false,
+            snapshot: None,
+            snapshots_skipped: 0,
         }
+    }
+
+    /// Writes snapshots on a thread of their own: the group commits that
+    /// follow a snapshot do not wait for it (only the switch to the new log
+    /// segment is in line, one fdatasync).
+    pub fn write_snapshots_in_background(&mut self) {
+        self.background = true;
     }
 
     /// The log and the data files, for a driver that sequences them itself
@@ -80,11 +105,71 @@ impl Persister {
         (self.wal, self.files)
     }
 
+    /// Waits for a snapshot still being written (before the node stops, so
+    /// that its directory is not written to after).
+    ///
+    /// # Errors
+    /// [`WriterError`] if writing the snapshot failed.
+    pub fn finish(&mut self) -> Result<(), WriterError> {
+        self.collect_snapshot(true)
+    }
+
+    /// Takes the result of the background snapshot if it is done (or, with
+    /// `wait`, once it is).
+    fn collect_snapshot(&mut self, wait: bool) -> Result<(), WriterError> {
+        match &self.snapshot {
+            Some(thread) if wait || thread.is_finished() => {}
+            _ => return Ok(()),
+        }
+        let Some(thread) = self.snapshot.take() else {
+            return Ok(());
+        };
+        match thread.join() {
+            Ok(result) => {
+                self.wal.adopt(result?);
+                Ok(())
+            }
+            Err(_panic) => Err(WriterError::Data(io::Error::other(
+                "the snapshot writer thread panicked",
+            ))),
+        }
+    }
+
+    /// Starts a snapshot: data files durable, the log on a new generation,
+    /// the snapshot written here or on its own thread. Skipped (the log just
+    /// grows until the next one) while the previous one is still being
+    /// written.
+    fn snapshot(&mut self, snapshot: Snapshot) -> Result<(), WriterError> {
+        self.collect_snapshot(false)?;
+        if self.snapshot.is_some() {
+            self.snapshots_skipped += 1;
+            tracing::debug!("snapshot skipped: the previous one is still being written");
+            return Ok(());
+        }
+        self.files.sync()?;
+        let write = self.wal.begin_snapshot(snapshot)?;
+        if self.background {
+            let spawned = std::thread::Builder::new()
+                .name("dlm-snapshot".into())
+                .spawn(move || write.run());
+            match spawned {
+                Ok(thread) => self.snapshot = Some(thread),
+                // Safe to go without: until a later snapshot is written,
+                // recovery replays the older one and every log since.
+                Err(error) => tracing::warn!(%error, "no thread to write a snapshot; skipped"),
+            }
+        } else {
+            self.wal.adopt(write.run()?);
+        }
+        Ok(())
+    }
+
     /// Carries out `jobs` in order with as few fsyncs as the order allows.
     ///
     /// # Errors
     /// [`WriterError`] on any storage failure; replies not yet sent are dropped.
     pub fn run_jobs(&mut self, jobs: Vec<Job>) -> Result<(), WriterError> {
+        self.collect_snapshot(false)?;
         let mut waiting: Vec<Batch> = Vec::new();
         for job in jobs {
             match job {
@@ -96,8 +181,7 @@ impl Persister {
                 }
                 Job::Snapshot(snapshot) => {
                     self.flush(&mut waiting)?;
-                    self.files.sync()?;
-                    self.wal.write_snapshot(&snapshot)?;
+                    self.snapshot(*snapshot)?;
                 }
                 Job::Read { file, reply } => {
                     self.flush(&mut waiting)?;

@@ -352,6 +352,19 @@ impl ServerProcess {
             .into_owned()
     }
 
+    /// Names of the files in the log directory (`data/state`).
+    #[allow(dead_code)]
+    pub fn state_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.data_dir.join("state"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

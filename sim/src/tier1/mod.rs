@@ -115,6 +115,11 @@ enum Event {
     RepliesOut {
         incarnation: u64,
     },
+    /// The snapshot begun by the server is written (as by a background
+    /// thread: records went on meanwhile).
+    SnapshotWritten {
+        incarnation: u64,
+    },
     ServerCrash,
     /// A crash aimed at a flight (between log write, fsync and replies).
     InjectedCrash,
@@ -152,6 +157,7 @@ impl Event {
             Event::Heal => (13, 0, 0),
             Event::End => (14, 0, 0),
             Event::InjectedCrash => (15, 0, 0),
+            Event::SnapshotWritten { incarnation } => (16, *incarnation, 0),
         }
     }
 }
@@ -394,6 +400,7 @@ impl World {
             Event::ServerDeadline { incarnation } => self.server_deadline(incarnation),
             Event::LogSynced { incarnation } => self.server_synced(incarnation),
             Event::RepliesOut { incarnation } => self.server_replies_out(incarnation),
+            Event::SnapshotWritten { incarnation } => self.server_snapshot_written(incarnation),
             Event::ServerCrash => {
                 if !self.healed {
                     self.server_crash();

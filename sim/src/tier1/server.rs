@@ -14,7 +14,7 @@ use dlm::core::time::Time;
 use dlm::core::types::{CallId, Reply, Request};
 use dlm::core::{Core, Input, Output};
 use dlm::files::DataFiles;
-use dlm::log::Wal;
+use dlm::log::{SnapshotWrite, Wal};
 use dlm::server::{recover, ServerConfig};
 
 use super::{Dir, Event, World};
@@ -49,6 +49,9 @@ struct Node {
     /// Synced and applied; replies about to leave.
     synced: Option<Batch>,
     deadline: Option<u64>,
+    /// A snapshot whose generation the log has started, not yet written
+    /// (the server writes it on a thread of its own).
+    snapshot_write: Option<SnapshotWrite>,
 }
 
 /// The server: up (a node) or down.
@@ -321,28 +324,65 @@ impl World {
         self.audit_leases();
     }
 
+    /// Begins a snapshot at a quiet point, as the server's writer does: the
+    /// log moves to the next generation at once, the snapshot file is
+    /// written later (`SnapshotWritten`) while records go on, and crashes
+    /// are aimed at that window too.
     fn maybe_snapshot(&mut self) {
+        let incarnation = self.server.incarnation;
         let Some(node) = self.server.node.as_mut() else {
             return;
         };
         if node.wal.records_since_snapshot() < SNAPSHOT_EVERY
             || !node.open.is_empty()
             || node.flight.is_some()
+            || node.snapshot_write.is_some()
         {
             return;
         }
         let snapshot = node.core.snapshot();
-        let result = node.files.sync().map_err(|e| e.to_string()).and_then(|()| {
-            node.wal
-                .write_snapshot(&snapshot)
-                .map_err(|e| e.to_string())
-        });
-        if let Err(e) = result {
-            self.history
-                .violations
-                .push(format!("snapshot failed: {e}"));
+        let result = node
+            .files
+            .sync()
+            .map_err(|e| e.to_string())
+            .and_then(|()| node.wal.begin_snapshot(snapshot).map_err(|e| e.to_string()));
+        match result {
+            Ok(write) => node.snapshot_write = Some(write),
+            Err(e) => {
+                self.history
+                    .violations
+                    .push(format!("snapshot failed: {e}"));
+                return;
+            }
         }
         self.faults.snapshots += 1;
+        let latency = self
+            .rng
+            .between(self.scenario.fsync_min, 4 * self.scenario.fsync_max + 1);
+        self.at(self.now + latency, Event::SnapshotWritten { incarnation });
+        if !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.05) {
+            let at = self.now + self.rng.between(0, latency + 1);
+            self.at(at, Event::InjectedCrash);
+        }
+    }
+
+    pub(super) fn server_snapshot_written(&mut self, incarnation: u64) {
+        if incarnation != self.server.incarnation {
+            return;
+        }
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        let Some(write) = node.snapshot_write.take() else {
+            return;
+        };
+        match write.run() {
+            Ok(premade) => node.wal.adopt(premade),
+            Err(e) => self
+                .history
+                .violations
+                .push(format!("snapshot write failed: {e}")),
+        }
     }
 
     fn reply(&mut self, route: Route, reply: Reply) {
@@ -369,6 +409,9 @@ impl World {
         }
         if node.synced.is_some() {
             self.faults.crash_before_reply += 1;
+        }
+        if node.snapshot_write.is_some() {
+            self.faults.crash_mid_snapshot += 1;
         }
         self.faults.server_crashes += 1;
         self.server.incarnation += 1;
@@ -432,6 +475,7 @@ impl World {
             flight: None,
             synced: None,
             deadline: None,
+            snapshot_write: None,
         });
         self.log(|| format!("server up: {} grants recovered", grants.len()));
         self.arm_deadline();

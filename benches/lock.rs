@@ -429,7 +429,7 @@ async fn run(settings: Settings) -> i32 {
         if !settings.wants_system(system.name()) {
             continue;
         }
-        if system == System::DlmB && std::env::var_os("DLM_BENCH_COMPARE_BIN").is_none() {
+        if system.is_compare_build() && std::env::var_os("DLM_BENCH_COMPARE_BIN").is_none() {
             continue;
         }
         match Server::start(system).await {

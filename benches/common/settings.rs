@@ -6,12 +6,13 @@
 //! - `DLM_BENCH_DLM_BIN` — another `dlm` binary to bench (default: the one
 //!   cargo built with the bench), e.g. to compare two builds;
 //! - `DLM_BENCH_COMPARE_BIN` — a second `dlm` binary, benched as `dlm-b`
-//!   next to `dlm` in the same run (A/B of two builds);
+//!   (gRPC) and `dlm-b-quic` next to `dlm` and `dlm-quic` in the same run
+//!   (A/B of two builds);
 //! - `DLM_BENCH_SERVER_ARGS` — extra `dlm server` flags (whitespace-separated);
 //! - `DLM_BENCH_RECORDS` — log lengths of the recovery bench.
 //!
-//! Arguments (after `--`) are filter words: a system (`dlm` = both dlm
-//! builds, `dlm-b`, `etcd`, `redis` = both Redis rows, `redis-aof`, `redis-mem`), a workload
+//! Arguments (after `--`) are filter words: a system (`dlm` = every dlm
+//! row, `dlm-b` = both rows of the second build, `dlm-b-quic`, `etcd`, `redis` = both Redis rows, `redis-aof`, `redis-mem`), a workload
 //! (`uncontended`, `contended`, `critical-section`, `no-fsync`) or a client count (replaces
 //! the default counts). Words of one kind are alternatives; kinds combine.
 //! `cargo bench` itself passes `--bench`, which is ignored.
@@ -30,10 +31,11 @@ pub struct Settings {
     pub unknown: Vec<String>,
 }
 
-const SYSTEMS: [&str; 7] = [
+const SYSTEMS: [&str; 8] = [
     "dlm",
     "dlm-b",
     "dlm-quic",
+    "dlm-b-quic",
     "etcd",
     "redis",
     "redis-aof",

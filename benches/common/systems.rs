@@ -45,6 +45,8 @@ pub enum System {
     DlmB,
     /// dlm over QUIC.
     DlmQuic,
+    /// The second build over QUIC.
+    DlmBQuic,
     Etcd,
     RedisAof,
     RedisMem,
@@ -52,10 +54,11 @@ pub enum System {
 
 impl System {
     /// Every system, in table order.
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 7] = [
         System::Dlm,
         System::DlmB,
         System::DlmQuic,
+        System::DlmBQuic,
         System::Etcd,
         System::RedisAof,
         System::RedisMem,
@@ -67,6 +70,7 @@ impl System {
             System::Dlm => "dlm",
             System::DlmB => "dlm-b",
             System::DlmQuic => "dlm-quic",
+            System::DlmBQuic => "dlm-b-quic",
             System::Etcd => "etcd",
             System::RedisAof => "redis-aof",
             System::RedisMem => "redis-mem",
@@ -77,7 +81,7 @@ impl System {
     pub fn transport(self) -> &'static str {
         match self {
             System::Dlm | System::DlmB | System::Etcd => "grpc",
-            System::DlmQuic => "quic",
+            System::DlmQuic | System::DlmBQuic => "quic",
             System::RedisAof | System::RedisMem => "resp",
         }
     }
@@ -85,7 +89,9 @@ impl System {
     /// What durability it gives.
     pub fn durability(self) -> &'static str {
         match self {
-            System::Dlm | System::DlmB | System::DlmQuic => "fdatasync per group commit",
+            System::Dlm | System::DlmB | System::DlmQuic | System::DlmBQuic => {
+                "fdatasync per group commit"
+            }
             System::Etcd => "raft WAL fsync (default)",
             System::RedisAof => "appendfsync always",
             System::RedisMem => "none",
@@ -94,13 +100,26 @@ impl System {
 
     /// dlm itself (either build).
     pub fn is_dlm(self) -> bool {
-        matches!(self, System::Dlm | System::DlmB | System::DlmQuic)
+        matches!(
+            self,
+            System::Dlm | System::DlmB | System::DlmQuic | System::DlmBQuic
+        )
+    }
+
+    /// The second build (`DLM_BENCH_COMPARE_BIN`), over either transport.
+    pub fn is_compare_build(self) -> bool {
+        matches!(self, System::DlmB | System::DlmBQuic)
+    }
+
+    /// dlm over QUIC (either build).
+    pub fn is_dlm_quic(self) -> bool {
+        matches!(self, System::DlmQuic | System::DlmBQuic)
     }
 
     fn program(self) -> Option<PathBuf> {
         match self {
             System::Dlm | System::DlmQuic => Some(dlm_binary()),
-            System::DlmB => std::env::var_os("DLM_BENCH_COMPARE_BIN")
+            System::DlmB | System::DlmBQuic => std::env::var_os("DLM_BENCH_COMPARE_BIN")
                 .filter(|bin| !bin.is_empty())
                 .map(PathBuf::from),
             System::Etcd => procs::which("etcd"),
@@ -164,13 +183,13 @@ impl Server {
         let log = dir.path().join("server.log");
         let version = version_of(system, &program);
         let server = match system {
-            System::Dlm | System::DlmB | System::DlmQuic => {
+            System::Dlm | System::DlmB | System::DlmQuic | System::DlmBQuic => {
                 let mut command = Command::new(&program);
                 command
                     .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
                     .arg(dir.path().join("data"))
                     .env("RUST_LOG", "warn");
-                if system == System::DlmQuic {
+                if system.is_dlm_quic() {
                     // QUIC on the --listen port (UDP), with the development CA.
                     command.args(["--transport", "quic"]);
                 }
@@ -310,7 +329,7 @@ impl Conn {
             System::Dlm | System::DlmB => {
                 Conn::Dlm(DlmConn::connect(server.port, client, tag).await?)
             }
-            System::DlmQuic => {
+            System::DlmQuic | System::DlmBQuic => {
                 Conn::DlmQuic(QuicConn::connect(server.port, &server.dev_ca(), client, tag).await?)
             }
             System::Etcd => Conn::Etcd(EtcdConn::connect(server.port).await?),

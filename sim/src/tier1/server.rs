@@ -273,9 +273,16 @@ impl World {
         self.at(self.now + latency, Event::LogSynced { incarnation });
         // Aim some crashes at the instants that matter most: between the
         // log write and its fsync, and between the fsync and the replies.
-        if has_records && !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.01)
-        {
-            let at = self.now + self.rng.between(0, latency + 1);
+        if has_records {
+            self.aim_crash(latency, 0.01);
+        }
+    }
+
+    /// With probability `chance` (and while crashes are on), a crash at a
+    /// random instant of the next `within` ms.
+    fn aim_crash(&mut self, within: u64, chance: f64) {
+        if !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(chance) {
+            let at = self.now + self.rng.between(0, within + 1);
             self.at(at, Event::InjectedCrash);
         }
     }
@@ -360,10 +367,7 @@ impl World {
             .rng
             .between(self.scenario.fsync_min, 4 * self.scenario.fsync_max + 1);
         self.at(self.now + latency, Event::SnapshotWritten { incarnation });
-        if !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.05) {
-            let at = self.now + self.rng.between(0, latency + 1);
-            self.at(at, Event::InjectedCrash);
-        }
+        self.aim_crash(latency, 0.05);
     }
 
     pub(super) fn server_snapshot_written(&mut self, incarnation: u64) {

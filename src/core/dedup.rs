@@ -70,22 +70,30 @@ impl Dedup {
     }
 
     /// Remembers the answer to a request, evicting the oldest beyond
-    /// capacity. A request id has one answer: if one is already remembered
-    /// it is kept (the core never answers a remembered request twice; replay
-    /// follows the same rule, so a snapshot and its records agree).
+    /// capacity. An answer already remembered for the id is replaced in its
+    /// place in the eviction order. (The core never answers a remembered id
+    /// twice; a replay does when the live server had evicted the first
+    /// answer and a restart keeps more answers: the replay must end with the
+    /// answer the live server gave last.)
     pub fn answer(&mut self, client: ClientId, request_id: &str, kind: RequestKind, reply: Reply) {
-        let ids = self.seen.entry(client).or_default();
-        if matches!(ids.get(request_id), Some(Seen::Answered(_))) {
-            return;
-        }
         let answer = Arc::new(AnswerSnapshot {
             client,
             request_id: request_id.to_owned(),
             kind,
             reply,
         });
+        let ids = self.seen.entry(client).or_default();
         match ids.get_mut(request_id) {
-            Some(seen) => *seen = Seen::Answered(answer.clone()),
+            Some(seen) => {
+                let old = std::mem::replace(seen, Seen::Answered(answer.clone()));
+                if let Seen::Answered(old) = old {
+                    // Rare (see above): a scan of the order is fine.
+                    if let Some(slot) = self.order.iter_mut().find(|a| Arc::ptr_eq(a, &old)) {
+                        *slot = answer;
+                    }
+                    return;
+                }
+            }
             None => {
                 ids.insert(request_id.to_owned(), Seen::Answered(answer.clone()));
             }
@@ -169,7 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_shared_oldest_first_and_the_first_answer_stays() {
+    fn answers_are_shared_oldest_first_and_a_new_answer_replaces_in_place() {
         let mut d = Dedup::new(2);
         d.answer(1, "a", RequestKind::Renew, Reply::Done);
         d.answer(2, "b", RequestKind::Release, Reply::Done);
@@ -184,11 +192,15 @@ mod tests {
             .iter()
             .map(|a| (a.client, a.request_id.as_str()))
             .collect();
-        assert_eq!(keys, [(1, "a"), (2, "b")]);
+        assert_eq!(
+            keys,
+            [(1, "a"), (2, "b")],
+            "replaced in place, none evicted"
+        );
         assert_eq!(
             answers[0].kind,
-            RequestKind::Renew,
-            "a request id keeps its first answer"
+            RequestKind::Release,
+            "the last answer is kept"
         );
         assert!(matches!(d.get(1, "a"), Some(Seen::Answered(a)) if Arc::ptr_eq(a, &answers[0])));
 

@@ -530,7 +530,8 @@ impl SnapshotWrite {
 
     /// Writes `snap-G` (to `snap-G.tmp`, synced, renamed, directory synced),
     /// then removes every older generation's files, then zero-fills
-    /// `log-(G+1)` for the next snapshot to start at no cost.
+    /// `log-(G+1)` for the next snapshot to start at no cost (a failure of
+    /// that last step is only logged: the snapshot is in place).
     ///
     /// # Errors
     /// [`LogError::Io`]; nothing is removed unless the snapshot is durable.
@@ -559,18 +560,30 @@ impl SnapshotWrite {
         if self.prealloc == 0 {
             return Ok(None);
         }
+        // Only a speed-up from here on: a failure leaves the next snapshot
+        // to make its segment in line (and recovery drops a partial one).
         let generation = self.generation + 1;
         let name = log_name(generation);
-        let mut segment = dir.open_direct(&name, true).map_err(io_err(&name))?;
-        segment.set_len(0).map_err(io_err(&name))?;
-        let allocated = BLOCK + self.prealloc;
-        zero_fill(segment.as_mut(), 0, allocated).map_err(io_err(&name))?;
-        dir.sync().map_err(io_err("."))?;
-        Ok(Some(Premade {
-            generation,
-            segment,
-            allocated,
-        }))
+        let premade = (|| {
+            let mut segment = dir.open_direct(&name, true)?;
+            segment.set_len(0)?;
+            let allocated = BLOCK + self.prealloc;
+            zero_fill(segment.as_mut(), 0, allocated)?;
+            dir.sync()?;
+            Ok::<_, io::Error>(Premade {
+                generation,
+                segment,
+                allocated,
+            })
+        })();
+        match premade {
+            Ok(premade) => Ok(Some(premade)),
+            Err(error) => {
+                let file = dir.describe(&name);
+                tracing::warn!(%file, %error, "could not zero-fill the next log segment ahead");
+                Ok(None)
+            }
+        }
     }
 }
 

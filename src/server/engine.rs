@@ -307,13 +307,16 @@ impl Engine {
     }
 
     /// Waits for a snapshot still being written in the background (the
-    /// writer's last act); its failure is a storage failure.
+    /// writer's last act, also after a storage failure: nothing may write
+    /// to the directory once the node has stopped); its failure is a
+    /// storage failure.
     fn finish(&self) {
         let mut io = locked(&self.io);
+        let result = io.persister.finish();
         if io.failed {
             return;
         }
-        if let Err(e) = io.persister.finish() {
+        if let Err(e) = result {
             io.failed = true;
             drop(io);
             self.fail(&e);

@@ -60,8 +60,30 @@ pub enum WriterError {
 }
 
 /// A snapshot being written on its own thread: its result is the next
-/// generation's zero-filled segment.
-type SnapshotThread = std::thread::JoinHandle<Result<Option<Premade>, LogError>>;
+/// generation's zero-filled segment. Dropped unjoined (a persister dropped
+/// without [`Persister::finish`], or after a storage failure), it still
+/// waits for the thread, so that nothing writes to the directory after the
+/// persister is gone.
+struct SnapshotThread(Option<std::thread::JoinHandle<Result<Option<Premade>, LogError>>>);
+
+impl SnapshotThread {
+    fn is_finished(&self) -> bool {
+        self.0.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// The thread's result (`None`: already taken).
+    fn join(mut self) -> Option<std::thread::Result<Result<Option<Premade>, LogError>>> {
+        self.0.take().map(|t| t.join())
+    }
+}
+
+impl Drop for SnapshotThread {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// The log and the data files, used by one writer.
 pub struct Persister {
@@ -125,13 +147,14 @@ impl Persister {
             return Ok(());
         };
         match thread.join() {
-            Ok(result) => {
+            Some(Ok(result)) => {
                 self.wal.adopt(result?);
                 Ok(())
             }
-            Err(_panic) => Err(WriterError::Data(io::Error::other(
+            Some(Err(_panic)) => Err(WriterError::Data(io::Error::other(
                 "the snapshot writer thread panicked",
             ))),
+            None => Ok(()),
         }
     }
 
@@ -153,7 +176,7 @@ impl Persister {
                 .name("dlm-snapshot".into())
                 .spawn(move || write.run());
             match spawned {
-                Ok(thread) => self.snapshot = Some(thread),
+                Ok(thread) => self.snapshot = Some(SnapshotThread(Some(thread))),
                 // Safe to go without: until a later snapshot is written,
                 // recovery replays the older one and every log since.
                 Err(error) => tracing::warn!(%error, "no thread to write a snapshot; skipped"),

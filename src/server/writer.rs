@@ -96,8 +96,6 @@ pub struct Persister {
     background: bool,
     /// The snapshot being written in the background, if any.
     snapshot: Option<SnapshotThread>,
-    /// Snapshots not taken because the previous one was still being written.
-    pub snapshots_skipped: u64,
 }
 
 impl Persister {
@@ -110,7 +108,6 @@ impl Persister {
             syncs: 0,
             background: false,
             snapshot: None,
-            snapshots_skipped: 0,
         }
     }
 
@@ -165,7 +162,6 @@ impl Persister {
     fn snapshot(&mut self, snapshot: Snapshot) -> Result<(), WriterError> {
         self.collect_snapshot(false)?;
         if self.snapshot.is_some() {
-            self.snapshots_skipped += 1;
             tracing::debug!("snapshot skipped: the previous one is still being written");
             return Ok(());
         }

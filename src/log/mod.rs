@@ -139,6 +139,12 @@ fn log_name(generation: u64) -> String {
     format!("log-{generation:020}")
 }
 
+/// The error of a failed operation on `name` in `dir`, naming the file.
+fn io_err(dir: &dyn Dir, name: &str) -> impl FnOnce(io::Error) -> LogError + use<> {
+    let file = dir.describe(name);
+    move |source| LogError::Io { file, source }
+}
+
 fn generation_of(name: &str, prefix: &str) -> Option<u64> {
     let digits = name.strip_prefix(prefix)?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
@@ -157,8 +163,7 @@ impl Wal {
     }
 
     fn io(&self, name: &str) -> impl FnOnce(io::Error) -> LogError + '_ {
-        let file = self.dir.describe(name);
-        move |source| LogError::Io { file, source }
+        io_err(self.dir.as_ref(), name)
     }
 
     /// Opens the log in `dir`, creating generation 0 from `initial()` when the
@@ -186,10 +191,6 @@ impl Wal {
         initial: impl FnOnce() -> Snapshot,
     ) -> Result<Recovered, LogError> {
         let dir: Arc<dyn Dir> = Arc::from(dir);
-        let io_err = |dir: &dyn Dir, name: &str| {
-            let file = dir.describe(name);
-            move |source| LogError::Io { file, source }
-        };
         let names = dir.list().map_err(io_err(dir.as_ref(), "."))?;
         for name in names.iter().filter(|n| n.ends_with(".tmp")) {
             dir.remove(name).map_err(io_err(dir.as_ref(), name))?;
@@ -537,13 +538,9 @@ impl SnapshotWrite {
     /// [`LogError::Io`]; nothing is removed unless the snapshot is durable.
     pub fn run(self) -> Result<Option<Premade>, LogError> {
         let dir = self.dir.as_ref();
-        let io_err = |name: &str| {
-            let file = dir.describe(name);
-            move |source| LogError::Io { file, source }
-        };
         write_snapshot_file(dir, self.generation, &self.snapshot)?;
         drop(self.snapshot);
-        let names = dir.list().map_err(io_err("."))?;
+        let names = dir.list().map_err(io_err(dir, "."))?;
         let older = |name: &str| {
             generation_of(name, "snap-")
                 .or_else(|| generation_of(name, "log-"))
@@ -553,10 +550,10 @@ impl SnapshotWrite {
             match dir.remove(name) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(name)(e)),
+                Err(e) => return Err(io_err(dir, name)(e)),
             }
         }
-        dir.sync().map_err(io_err("."))?;
+        dir.sync().map_err(io_err(dir, "."))?;
         if self.prealloc == 0 {
             return Ok(None);
         }
@@ -606,21 +603,17 @@ fn write_snapshot_file(
     generation: u64,
     snapshot: &Snapshot,
 ) -> Result<(), LogError> {
-    let io_err = |name: &str| {
-        let file = dir.describe(name);
-        move |source| LogError::Io { file, source }
-    };
     let payload = postcard::to_allocvec(snapshot).unwrap_or_default();
     let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER);
     frame::encode(&payload, &mut bytes);
     let tmp = format!("{}.tmp", snap_name(generation));
-    let mut file = dir.open(&tmp, true).map_err(io_err(&tmp))?;
-    file.set_len(0).map_err(io_err(&tmp))?;
-    file.write_at(0, &bytes).map_err(io_err(&tmp))?;
-    file.sync_data().map_err(io_err(&tmp))?;
+    let mut file = dir.open(&tmp, true).map_err(io_err(dir, &tmp))?;
+    file.set_len(0).map_err(io_err(dir, &tmp))?;
+    file.write_at(0, &bytes).map_err(io_err(dir, &tmp))?;
+    file.sync_data().map_err(io_err(dir, &tmp))?;
     dir.rename(&tmp, &snap_name(generation))
-        .map_err(io_err(&tmp))?;
-    dir.sync().map_err(io_err("."))
+        .map_err(io_err(dir, &tmp))?;
+    dir.sync().map_err(io_err(dir, "."))
 }
 
 #[cfg(test)]

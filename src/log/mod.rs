@@ -495,14 +495,11 @@ impl Wal {
                 self.generation = next;
             }
             _ => {
-                let name = log_name(next);
-                let mut segment = self.dir.open_direct(&name, true).map_err(self.io(&name))?;
-                segment.set_len(0).map_err(self.io(&name))?;
-                self.segment = segment;
-                self.allocated = 0;
+                let made = new_segment(self.dir.as_ref(), next, self.prealloc)
+                    .map_err(self.io(&log_name(next)))?;
+                self.segment = made.segment;
+                self.allocated = made.allocated;
                 self.generation = next;
-                self.preallocate(BLOCK)?;
-                self.dir.sync().map_err(self.io("."))?;
             }
         }
         self.offset = 0;
@@ -560,28 +557,32 @@ impl SnapshotWrite {
         // Only a speed-up from here on: a failure leaves the next snapshot
         // to make its segment in line (and recovery drops a partial one).
         let generation = self.generation + 1;
-        let name = log_name(generation);
-        let premade = (|| {
-            let mut segment = dir.open_direct(&name, true)?;
-            segment.set_len(0)?;
-            let allocated = BLOCK + self.prealloc;
-            zero_fill(segment.as_mut(), 0, allocated)?;
-            dir.sync()?;
-            Ok::<_, io::Error>(Premade {
-                generation,
-                segment,
-                allocated,
-            })
-        })();
-        match premade {
+        match new_segment(dir, generation, self.prealloc) {
             Ok(premade) => Ok(Some(premade)),
             Err(error) => {
-                let file = dir.describe(&name);
+                let file = dir.describe(&log_name(generation));
                 tracing::warn!(%file, %error, "could not zero-fill the next log segment ahead");
                 Ok(None)
             }
         }
     }
+}
+
+/// Creates (or empties) `log-G`, zero-fills `prealloc` bytes past its first
+/// block and makes that and its directory entry durable.
+fn new_segment(dir: &dyn Dir, generation: u64, prealloc: u64) -> io::Result<Premade> {
+    let mut segment = dir.open_direct(&log_name(generation), true)?;
+    segment.set_len(0)?;
+    let allocated = if prealloc == 0 { 0 } else { BLOCK + prealloc };
+    if allocated > 0 {
+        zero_fill(segment.as_mut(), 0, allocated)?;
+    }
+    dir.sync()?;
+    Ok(Premade {
+        generation,
+        segment,
+        allocated,
+    })
 }
 
 /// Writes zeros over `[from, to)` of `file` and makes them durable.

@@ -15,7 +15,10 @@
 //! under load the background writer does back-to-back group commits.
 //!
 //! A caller also leaves the queue alone while the background writer is
-//! draining, so that under load the callers' threads serve the network.
+//! draining, or when the last group carried more than one job (calls
+//! overlap: a caller that blocked in an fsync would keep one of the
+//! runtime's two threads from the network while the others' requests wait),
+//! so that under load the callers' threads serve the network.
 //!
 //! Invariants: jobs run in queue order, one group at a time (the `io` lock is
 //! held from taking a group to finishing it); whoever releases `io` looks at
@@ -88,6 +91,9 @@ pub(super) struct Engine {
     pub writer_busy: AtomicBool,
     /// When the background writer last went idle (µs on the engine's clock).
     pub writer_idle_since: AtomicU64,
+    /// How many jobs the last group carried: more than one means calls
+    /// overlap, and a caller leaves the group commit to the writer.
+    pub last_group: AtomicU64,
 }
 
 /// A call that comes this soon after the background writer went idle leaves
@@ -221,7 +227,9 @@ impl Engine {
             return;
         }
         let idle_since = self.writer_idle_since.load(Ordering::Relaxed);
-        if self.clock.micros().saturating_sub(idle_since) < BUSY_WINDOW_MICROS {
+        if self.last_group.load(Ordering::Relaxed) > 1
+            || self.clock.micros().saturating_sub(idle_since) < BUSY_WINDOW_MICROS
+        {
             self.wake_writer();
             return;
         }
@@ -243,6 +251,7 @@ impl Engine {
         if jobs.is_empty() {
             return false;
         }
+        self.last_group.store(jobs.len() as u64, Ordering::Relaxed);
         if io.failed {
             return true;
         }

@@ -427,6 +427,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             writer_busy: AtomicBool::new(false),
             writer_idle_since: AtomicU64::new(0),
+            last_group: AtomicU64::new(0),
         });
         let writer = match writer_end {
             WriterEnd::Thread(wakes) => {

@@ -333,6 +333,27 @@ pub struct Node {
     writer: WriterTask,
     /// Fires when storage fails.
     failed: Option<mpsc::UnboundedReceiver<()>>,
+    /// Stops the background work if the node is dropped without
+    /// [`Node::shutdown`].
+    _stop: StopOnDrop,
+}
+
+/// A node dropped without [`Node::shutdown`] (an error path of an embedder,
+/// a test that panicked) still stops: no new calls, the timer ends, and the
+/// writer thread carries out what was queued and exits instead of waiting
+/// for a wake-up forever with the state directory open. Nothing is joined:
+/// a drop must not block. Harmless after `shutdown`, which does the same
+/// and waits.
+struct StopOnDrop(Arc<engine::Engine>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let engine = &self.0;
+        engine.close();
+        engine.timer.notify_one();
+        engine.stopping.store(true, Ordering::Release);
+        engine.wake_writer();
+    }
 }
 
 enum WriterTask {
@@ -445,10 +466,13 @@ impl Node {
         };
         let timer = tokio::spawn(engine::run_timer(engine.clone()));
         Node {
-            handle: Handle { engine },
+            handle: Handle {
+                engine: engine.clone(),
+            },
             timer,
             writer,
             failed: Some(failed_rx),
+            _stop: StopOnDrop(engine),
         }
     }
 
@@ -579,7 +603,32 @@ pub async fn serve_bound(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{parse_size, Node, ServerConfig};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_dropped_without_shutdown_stops_its_writer_and_timer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(tmp.path().to_path_buf());
+        config.log_prealloc = 0;
+        let (node, _) = Node::start_fs(&config).unwrap();
+        let handle = node.handle();
+        let engine = Arc::downgrade(&handle.engine);
+        drop(handle);
+        drop(node);
+        // The writer thread and the timer task each hold the engine until
+        // they end; before the fix the writer waited for a wake-up forever.
+        let hang_guard = Instant::now() + Duration::from_secs(60);
+        while engine.strong_count() > 0 {
+            assert!(
+                Instant::now() < hang_guard,
+                "the writer or the timer never ended"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
 
     #[test]
     fn sizes_parse_with_and_without_units_and_nonsense_is_refused() {

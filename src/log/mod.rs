@@ -23,8 +23,9 @@
 //! never the file's size (on the bench disk 0.04–0.09 ms instead of
 //! 0.13 ms). The snapshot's write also zero-fills the next generation's
 //! segment ahead of time, so beginning the next snapshot costs one fdatasync
-//! and no zero-filling in line; recovery removes such a segment if it was
-//! never used (and allows a torn tail just before it). Writes go in whole
+//! and no zero-filling in line; recovery keeps such a segment if it was
+//! never used (and allows a torn tail just before it), so that the first
+//! snapshot after a restart starts at no cost too. Writes go in whole
 //! 4 KiB blocks from the block holding the end of the data, so the file can
 //! be opened with `O_DIRECT` ([`Dir::open_direct`]); the tail block is
 //! rewritten with the same bytes plus the new records, as any log that
@@ -268,7 +269,8 @@ impl Wal {
         // the bytes of its tail block, its size, and where its non-zero
         // bytes end.
         let mut current: Option<(u64, u64, Vec<u8>, u64, u64)> = None;
-        // Segments after `current` with no data, removed below.
+        // Segments after `current` with no data (generation, size): the
+        // next generation's is kept as zero-filled ahead, others removed.
         let mut unused = Vec::new();
         for g in &segments {
             let name = log_name(*g);
@@ -280,7 +282,7 @@ impl Wal {
             let scan = frame::scan(&data);
             let dirty_end = scan.valid_len + frame::dirty_end(&data[scan.valid_len as usize..]);
             if current.is_some() && scan.frames.is_empty() && dirty_end == 0 {
-                unused.push(*g);
+                unused.push((*g, data.len() as u64));
                 continue;
             }
             if let Some((file, offset)) = torn.take() {
@@ -318,17 +320,36 @@ impl Wal {
             let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
             current = Some((*g, valid, tail_bytes, data.len() as u64, dirty_end));
         }
-        for g in unused {
-            let name = log_name(g);
-            dir.remove(&name).map_err(io_err(dir.as_ref(), &name))?;
-        }
         let (last, valid, tail, size, dirty_end) =
             current.unwrap_or((generation, 0, Vec::new(), 0, 0));
+        // All zeros, so safe to write into whatever a crash left of its
+        // zero-filling (a shorter file only means less space ahead).
+        let mut ahead = None;
+        for (g, size) in unused {
+            let name = log_name(g);
+            if g == last + 1 && prealloc > 0 && size > 0 {
+                ahead = Some((g, size));
+            } else {
+                dir.remove(&name).map_err(io_err(dir.as_ref(), &name))?;
+            }
+        }
         let name = log_name(last);
         let segment = dir
             .open_direct(&name, true)
             .map_err(io_err(dir.as_ref(), &name))?;
         let mut wal = Wal::over(dir, last, segment, prealloc);
+        if let Some((g, allocated)) = ahead {
+            let name = log_name(g);
+            let segment = wal
+                .dir
+                .open_direct(&name, false)
+                .map_err(io_err(wal.dir.as_ref(), &name))?;
+            wal.premade = Some(Premade {
+                generation: g,
+                segment,
+                allocated,
+            });
+        }
         wal.offset = valid;
         wal.tail = tail;
         wal.records = records.len() as u64;
@@ -671,9 +692,20 @@ mod tests {
         assert_eq!(r.records, vec![record(7)]);
         assert_eq!(
             files(),
-            [log_name(1), snap_name(1)],
-            "recovery removes a segment zero-filled ahead and never used"
+            [log_name(1), log_name(2), snap_name(1)],
+            "recovery keeps the segment zero-filled ahead for the next snapshot"
         );
+        assert!(
+            r.wal.premade.as_ref().is_some_and(|p| p.generation == 2),
+            "the next snapshot will start in it without zero-filling"
+        );
+        let mut r = r;
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        r.wal.append(&record(8));
+        r.wal.sync().unwrap();
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(8)]);
     }
 
     #[test]
@@ -698,7 +730,10 @@ mod tests {
         let mut r = open(tmp.path()).unwrap();
         assert_eq!(r.records, vec![record(1)]);
         assert!(r.torn_bytes > 0);
-        assert!(!premade.exists(), "the unused segment is removed");
+        assert!(
+            premade.exists(),
+            "the unused segment is kept for the next snapshot"
+        );
         r.wal.append(&record(3));
         r.wal.sync().unwrap();
         drop(r);

@@ -22,7 +22,9 @@
 #[allow(dead_code)]
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dlm::core::time::Time;
@@ -31,6 +33,36 @@ use dlm::core::{Core, CoreConfig, Input, Output};
 
 use common::settings::Settings;
 use common::{load_average, Machine};
+
+/// The system allocator, counting allocations (and reallocations): the
+/// bench reports heap allocations per lock operation, the driver's own
+/// request building (two `String`s per op) included.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to `System` unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// Most lock operations per variant (the time bound comes first).
 const MAX_OPS: u64 = 2_000_000_000;
@@ -243,19 +275,23 @@ fn run(variant: Variant, warmup: Duration, measure: Duration) -> serde_json::Val
     // Measure on the warmed core, whose dedup table is already full (at its
     // capacity) as in a long-running server.
     let (ops0, records0, bytes0) = (driver.ops, driver.records, driver.encoded_bytes);
+    let allocations0 = ALLOCATIONS.load(Ordering::Relaxed);
     let start = Instant::now();
     body(&mut driver, "hot", start + measure);
     let secs = start.elapsed().as_secs_f64();
     let ops = driver.ops - ops0;
     let records = driver.records - records0;
     let bytes = driver.encoded_bytes - bytes0;
+    let allocations_per_op =
+        (ALLOCATIONS.load(Ordering::Relaxed) - allocations0) as f64 / ops as f64;
     let ops_per_sec = ops as f64 / secs;
     println!(
-        "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+        "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {} |",
         variant.name(),
         ops_per_sec,
         ops_per_sec / 2.0,
         1e9 / ops_per_sec,
+        allocations_per_op,
         records as f64 / secs,
         if bytes > 0 {
             format!("{:.1}", bytes as f64 / secs / 1e6)
@@ -270,6 +306,7 @@ fn run(variant: Variant, warmup: Duration, measure: Duration) -> serde_json::Val
         "ops_per_sec": ops_per_sec,
         "cycles_per_sec": ops_per_sec / 2.0,
         "ns_per_op": 1e9 / ops_per_sec,
+        "allocations_per_op": allocations_per_op,
         "records_per_sec": records as f64 / secs,
         "encoded_mb_per_sec": bytes as f64 / secs / 1e6,
     })
@@ -284,8 +321,10 @@ fn main() {
         settings.secs, settings.warmup_secs
     );
     println!();
-    println!("| variant | lock ops/s | cycles/s | ns/op | records/s | encoded MB/s |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| variant | lock ops/s | cycles/s | ns/op | allocations/op | records/s | encoded MB/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut results = Vec::new();
     for variant in Variant::ALL {
         // A word naming a variant exactly selects it alone; other words

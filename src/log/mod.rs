@@ -709,6 +709,43 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_ahead_whose_zero_fill_a_crash_cut_short_is_kept_and_grows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        r.wal.append(&record(1));
+        r.wal.sync().unwrap();
+        drop(r);
+        // The crash hit the zero-filling of log-2 after its first block.
+        let ahead = tmp.path().join(log_name(2));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ahead)
+            .unwrap();
+        file.set_len(BLOCK).unwrap();
+        drop(file);
+        let mut r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(1)]);
+        assert!(r
+            .wal
+            .premade
+            .as_ref()
+            .is_some_and(|p| p.generation == 2 && p.allocated == BLOCK));
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        let many: Vec<Record> = (10..400).map(record).collect();
+        for record in &many {
+            r.wal.append(record);
+        }
+        r.wal.sync().unwrap();
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(
+            r.records, many,
+            "written past the kept block, all read back"
+        );
+    }
+
+    #[test]
     fn a_torn_tail_followed_only_by_a_segment_zero_filled_ahead_is_cut() {
         let tmp = tempfile::tempdir().unwrap();
         let mut r = open(tmp.path()).unwrap();

@@ -340,9 +340,14 @@ impl Wal {
         let mut wal = Wal::over(dir, last, segment, prealloc);
         if let Some((g, allocated)) = ahead {
             let name = log_name(g);
-            let segment = wal
+            let mut segment = wal
                 .dir
                 .open_direct(&name, false)
+                .map_err(io_err(wal.dir.as_ref(), &name))?;
+            // A crash may have cut its zero-filling short before the sync:
+            // make the zeros durable now, as a segment made ahead must be.
+            segment
+                .sync_data()
                 .map_err(io_err(wal.dir.as_ref(), &name))?;
             wal.premade = Some(Premade {
                 generation: g,

@@ -85,7 +85,14 @@ pub trait DirFile: Send {
 #[derive(Debug, Clone)]
 pub struct FsDir {
     path: PathBuf,
+    /// Held for the life of this value and its clones when opened with
+    /// [`FsDir::open_exclusive`]: the kernel lets go of it when the process
+    /// dies, however it dies.
+    _lock: Option<std::sync::Arc<File>>,
 }
+
+/// The name of the lock file [`FsDir::open_exclusive`] takes.
+pub const LOCK_FILE: &str = "LOCK";
 
 impl FsDir {
     /// Opens (creating if needed) the directory at `path`.
@@ -95,7 +102,40 @@ impl FsDir {
     pub fn open(path: impl AsRef<Path>) -> io::Result<FsDir> {
         let path = path.as_ref().to_path_buf();
         fs::create_dir_all(&path)?;
-        Ok(FsDir { path })
+        Ok(FsDir { path, _lock: None })
+    }
+
+    /// [`FsDir::open`], and takes an exclusive lock on its [`LOCK_FILE`]
+    /// for as long as the returned value (and every `Arc` of it) lives, so
+    /// that a second process — or a second start in this one while the
+    /// first is still winding down — cannot write the same files.
+    ///
+    /// # Errors
+    /// As [`FsDir::open`]; `ErrorKind::WouldBlock` when someone else holds
+    /// the lock.
+    pub fn open_exclusive(path: impl AsRef<Path>) -> io::Result<FsDir> {
+        let mut dir = FsDir::open(path)?;
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path.join(LOCK_FILE))?;
+        try_lock_exclusive(&lock).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another dlm server ({LOCK_FILE} is locked)",
+                        dir.path.display()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        dir._lock = Some(std::sync::Arc::new(lock));
+        Ok(dir)
     }
 
     /// The directory's path.
@@ -163,6 +203,24 @@ impl Dir for FsDir {
     fn describe(&self, name: &str) -> String {
         self.path.join(name).display().to_string()
     }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: advisory, whole-file, released when the
+/// last descriptor of this open file closes (also when the process dies).
+#[cfg(unix)]
+fn try_lock_exclusive(file: &File) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a valid descriptor owned by `file`, which outlives the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+fn try_lock_exclusive(_file: &File) -> io::Result<()> {
+    Ok(())
 }
 
 #[cfg(target_os = "linux")]

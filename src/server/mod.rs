@@ -377,7 +377,7 @@ impl Node {
     /// [`ServerError`] when recovery fails.
     pub fn start_fs(config: &ServerConfig) -> Result<(Node, RecoveryReport), ServerError> {
         let data = FsDir::open(&config.data_dir)?;
-        let state = FsDir::open(config.data_dir.join(STATE_DIR))?;
+        let state = FsDir::open_exclusive(config.data_dir.join(STATE_DIR))?;
         let clock = Clock::start();
         let recovered = recover(
             config,
@@ -607,14 +607,28 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::{parse_size, Node, ServerConfig};
+    use crate::core::types::{CallId, Request};
+    use crate::core::Input;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_node_dropped_without_shutdown_stops_its_writer_and_timer() {
+    async fn a_node_dropped_without_shutdown_writes_what_was_queued_and_stops() {
         let tmp = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new(tmp.path().to_path_buf());
         config.log_prealloc = 0;
         let (node, _) = Node::start_fs(&config).unwrap();
         let handle = node.handle();
+        // A grant queued for the writer, and nobody flushing it.
+        let grant = Input::Call {
+            id: CallId(1),
+            request_id: String::new(),
+            request: Request::Acquire {
+                client: 7,
+                lock: "kept".to_owned(),
+                wait: None,
+                lease: None,
+            },
+        };
+        assert!(handle.engine.step(grant, None));
         let engine = Arc::downgrade(&handle.engine);
         drop(handle);
         drop(node);
@@ -628,6 +642,28 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
+        // Gone with it: the state directory's lock; and the grant is durable.
+        let (node, report) = Node::start_fs(&config).unwrap();
+        assert_eq!(report.grants, 1);
+        node.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_node_on_the_same_directory_is_refused_until_the_first_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(tmp.path().to_path_buf());
+        config.log_prealloc = 0;
+        let (node, _) = Node::start_fs(&config).unwrap();
+        let error = Node::start_fs(&config)
+            .err()
+            .expect("a second start refused");
+        assert!(
+            error.to_string().contains("in use by another dlm server"),
+            "{error}"
+        );
+        node.shutdown().await.unwrap();
+        let (node, _) = Node::start_fs(&config).expect("free again after shutdown");
+        node.shutdown().await.unwrap();
     }
 
     #[test]

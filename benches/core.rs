@@ -283,7 +283,7 @@ fn run(variant: Variant, warmup: Duration, measure: Duration) -> serde_json::Val
     let records = driver.records - records0;
     let bytes = driver.encoded_bytes - bytes0;
     let allocations_per_op =
-        (ALLOCATIONS.load(Ordering::Relaxed) - allocations0) as f64 / ops as f64;
+        (ALLOCATIONS.load(Ordering::Relaxed) - allocations0) as f64 / ops.max(1) as f64;
     let ops_per_sec = ops as f64 / secs;
     println!(
         "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {} |",

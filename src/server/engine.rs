@@ -15,7 +15,7 @@
 //! under load the background writer does back-to-back group commits.
 //!
 //! A caller also leaves the queue alone while the background writer is
-//! draining, or when the last group carried more than one job (calls
+//! draining, or when the last group answered more than one call (calls
 //! overlap: a caller that blocked in an fsync would keep one of the
 //! runtime's two threads from the network while the others' requests wait),
 //! so that under load the callers' threads serve the network.
@@ -91,8 +91,10 @@ pub(super) struct Engine {
     pub writer_busy: AtomicBool,
     /// When the background writer last went idle (µs on the engine's clock).
     pub writer_idle_since: AtomicU64,
-    /// How many jobs the last group carried: more than one means calls
-    /// overlap, and a caller leaves the group commit to the writer.
+    /// How many answered batches (calls, roughly) the last group carried:
+    /// more than one means calls overlap, and a caller leaves the group
+    /// commit to the writer. (A snapshot or a read riding along does not
+    /// count.)
     pub last_group: AtomicU64,
 }
 
@@ -251,7 +253,11 @@ impl Engine {
         if jobs.is_empty() {
             return false;
         }
-        self.last_group.store(jobs.len() as u64, Ordering::Relaxed);
+        let answered = jobs
+            .iter()
+            .filter(|job| matches!(job, Job::Batch(b) if !b.replies.is_empty()))
+            .count();
+        self.last_group.store(answered as u64, Ordering::Relaxed);
         if io.failed {
             return true;
         }

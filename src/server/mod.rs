@@ -610,11 +610,17 @@ mod tests {
     use crate::core::types::{CallId, Request};
     use crate::core::Input;
 
+    /// A server on `dir` with no space preallocated ahead of its log.
+    fn small_config(dir: &std::path::Path) -> ServerConfig {
+        let mut config = ServerConfig::new(dir.to_path_buf());
+        config.log_prealloc = 0;
+        config
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_dropped_without_shutdown_writes_what_was_queued_and_stops() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut config = ServerConfig::new(tmp.path().to_path_buf());
-        config.log_prealloc = 0;
+        let config = small_config(tmp.path());
         let (node, _) = Node::start_fs(&config).unwrap();
         let handle = node.handle();
         // A grant queued for the writer, and nobody flushing it.
@@ -651,8 +657,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_node_on_the_same_directory_is_refused_until_the_first_is_gone() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut config = ServerConfig::new(tmp.path().to_path_buf());
-        config.log_prealloc = 0;
+        let config = small_config(tmp.path());
         let (node, _) = Node::start_fs(&config).unwrap();
         let error = Node::start_fs(&config)
             .err()

@@ -207,7 +207,6 @@ impl Dir for FsDir {
 
 /// `flock(LOCK_EX | LOCK_NB)`: advisory, whole-file, released when the
 /// last descriptor of this open file closes (also when the process dies).
-#[cfg(unix)]
 fn try_lock_exclusive(file: &File) -> io::Result<()> {
     use std::os::unix::io::AsRawFd;
     // SAFETY: a valid descriptor owned by `file`, which outlives the call.
@@ -216,11 +215,6 @@ fn try_lock_exclusive(file: &File) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-#[cfg(not(unix))]
-fn try_lock_exclusive(_file: &File) -> io::Result<()> {
-    Ok(())
 }
 
 #[cfg(target_os = "linux")]

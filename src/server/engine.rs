@@ -346,6 +346,16 @@ impl Engine {
         state.pending.clear();
     }
 
+    /// Stops: no new calls, the timer task ends, and the background writer
+    /// carries out what is queued and exits. Does not wait; calling it
+    /// again does nothing more.
+    pub fn stop(&self) {
+        self.close();
+        self.timer.notify_one();
+        self.stopping.store(true, Ordering::Release);
+        self.wake_writer();
+    }
+
     /// A fresh call id.
     pub fn call_id(&self) -> CallId {
         CallId(self.next_call.fetch_add(1, Ordering::Relaxed))

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -348,11 +348,7 @@ struct StopOnDrop(Arc<engine::Engine>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        let engine = &self.0;
-        engine.close();
-        engine.timer.notify_one();
-        engine.stopping.store(true, Ordering::Release);
-        engine.wake_writer();
+        self.0.stop();
     }
 }
 
@@ -507,11 +503,9 @@ impl Node {
             ..
         } = self;
         let engine = handle.engine;
-        engine.close();
+        engine.stop();
         timer.abort();
         let _ = timer.await;
-        engine.stopping.store(true, Ordering::Release);
-        engine.wake_writer();
         match writer {
             WriterTask::Thread(thread) => {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -5,11 +5,14 @@
 //! more than `capacity` are kept; a waiter in flight is never forgotten.
 //! Must not: decide what a request does — it only remembers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::Arc;
 
+use hashbrown::{Equivalent, HashMap};
+
 use super::records::AnswerSnapshot;
-use super::types::{ClientId, Reply, RequestId, RequestKind};
+use super::types::ClientId;
 
 /// Numbers a waiter for as long as it is queued.
 pub type WaiterId = u64;
@@ -24,12 +27,49 @@ pub enum Seen {
     Answered(Arc<AnswerSnapshot>),
 }
 
+/// A (client, request id) as the table keeps it: the id shared with its
+/// answer.
+#[derive(Debug, PartialEq, Eq)]
+struct Key {
+    client: ClientId,
+    id: Arc<str>,
+}
+
+/// A (client, request id) to look up, borrowed: no allocation per lookup.
+struct Lookup<'a> {
+    client: ClientId,
+    id: &'a str,
+}
+
+// `Key` and `Lookup` must hash alike: client, then the id.
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.client.hash(state);
+        self.id.hash(state);
+    }
+}
+
+impl Hash for Lookup<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.client.hash(state);
+        self.id.hash(state);
+    }
+}
+
+impl Equivalent<Key> for Lookup<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.client == key.client && self.id == &*key.id
+    }
+}
+
 /// The dedup table. Lookups only: iteration order never reaches output.
-/// Keyed per client first, so a lookup by `&str` needs no allocation.
+/// One flat map (one probe per lookup, not one per client and then one per
+/// id); keyed with SipHash under the process's random keys, as std's maps
+/// are, since clients choose the ids.
 #[derive(Debug)]
 pub struct Dedup {
     capacity: usize,
-    seen: HashMap<ClientId, HashMap<RequestId, Seen>>,
+    seen: HashMap<Key, Seen, RandomState>,
     /// Answers, oldest first: the eviction order and the snapshot's list.
     order: VecDeque<Arc<AnswerSnapshot>>,
 }
@@ -39,33 +79,36 @@ impl Dedup {
     pub fn new(capacity: usize) -> Dedup {
         Dedup {
             capacity: capacity.max(1),
-            seen: HashMap::new(),
+            seen: HashMap::with_hasher(RandomState::new()),
             order: VecDeque::new(),
         }
     }
 
     /// What is known of `(client, request_id)`.
     pub fn get(&self, client: ClientId, request_id: &str) -> Option<&Seen> {
-        self.seen.get(&client)?.get(request_id)
+        self.seen.get(&Lookup {
+            client,
+            id: request_id,
+        })
     }
 
     /// Marks the request as served by a queued waiter.
     pub fn wait(&mut self, client: ClientId, request_id: &str, waiter: WaiterId) {
-        self.seen
-            .entry(client)
-            .or_default()
-            .insert(request_id.to_owned(), Seen::Waiting(waiter));
+        let key = Key {
+            client,
+            id: request_id.into(),
+        };
+        self.seen.insert(key, Seen::Waiting(waiter));
     }
 
     /// Forgets a waiter that left without an answer (its place expired).
     pub fn forget_waiter(&mut self, client: ClientId, request_id: &str) {
-        if let Some(ids) = self.seen.get_mut(&client) {
-            if matches!(ids.get(request_id), Some(Seen::Waiting(_))) {
-                ids.remove(request_id);
-                if ids.is_empty() {
-                    self.seen.remove(&client);
-                }
-            }
+        let lookup = Lookup {
+            client,
+            id: request_id,
+        };
+        if matches!(self.seen.get(&lookup), Some(Seen::Waiting(_))) {
+            self.seen.remove(&lookup);
         }
     }
 
@@ -75,27 +118,33 @@ impl Dedup {
     /// twice; a replay does when the live server had evicted the first
     /// answer and a restart keeps more answers: the replay must end with the
     /// answer the live server gave last.)
-    pub fn answer(&mut self, client: ClientId, request_id: &str, kind: RequestKind, reply: Reply) {
-        let answer = Arc::new(AnswerSnapshot {
-            client,
-            request_id: request_id.to_owned(),
-            kind,
-            reply,
-        });
-        let ids = self.seen.entry(client).or_default();
-        match ids.get_mut(request_id) {
-            Some(seen) => {
-                let old = std::mem::replace(seen, Seen::Answered(answer.clone()));
+    pub fn answer(&mut self, answer: Arc<AnswerSnapshot>) {
+        let lookup = Lookup {
+            client: answer.client,
+            id: &answer.request_id,
+        };
+        let hash = self.seen.hasher().hash_one(&lookup);
+        let entry = self
+            .seen
+            .raw_entry_mut()
+            .from_hash(hash, |key| lookup.equivalent(key));
+        match entry {
+            hashbrown::hash_map::RawEntryMut::Occupied(mut slot) => {
+                let old = std::mem::replace(slot.get_mut(), Seen::Answered(answer.clone()));
                 if let Seen::Answered(old) = old {
                     // Rare (see above): a scan of the order is fine.
-                    if let Some(slot) = self.order.iter_mut().find(|a| Arc::ptr_eq(a, &old)) {
-                        *slot = answer;
+                    if let Some(place) = self.order.iter_mut().find(|a| Arc::ptr_eq(a, &old)) {
+                        *place = answer;
                     }
                     return;
                 }
             }
-            None => {
-                ids.insert(request_id.to_owned(), Seen::Answered(answer.clone()));
+            hashbrown::hash_map::RawEntryMut::Vacant(slot) => {
+                let key = Key {
+                    client: answer.client,
+                    id: answer.request_id.clone(),
+                };
+                slot.insert_hashed_nocheck(hash, key, Seen::Answered(answer.clone()));
             }
         }
         self.order.push_back(answer);
@@ -104,11 +153,14 @@ impl Dedup {
 
     /// Takes back an answer from a snapshot (oldest first).
     pub fn restore(&mut self, answer: Arc<AnswerSnapshot>) {
-        let ids = self.seen.entry(answer.client).or_default();
-        if ids.contains_key(answer.request_id.as_str()) {
+        if self.get(answer.client, &answer.request_id).is_some() {
             return;
         }
-        ids.insert(answer.request_id.clone(), Seen::Answered(answer.clone()));
+        let key = Key {
+            client: answer.client,
+            id: answer.request_id.clone(),
+        };
+        self.seen.insert(key, Seen::Answered(answer.clone()));
         self.order.push_back(answer);
         self.evict();
     }
@@ -118,13 +170,18 @@ impl Dedup {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
-            if let Some(ids) = self.seen.get_mut(&old.client) {
-                if matches!(ids.get(old.request_id.as_str()), Some(Seen::Answered(a)) if Arc::ptr_eq(a, &old))
-                {
-                    ids.remove(old.request_id.as_str());
-                }
-                if ids.is_empty() {
-                    self.seen.remove(&old.client);
+            let lookup = Lookup {
+                client: old.client,
+                id: &old.request_id,
+            };
+            let hash = self.seen.hasher().hash_one(&lookup);
+            let entry = self
+                .seen
+                .raw_entry_mut()
+                .from_hash(hash, |key| lookup.equivalent(key));
+            if let hashbrown::hash_map::RawEntryMut::Occupied(slot) = entry {
+                if matches!(slot.get(), Seen::Answered(a) if Arc::ptr_eq(a, &old)) {
+                    slot.remove();
                 }
             }
         }
@@ -151,13 +208,27 @@ impl Dedup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::types::RefusalCode;
+    use crate::core::types::{RefusalCode, Reply, RequestKind};
+
+    fn answer(
+        client: ClientId,
+        request_id: &str,
+        kind: RequestKind,
+        reply: Reply,
+    ) -> Arc<AnswerSnapshot> {
+        Arc::new(AnswerSnapshot {
+            client,
+            request_id: request_id.into(),
+            kind,
+            reply,
+        })
+    }
 
     #[test]
     fn memory_is_bounded_oldest_first() {
         let mut d = Dedup::new(2);
         for i in 0..3 {
-            d.answer(1, &format!("r{i}"), RequestKind::Renew, Reply::Done);
+            d.answer(answer(1, &format!("r{i}"), RequestKind::Renew, Reply::Done));
         }
         assert!(d.get(1, "r0").is_none());
         assert!(d.get(1, "r1").is_some());
@@ -170,7 +241,7 @@ mod tests {
         let mut d = Dedup::new(4);
         d.wait(1, "a", 7);
         assert!(matches!(d.get(1, "a"), Some(Seen::Waiting(7))));
-        d.answer(1, "a", RequestKind::Acquire, Reply::Done);
+        d.answer(answer(1, "a", RequestKind::Acquire, Reply::Done));
         assert!(matches!(d.get(1, "a"), Some(Seen::Answered(_))));
         d.forget_waiter(1, "a");
         assert!(d.get(1, "a").is_some(), "an answer is not a waiter");
@@ -179,19 +250,16 @@ mod tests {
     #[test]
     fn answers_are_shared_oldest_first_and_a_new_answer_replaces_in_place() {
         let mut d = Dedup::new(2);
-        d.answer(1, "a", RequestKind::Renew, Reply::Done);
-        d.answer(2, "b", RequestKind::Release, Reply::Done);
-        d.answer(
+        d.answer(answer(1, "a", RequestKind::Renew, Reply::Done));
+        d.answer(answer(2, "b", RequestKind::Release, Reply::Done));
+        d.answer(answer(
             1,
             "a",
             RequestKind::Release,
             Reply::refused(RefusalCode::LockNotHeld, "x"),
-        );
+        ));
         let answers = d.answers();
-        let keys: Vec<_> = answers
-            .iter()
-            .map(|a| (a.client, a.request_id.as_str()))
-            .collect();
+        let keys: Vec<_> = answers.iter().map(|a| (a.client, &*a.request_id)).collect();
         assert_eq!(
             keys,
             [(1, "a"), (2, "b")],
@@ -208,7 +276,7 @@ mod tests {
         for answer in answers {
             restored.restore(answer);
         }
-        restored.answer(3, "c", RequestKind::Renew, Reply::Done);
+        restored.answer(answer(3, "c", RequestKind::Renew, Reply::Done));
         assert!(
             restored.get(1, "a").is_none(),
             "restored answers are evicted oldest first"

@@ -39,13 +39,14 @@ pub mod timers;
 pub mod types;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use dedup::{Dedup, Seen, WaiterId};
 use locks::{validate_lock_name, Grant, LockState, Waiter};
-use records::{Change, GrantSnapshot, Record, Snapshot};
+use records::{AnswerSnapshot, Change, GrantSnapshot, Record, Snapshot};
 use staging::{FileIndex, FileLengths, FileWrite, StagedAppend};
 use time::{Millis, Time};
 use timers::{Timer, Timers};
@@ -339,12 +340,7 @@ impl Core {
                         content: content.clone(),
                     });
                 }
-                Change::Answered {
-                    client,
-                    request_id,
-                    kind,
-                    reply,
-                } => self.dedup.answer(*client, request_id, *kind, reply.clone()),
+                Change::Answered(answer) => self.dedup.answer(answer.clone()),
             }
         }
         Ok(writes)
@@ -786,13 +782,14 @@ impl Core {
         if matches!(reply, Reply::Refused(r) if r.code == RefusalCode::InvalidArgument) {
             return;
         }
-        self.dedup.answer(client, &request_id, kind, reply.clone());
-        step.changes.push(Change::Answered {
+        let answer = Arc::new(AnswerSnapshot {
             client,
-            request_id,
+            request_id: request_id.into(),
             kind,
             reply: reply.clone(),
         });
+        self.dedup.answer(answer.clone());
+        step.changes.push(Change::Answered(answer));
     }
 
     fn waiter(&self, id: WaiterId) -> Option<&Waiter> {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::staging::{FileIndex, FileLengths};
 use super::time::Millis;
-use super::types::{ClientId, Fence, LockName, Reply, RequestId, RequestKind, Token};
+use super::types::{ClientId, Fence, LockName, Reply, RequestKind, Token};
 
 /// One change to durable state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,13 +37,11 @@ pub enum Change {
         file: FileIndex,
         content: Bytes,
     },
-    /// The answer to a request, kept for deduplication.
-    Answered {
-        client: ClientId,
-        request_id: RequestId,
-        kind: RequestKind,
-        reply: Reply,
-    },
+    /// The answer to a request, kept for deduplication: the dedup table's
+    /// own entry, shared rather than copied (on disk an `Arc` is its value,
+    /// so this encodes exactly as the struct variant it replaced, with the
+    /// fields client, request id, kind, reply).
+    Answered(Arc<AnswerSnapshot>),
 }
 
 /// The durable effect of one input: made durable before any reply that follows it.
@@ -63,11 +61,13 @@ pub struct GrantSnapshot {
     pub staged: Vec<(FileIndex, Bytes)>,
 }
 
-/// A remembered answer as kept in a snapshot, oldest first.
+/// A remembered answer as kept in the dedup table, a log record and a
+/// snapshot. The request id is shared with the table's key (`Arc<str>`
+/// encodes as a string).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnswerSnapshot {
     pub client: ClientId,
-    pub request_id: RequestId,
+    pub request_id: Arc<str>,
     pub kind: RequestKind,
     pub reply: Reply,
 }
@@ -80,4 +80,69 @@ pub struct Snapshot {
     pub file_lengths: FileLengths,
     pub grants: Vec<GrantSnapshot>,
     pub answers: Vec<Arc<AnswerSnapshot>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::types::{GrantInfo, RequestId};
+
+    /// `Change` as it was before answers were shared: logs written then
+    /// must read the same now.
+    #[derive(Serialize, Deserialize)]
+    #[allow(dead_code)]
+    enum OldChange {
+        Granted {
+            lock: LockName,
+            client: ClientId,
+            token: Token,
+            fence: Fence,
+            lease: Millis,
+        },
+        Released {
+            lock: LockName,
+            fence: Fence,
+        },
+        Ended {
+            lock: LockName,
+            fence: Fence,
+        },
+        Staged {
+            fence: Fence,
+            file: FileIndex,
+            content: Bytes,
+        },
+        Answered {
+            client: ClientId,
+            request_id: RequestId,
+            kind: RequestKind,
+            reply: Reply,
+        },
+    }
+
+    #[test]
+    fn a_shared_answer_encodes_as_the_struct_variant_it_replaced() {
+        let reply = Reply::Granted(GrantInfo {
+            lock: "l".into(),
+            token: "t0k3n".into(),
+            fence: Fence(9),
+            lease: Millis(5000),
+        });
+        let new = vec![Change::Answered(Arc::new(AnswerSnapshot {
+            client: -3,
+            request_id: "req-1".into(),
+            kind: RequestKind::Acquire,
+            reply: reply.clone(),
+        }))];
+        let old = vec![OldChange::Answered {
+            client: -3,
+            request_id: "req-1".into(),
+            kind: RequestKind::Acquire,
+            reply,
+        }];
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
+        let back: Vec<Change> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, new);
+    }
 }

@@ -6,10 +6,11 @@
 //! Must not: decide what a request does — it only remembers.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::hash_table::Entry as Slot;
+use hashbrown::HashTable;
 
 use super::records::AnswerSnapshot;
 use super::types::ClientId;
@@ -27,49 +28,25 @@ pub enum Seen {
     Answered(Arc<AnswerSnapshot>),
 }
 
-/// A (client, request id) as the table keeps it: the id shared with its
-/// answer.
-#[derive(Debug, PartialEq, Eq)]
-struct Key {
+/// One (client, request id) and what is known of it; the id is shared
+/// with its answer.
+#[derive(Debug)]
+struct Entry {
     client: ClientId,
     id: Arc<str>,
-}
-
-/// A (client, request id) to look up, borrowed: no allocation per lookup.
-struct Lookup<'a> {
-    client: ClientId,
-    id: &'a str,
-}
-
-// `Key` and `Lookup` must hash alike: client, then the id.
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.client.hash(state);
-        self.id.hash(state);
-    }
-}
-
-impl Hash for Lookup<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.client.hash(state);
-        self.id.hash(state);
-    }
-}
-
-impl Equivalent<Key> for Lookup<'_> {
-    fn equivalent(&self, key: &Key) -> bool {
-        self.client == key.client && self.id == &*key.id
-    }
+    seen: Seen,
 }
 
 /// The dedup table. Lookups only: iteration order never reaches output.
-/// One flat map (one probe per lookup, not one per client and then one per
-/// id); keyed with SipHash under the process's random keys, as std's maps
-/// are, since clients choose the ids.
+/// One flat table probed once per lookup with a borrowed (client, id), not
+/// a map of per-client maps (two probes) keyed by owned strings; hashed
+/// with SipHash under the process's random keys, as std's maps are, since
+/// clients choose the ids.
 #[derive(Debug)]
 pub struct Dedup {
     capacity: usize,
-    seen: HashMap<Key, Seen, RandomState>,
+    seen: HashTable<Entry>,
+    hasher: RandomState,
     /// Answers, oldest first: the eviction order and the snapshot's list.
     order: VecDeque<Arc<AnswerSnapshot>>,
 }
@@ -79,36 +56,55 @@ impl Dedup {
     pub fn new(capacity: usize) -> Dedup {
         Dedup {
             capacity: capacity.max(1),
-            seen: HashMap::with_hasher(RandomState::new()),
+            seen: HashTable::new(),
+            hasher: RandomState::new(),
             order: VecDeque::new(),
         }
     }
 
+    fn hash(&self, client: ClientId, id: &str) -> u64 {
+        self.hasher.hash_one((client, id))
+    }
+
+    /// The slot of `(client, id)`, found or vacant.
+    fn slot(&mut self, client: ClientId, id: &str) -> Slot<'_, Entry> {
+        let hash = self.hash(client, id);
+        let hasher = &self.hasher;
+        self.seen.entry(
+            hash,
+            |e| e.client == client && *e.id == *id,
+            |e| hasher.hash_one((e.client, &*e.id)),
+        )
+    }
+
     /// What is known of `(client, request_id)`.
     pub fn get(&self, client: ClientId, request_id: &str) -> Option<&Seen> {
-        self.seen.get(&Lookup {
-            client,
-            id: request_id,
-        })
+        let hash = self.hash(client, request_id);
+        self.seen
+            .find(hash, |e| e.client == client && *e.id == *request_id)
+            .map(|e| &e.seen)
     }
 
     /// Marks the request as served by a queued waiter.
     pub fn wait(&mut self, client: ClientId, request_id: &str, waiter: WaiterId) {
-        let key = Key {
-            client,
-            id: request_id.into(),
-        };
-        self.seen.insert(key, Seen::Waiting(waiter));
+        match self.slot(client, request_id) {
+            Slot::Occupied(mut slot) => slot.get_mut().seen = Seen::Waiting(waiter),
+            Slot::Vacant(slot) => {
+                slot.insert(Entry {
+                    client,
+                    id: request_id.into(),
+                    seen: Seen::Waiting(waiter),
+                });
+            }
+        }
     }
 
     /// Forgets a waiter that left without an answer (its place expired).
     pub fn forget_waiter(&mut self, client: ClientId, request_id: &str) {
-        let lookup = Lookup {
-            client,
-            id: request_id,
-        };
-        if matches!(self.seen.get(&lookup), Some(Seen::Waiting(_))) {
-            self.seen.remove(&lookup);
+        if let Slot::Occupied(slot) = self.slot(client, request_id) {
+            if matches!(slot.get().seen, Seen::Waiting(_)) {
+                slot.remove();
+            }
         }
     }
 
@@ -119,18 +115,10 @@ impl Dedup {
     /// answer and a restart keeps more answers: the replay must end with the
     /// answer the live server gave last.)
     pub fn answer(&mut self, answer: Arc<AnswerSnapshot>) {
-        let lookup = Lookup {
-            client: answer.client,
-            id: &answer.request_id,
-        };
-        let hash = self.seen.hasher().hash_one(&lookup);
-        let entry = self
-            .seen
-            .raw_entry_mut()
-            .from_hash(hash, |key| lookup.equivalent(key));
-        match entry {
-            hashbrown::hash_map::RawEntryMut::Occupied(mut slot) => {
-                let old = std::mem::replace(slot.get_mut(), Seen::Answered(answer.clone()));
+        match self.slot(answer.client, &answer.request_id) {
+            Slot::Occupied(mut slot) => {
+                let old =
+                    std::mem::replace(&mut slot.get_mut().seen, Seen::Answered(answer.clone()));
                 if let Seen::Answered(old) = old {
                     // Rare (see above): a scan of the order is fine.
                     if let Some(place) = self.order.iter_mut().find(|a| Arc::ptr_eq(a, &old)) {
@@ -139,12 +127,12 @@ impl Dedup {
                     return;
                 }
             }
-            hashbrown::hash_map::RawEntryMut::Vacant(slot) => {
-                let key = Key {
+            Slot::Vacant(slot) => {
+                slot.insert(Entry {
                     client: answer.client,
                     id: answer.request_id.clone(),
-                };
-                slot.insert_hashed_nocheck(hash, key, Seen::Answered(answer.clone()));
+                    seen: Seen::Answered(answer.clone()),
+                });
             }
         }
         self.order.push_back(answer);
@@ -153,14 +141,16 @@ impl Dedup {
 
     /// Takes back an answer from a snapshot (oldest first).
     pub fn restore(&mut self, answer: Arc<AnswerSnapshot>) {
-        if self.get(answer.client, &answer.request_id).is_some() {
-            return;
+        match self.slot(answer.client, &answer.request_id) {
+            Slot::Occupied(_) => return,
+            Slot::Vacant(slot) => {
+                slot.insert(Entry {
+                    client: answer.client,
+                    id: answer.request_id.clone(),
+                    seen: Seen::Answered(answer.clone()),
+                });
+            }
         }
-        let key = Key {
-            client: answer.client,
-            id: answer.request_id.clone(),
-        };
-        self.seen.insert(key, Seen::Answered(answer.clone()));
         self.order.push_back(answer);
         self.evict();
     }
@@ -170,17 +160,8 @@ impl Dedup {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
-            let lookup = Lookup {
-                client: old.client,
-                id: &old.request_id,
-            };
-            let hash = self.seen.hasher().hash_one(&lookup);
-            let entry = self
-                .seen
-                .raw_entry_mut()
-                .from_hash(hash, |key| lookup.equivalent(key));
-            if let hashbrown::hash_map::RawEntryMut::Occupied(slot) = entry {
-                if matches!(slot.get(), Seen::Answered(a) if Arc::ptr_eq(a, &old)) {
+            if let Slot::Occupied(slot) = self.slot(old.client, &old.request_id) {
+                if matches!(&slot.get().seen, Seen::Answered(a) if Arc::ptr_eq(a, &old)) {
                     slot.remove();
                 }
             }

@@ -47,8 +47,10 @@ pub struct Dedup {
     capacity: usize,
     seen: HashTable<Entry>,
     hasher: RandomState,
-    /// Answers, oldest first: the eviction order and the snapshot's list.
-    order: VecDeque<Arc<AnswerSnapshot>>,
+    /// Answers, oldest first, with their hashes: the eviction order and the
+    /// snapshot's list. (Evicting finds its entry by hash and pointer: the
+    /// old answer's id, long out of cache, is not read again.)
+    order: VecDeque<(u64, Arc<AnswerSnapshot>)>,
 }
 
 impl Dedup {
@@ -66,15 +68,16 @@ impl Dedup {
         self.hasher.hash_one((client, id))
     }
 
-    /// The slot of `(client, id)`, found or vacant.
-    fn slot(&mut self, client: ClientId, id: &str) -> Slot<'_, Entry> {
+    /// The slot of `(client, id)`, found or vacant, and its hash.
+    fn slot(&mut self, client: ClientId, id: &str) -> (Slot<'_, Entry>, u64) {
         let hash = self.hash(client, id);
         let hasher = &self.hasher;
-        self.seen.entry(
+        let slot = self.seen.entry(
             hash,
             |e| e.client == client && *e.id == *id,
             |e| hasher.hash_one((e.client, &*e.id)),
-        )
+        );
+        (slot, hash)
     }
 
     /// What is known of `(client, request_id)`.
@@ -87,7 +90,7 @@ impl Dedup {
 
     /// Marks the request as served by a queued waiter.
     pub fn wait(&mut self, client: ClientId, request_id: &str, waiter: WaiterId) {
-        match self.slot(client, request_id) {
+        match self.slot(client, request_id).0 {
             Slot::Occupied(mut slot) => slot.get_mut().seen = Seen::Waiting(waiter),
             Slot::Vacant(slot) => {
                 slot.insert(Entry {
@@ -101,7 +104,7 @@ impl Dedup {
 
     /// Forgets a waiter that left without an answer (its place expired).
     pub fn forget_waiter(&mut self, client: ClientId, request_id: &str) {
-        if let Slot::Occupied(slot) = self.slot(client, request_id) {
+        if let Slot::Occupied(slot) = self.slot(client, request_id).0 {
             if matches!(slot.get().seen, Seen::Waiting(_)) {
                 slot.remove();
             }
@@ -115,14 +118,15 @@ impl Dedup {
     /// answer and a restart keeps more answers: the replay must end with the
     /// answer the live server gave last.)
     pub fn answer(&mut self, answer: Arc<AnswerSnapshot>) {
-        match self.slot(answer.client, &answer.request_id) {
+        let (slot, hash) = self.slot(answer.client, &answer.request_id);
+        match slot {
             Slot::Occupied(mut slot) => {
                 let old =
                     std::mem::replace(&mut slot.get_mut().seen, Seen::Answered(answer.clone()));
                 if let Seen::Answered(old) = old {
                     // Rare (see above): a scan of the order is fine.
-                    if let Some(place) = self.order.iter_mut().find(|a| Arc::ptr_eq(a, &old)) {
-                        *place = answer;
+                    if let Some(place) = self.order.iter_mut().find(|(_, a)| Arc::ptr_eq(a, &old)) {
+                        place.1 = answer;
                     }
                     return;
                 }
@@ -135,13 +139,14 @@ impl Dedup {
                 });
             }
         }
-        self.order.push_back(answer);
+        self.order.push_back((hash, answer));
         self.evict();
     }
 
     /// Takes back an answer from a snapshot (oldest first).
     pub fn restore(&mut self, answer: Arc<AnswerSnapshot>) {
-        match self.slot(answer.client, &answer.request_id) {
+        let (slot, hash) = self.slot(answer.client, &answer.request_id);
+        match slot {
             Slot::Occupied(_) => return,
             Slot::Vacant(slot) => {
                 slot.insert(Entry {
@@ -151,19 +156,18 @@ impl Dedup {
                 });
             }
         }
-        self.order.push_back(answer);
+        self.order.push_back((hash, answer));
         self.evict();
     }
 
     fn evict(&mut self) {
         while self.order.len() > self.capacity {
-            let Some(old) = self.order.pop_front() else {
+            let Some((hash, old)) = self.order.pop_front() else {
                 break;
             };
-            if let Slot::Occupied(slot) = self.slot(old.client, &old.request_id) {
-                if matches!(&slot.get().seen, Seen::Answered(a) if Arc::ptr_eq(a, &old)) {
-                    slot.remove();
-                }
+            let mine = |e: &Entry| matches!(&e.seen, Seen::Answered(a) if Arc::ptr_eq(a, &old));
+            if let Ok(slot) = self.seen.find_entry(hash, mine) {
+                slot.remove();
             }
         }
     }
@@ -172,7 +176,7 @@ impl Dedup {
     /// snapshot of 100,000 answers under the state lock costs pointer
     /// copies instead of ~50 ms of string copies).
     pub fn answers(&self) -> Vec<Arc<AnswerSnapshot>> {
-        self.order.iter().cloned().collect()
+        self.order.iter().map(|(_, a)| a.clone()).collect()
     }
 
     /// How many answers are remembered.

@@ -340,7 +340,7 @@ fn run(mix: Mix, records: u64) -> Result<Vec<serde_json::Value>> {
             wal.adopt(write.run()?);
             snapshot_cost = (copy_secs, begin_again_secs, run_secs);
             println!(
-                "|   | (taking that snapshot: Core::snapshot {:.1} ms under the state lock; Wal::begin_snapshot on the writer {:.1} ms, {:.1} ms the first time after a restart, {:.1} ms when no segment was zero-filled ahead (a directory's first snapshot: it zero-fills in line); SnapshotWrite::run {:.1} ms on its own thread) | | | | | | |",
+                "|   | (taking that snapshot: Core::snapshot {:.1} ms under the state lock; Wal::begin_snapshot on the writer {:.1} ms, {:.1} ms the first time after a restart, {:.1} ms with no segment zero-filled ahead (it zero-fills in line: the simulations' in-line mode; a server zero-fills one on a thread at start); SnapshotWrite::run {:.1} ms on its own thread) | | | | | | |",
                 1e3 * copy_secs,
                 1e3 * begin_again_secs,
                 1e3 * begin_restarted_secs,

@@ -25,7 +25,9 @@
 //! segment ahead of time, so beginning the next snapshot costs one fdatasync
 //! and no zero-filling in line; recovery keeps such a segment if it was
 //! never used (and allows a torn tail just before it), so that the first
-//! snapshot after a restart starts at no cost too. Writes go in whole
+//! snapshot after a restart starts at no cost too; a log that has no such
+//! segment (a new directory) gets one made on another thread at start
+//! ([`Wal::segment_ahead`]). Writes go in whole
 //! 4 KiB blocks from the block holding the end of the data, so the file can
 //! be opened with `O_DIRECT` ([`Dir::open_direct`]); the tail block is
 //! rewritten with the same bytes plus the new records, as any log that
@@ -539,10 +541,52 @@ impl Wal {
         })
     }
 
+    /// The zero-fill of the next generation's segment, to run on another
+    /// thread, when there is none yet (a new directory, or the last
+    /// snapshot's zero-fill failed) and the log preallocates: hand its
+    /// result to [`Wal::adopt`], and the next snapshot starts at no cost
+    /// instead of zero-filling in line. `None` when there is nothing to do.
+    pub fn segment_ahead(&self) -> Option<SegmentAhead> {
+        if self.prealloc == 0 || self.premade.is_some() {
+            return None;
+        }
+        Some(SegmentAhead {
+            dir: self.dir.clone(),
+            generation: self.generation + 1,
+            prealloc: self.prealloc,
+        })
+    }
+
     /// Keeps a segment zero-filled by [`SnapshotWrite::run`] for the next
     /// generation (ignored if the log has moved past it).
     pub fn adopt(&mut self, premade: Option<Premade>) {
         self.premade = premade.filter(|p| p.generation == self.generation + 1);
+    }
+}
+
+/// The next generation's segment, to be zero-filled ahead of time
+/// ([`Wal::segment_ahead`]). Until the log moves to that generation, the
+/// file is one recovery keeps (all zeros) or, cut short by a crash, keeps
+/// and grows.
+pub struct SegmentAhead {
+    dir: Arc<dyn Dir>,
+    generation: u64,
+    prealloc: u64,
+}
+
+impl SegmentAhead {
+    /// Zero-fills the segment and makes it durable. A failure is only
+    /// logged (`None`): the next snapshot makes its segment in line.
+    pub fn run(self) -> Option<Premade> {
+        let dir = self.dir.as_ref();
+        match new_segment(dir, self.generation, self.prealloc) {
+            Ok(premade) => Some(premade),
+            Err(error) => {
+                let file = dir.describe(&log_name(self.generation));
+                tracing::warn!(%file, %error, "could not zero-fill the next log segment ahead");
+                None
+            }
+        }
     }
 }
 
@@ -581,16 +625,13 @@ impl SnapshotWrite {
             return Ok(None);
         }
         // Only a speed-up from here on: a failure leaves the next snapshot
-        // to make its segment in line (and recovery drops a partial one).
-        let generation = self.generation + 1;
-        match new_segment(dir, generation, self.prealloc) {
-            Ok(premade) => Ok(Some(premade)),
-            Err(error) => {
-                let file = dir.describe(&log_name(generation));
-                tracing::warn!(%file, %error, "could not zero-fill the next log segment ahead");
-                Ok(None)
-            }
-        }
+        // to make its segment in line (and recovery keeps a partial one).
+        let ahead = SegmentAhead {
+            dir: self.dir.clone(),
+            generation: self.generation + 1,
+            prealloc: self.prealloc,
+        };
+        Ok(ahead.run())
     }
 }
 
@@ -711,6 +752,38 @@ mod tests {
         drop(r);
         let r = open(tmp.path()).unwrap();
         assert_eq!(r.records, vec![record(8)]);
+    }
+
+    #[test]
+    fn a_new_directory_gets_its_next_segment_ahead_and_a_crash_after_it_loses_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        assert!(
+            r.wal.premade.is_none(),
+            "a new directory has no segment ahead"
+        );
+        let ahead = r.wal.segment_ahead().expect("one to make");
+        r.wal.append(&record(1));
+        r.wal.sync().unwrap();
+        // Zero-filled (on another thread in the server) while records go on.
+        let premade = ahead.run();
+        r.wal.append(&record(2));
+        r.wal.sync().unwrap();
+        r.wal.adopt(premade);
+        assert!(r.wal.premade.as_ref().is_some_and(|p| p.generation == 1));
+        assert!(r.wal.segment_ahead().is_none(), "nothing more to make");
+        // A crash here: the log and the kept segment ahead read back.
+        drop(r);
+        let mut r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(1), record(2)]);
+        assert!(r.wal.premade.as_ref().is_some_and(|p| p.generation == 1));
+        // The first snapshot moves into it; its records survive a restart.
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        r.wal.append(&record(3));
+        r.wal.sync().unwrap();
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(3)]);
     }
 
     #[test]

@@ -94,7 +94,8 @@ pub struct Persister {
     /// Write snapshots on a thread of their own (production) rather than
     /// in line (the deterministic simulation).
     background: bool,
-    /// The snapshot being written in the background, if any.
+    /// The snapshot being written in the background, if any (or, at
+    /// start, the next segment being zero-filled ahead).
     snapshot: Option<SnapshotThread>,
 }
 
@@ -114,8 +115,28 @@ impl Persister {
     /// Writes snapshots on a thread of their own: the group commits that
     /// follow a snapshot do not wait for it (only the switch to the new log
     /// segment is in line, one fdatasync).
+    ///
+    /// A log without a segment zero-filled ahead for the next generation
+    /// (a new directory) gets one now, on the same kind of thread: the
+    /// first snapshot then starts as cheaply as the later ones. A snapshot
+    /// due before that thread is done is skipped, like one due while the
+    /// last is still being written.
     pub fn write_snapshots_in_background(&mut self) {
         self.background = true;
+        if self.snapshot.is_some() {
+            return;
+        }
+        if let Some(ahead) = self.wal.segment_ahead() {
+            let spawned = std::thread::Builder::new()
+                .name("dlm-segment".into())
+                .spawn(move || Ok(ahead.run()));
+            match spawned {
+                Ok(thread) => self.snapshot = Some(SnapshotThread(Some(thread))),
+                Err(error) => {
+                    tracing::warn!(%error, "no thread to zero-fill the next log segment; the first snapshot will")
+                }
+            }
+        }
     }
 
     /// The log and the data files, for a driver that sequences them itself

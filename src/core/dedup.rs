@@ -28,8 +28,8 @@ pub enum Seen {
     Answered(Arc<AnswerSnapshot>),
 }
 
-/// One (client, request id) and what is known of it; the id is shared
-/// with its answer.
+/// One (client, request id) and what is known of it; once answered, the
+/// id is shared with the answer.
 #[derive(Debug)]
 struct Entry {
     client: ClientId,
@@ -48,8 +48,8 @@ pub struct Dedup {
     seen: HashTable<Entry>,
     hasher: RandomState,
     /// Answers, oldest first, with their hashes: the eviction order and the
-    /// snapshot's list. (Evicting finds its entry by hash and pointer: the
-    /// old answer's id, long out of cache, is not read again.)
+    /// snapshot's list. (Evicting finds its entry by hash and pointer, with
+    /// no string hashed or compared.)
     order: VecDeque<(u64, Arc<AnswerSnapshot>)>,
 }
 
@@ -91,7 +91,15 @@ impl Dedup {
     /// Marks the request as served by a queued waiter.
     pub fn wait(&mut self, client: ClientId, request_id: &str, waiter: WaiterId) {
         match self.slot(client, request_id).0 {
-            Slot::Occupied(mut slot) => slot.get_mut().seen = Seen::Waiting(waiter),
+            Slot::Occupied(mut slot) => {
+                let old = std::mem::replace(&mut slot.get_mut().seen, Seen::Waiting(waiter));
+                // The core asks only for ids it has no answer to; if one
+                // did, its answer leaves the order too (table and order
+                // agree, and a snapshot holds no answer the table lost).
+                if let Seen::Answered(old) = old {
+                    self.order.retain(|(_, a)| !Arc::ptr_eq(a, &old));
+                }
+            }
             Slot::Vacant(slot) => {
                 slot.insert(Entry {
                     client,
@@ -104,10 +112,12 @@ impl Dedup {
 
     /// Forgets a waiter that left without an answer (its place expired).
     pub fn forget_waiter(&mut self, client: ClientId, request_id: &str) {
-        if let Slot::Occupied(slot) = self.slot(client, request_id).0 {
-            if matches!(slot.get().seen, Seen::Waiting(_)) {
-                slot.remove();
-            }
+        let hash = self.hash(client, request_id);
+        let waiting = |e: &Entry| {
+            e.client == client && *e.id == *request_id && matches!(e.seen, Seen::Waiting(_))
+        };
+        if let Ok(slot) = self.seen.find_entry(hash, waiting) {
+            slot.remove();
         }
     }
 
@@ -121,8 +131,11 @@ impl Dedup {
         let (slot, hash) = self.slot(answer.client, &answer.request_id);
         match slot {
             Slot::Occupied(mut slot) => {
-                let old =
-                    std::mem::replace(&mut slot.get_mut().seen, Seen::Answered(answer.clone()));
+                let entry = slot.get_mut();
+                // A waiter's entry made its own copy of the id: share the
+                // answer's from now on.
+                entry.id = answer.request_id.clone();
+                let old = std::mem::replace(&mut entry.seen, Seen::Answered(answer.clone()));
                 if let Seen::Answered(old) = old {
                     // Rare (see above): a scan of the order is fine.
                     if let Some(place) = self.order.iter_mut().find(|(_, a)| Arc::ptr_eq(a, &old)) {
@@ -230,6 +243,17 @@ mod tests {
         assert!(matches!(d.get(1, "a"), Some(Seen::Answered(_))));
         d.forget_waiter(1, "a");
         assert!(d.get(1, "a").is_some(), "an answer is not a waiter");
+    }
+
+    #[test]
+    fn a_waiter_over_an_answer_takes_the_answer_out_of_the_order_too() {
+        let mut d = Dedup::new(4);
+        d.answer(answer(1, "a", RequestKind::Acquire, Reply::Done));
+        d.answer(answer(1, "b", RequestKind::Acquire, Reply::Done));
+        d.wait(1, "a", 9);
+        assert!(matches!(d.get(1, "a"), Some(Seen::Waiting(9))));
+        let ids: Vec<_> = d.answers().iter().map(|a| a.request_id.clone()).collect();
+        assert_eq!(ids, [Arc::from("b")], "no answer the table no longer holds");
     }
 
     #[test]

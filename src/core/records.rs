@@ -120,6 +120,52 @@ mod tests {
         },
     }
 
+    /// A snapshot's answer as it was before ids were shared.
+    #[derive(Serialize)]
+    struct OldAnswer {
+        client: ClientId,
+        request_id: RequestId,
+        kind: RequestKind,
+        reply: Reply,
+    }
+
+    #[derive(Serialize)]
+    struct OldSnapshot {
+        last_fence: Fence,
+        file_lengths: FileLengths,
+        grants: Vec<GrantSnapshot>,
+        answers: Vec<OldAnswer>,
+    }
+
+    #[test]
+    fn a_snapshot_of_shared_answers_encodes_as_before() {
+        let new = Snapshot {
+            last_fence: Fence(4),
+            answers: vec![Arc::new(AnswerSnapshot {
+                client: 7,
+                request_id: "r-9".into(),
+                kind: RequestKind::Release,
+                reply: Reply::Done,
+            })],
+            ..Snapshot::default()
+        };
+        let old = OldSnapshot {
+            last_fence: Fence(4),
+            file_lengths: new.file_lengths.clone(),
+            grants: Vec::new(),
+            answers: vec![OldAnswer {
+                client: 7,
+                request_id: "r-9".into(),
+                kind: RequestKind::Release,
+                reply: Reply::Done,
+            }],
+        };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
+        let back: Snapshot = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, new);
+    }
+
     #[test]
     fn a_shared_answer_encodes_as_the_struct_variant_it_replaced() {
         let reply = Reply::Granted(GrantInfo {

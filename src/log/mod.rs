@@ -25,9 +25,10 @@
 //! segment ahead of time, so beginning the next snapshot costs one fdatasync
 //! and no zero-filling in line; recovery keeps such a segment if it was
 //! never used (and allows a torn tail just before it), so that the first
-//! snapshot after a restart starts at no cost too; a log that has no such
-//! segment (a new directory) gets one made on another thread at start
-//! ([`Wal::segment_ahead`]). Writes go in whole
+//! snapshot after a restart starts at no cost too; when there is no such
+//! segment (a new directory), the server has one made on another thread at
+//! start ([`Wal::segment_ahead`]; the simulations' in-line mode does not).
+//! Writes go in whole
 //! 4 KiB blocks from the block holding the end of the data, so the file can
 //! be opened with `O_DIRECT` ([`Dir::open_direct`]); the tail block is
 //! rewritten with the same bytes plus the new records, as any log that
@@ -110,8 +111,9 @@ pub struct Wal {
     unsynced: bool,
     /// Records in the current segment (written or pending).
     records: u64,
-    /// The next generation's segment, zero-filled ahead of time by the last
-    /// snapshot's write (see [`SnapshotWrite::run`]).
+    /// The next generation's segment, zero-filled ahead of time (by the
+    /// last snapshot's write, [`SnapshotWrite::run`], or a
+    /// [`SegmentAhead`]), or kept by recovery.
     premade: Option<Premade>,
 }
 
@@ -546,6 +548,11 @@ impl Wal {
     /// snapshot's zero-fill failed) and the log preallocates: hand its
     /// result to [`Wal::adopt`], and the next snapshot starts at no cost
     /// instead of zero-filling in line. `None` when there is nothing to do.
+    ///
+    /// Run it before the next [`Wal::begin_snapshot`] (the server's
+    /// persister takes no snapshot while it runs): once the log has moved
+    /// into that generation the file holds records, and `run` then leaves
+    /// it alone.
     pub fn segment_ahead(&self) -> Option<SegmentAhead> {
         if self.prealloc == 0 || self.premade.is_some() {
             return None;
@@ -557,17 +564,18 @@ impl Wal {
         })
     }
 
-    /// Keeps a segment zero-filled by [`SnapshotWrite::run`] for the next
-    /// generation (ignored if the log has moved past it).
+    /// Keeps a segment zero-filled by [`SnapshotWrite::run`] or
+    /// [`SegmentAhead::run`] for the next generation (ignored if the log has
+    /// moved past it).
     pub fn adopt(&mut self, premade: Option<Premade>) {
         self.premade = premade.filter(|p| p.generation == self.generation + 1);
     }
 }
 
 /// The next generation's segment, to be zero-filled ahead of time
-/// ([`Wal::segment_ahead`]). Until the log moves to that generation, the
-/// file is one recovery keeps (all zeros) or, cut short by a crash, keeps
-/// and grows.
+/// ([`Wal::segment_ahead`]). Until the log moves to that generation,
+/// recovery keeps the file (all zeros, or cut short by a crash: it grows
+/// as it is used), or removes it if a crash left it empty.
 pub struct SegmentAhead {
     dir: Arc<dyn Dir>,
     generation: u64,
@@ -576,9 +584,19 @@ pub struct SegmentAhead {
 
 impl SegmentAhead {
     /// Zero-fills the segment and makes it durable. A failure is only
-    /// logged (`None`): the next snapshot makes its segment in line.
+    /// logged (`None`): the next snapshot makes its segment in line. A file
+    /// of that name with anything in it is left alone (`None`): it can only
+    /// be a segment the log already writes to, which a zero-fill would wipe.
     pub fn run(self) -> Option<Premade> {
         let dir = self.dir.as_ref();
+        let name = log_name(self.generation);
+        if let Ok(file) = dir.open(&name, false) {
+            if file.size().map_or(true, |n| n > 0) {
+                let file = dir.describe(&name);
+                tracing::error!(%file, "not zero-filling a log segment that already holds data");
+                return None;
+            }
+        }
         match new_segment(dir, self.generation, self.prealloc) {
             Ok(premade) => Some(premade),
             Err(error) => {
@@ -784,6 +802,20 @@ mod tests {
         drop(r);
         let r = open(tmp.path()).unwrap();
         assert_eq!(r.records, vec![record(3)]);
+    }
+
+    #[test]
+    fn a_segment_ahead_run_too_late_leaves_the_live_segment_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        let late = r.wal.segment_ahead().expect("one to make");
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        r.wal.append(&record(5));
+        r.wal.sync().unwrap();
+        assert!(late.run().is_none(), "log-1 is the live segment now");
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(5)]);
     }
 
     #[test]

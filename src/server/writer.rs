@@ -59,8 +59,9 @@ pub enum WriterError {
     Data(#[from] io::Error),
 }
 
-/// A snapshot being written on its own thread: its result is the next
-/// generation's zero-filled segment. Dropped unjoined (a persister dropped
+/// A snapshot being written on its own thread (or, at start, the next
+/// generation's segment being zero-filled): its result is that zero-filled
+/// segment. Dropped unjoined (a persister dropped
 /// without [`Persister::finish`], or after a storage failure), it still
 /// waits for the thread, so that nothing writes to the directory after the
 /// persister is gone.
@@ -170,7 +171,7 @@ impl Persister {
                 Ok(())
             }
             Some(Err(_panic)) => Err(WriterError::Data(io::Error::other(
-                "the snapshot writer thread panicked",
+                "the snapshot (or segment zero-fill) thread panicked",
             ))),
             None => Ok(()),
         }

@@ -258,11 +258,13 @@ pub fn recover(
     })?;
     let mut core = Core::restore(core_config, seed, recovered.snapshot);
     core.set_plants(plants);
+    let mut replay = files.replay();
     for record in &recovered.records {
         for write in core.replay(record)? {
-            files.apply(&write)?;
+            replay.apply(&write)?;
         }
     }
+    replay.finish()?;
     // One copy of the state serves both the trim and the report (a snapshot
     // copies the whole dedup memory, which is not free on a large server).
     let snapshot = core.snapshot();

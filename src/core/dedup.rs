@@ -37,6 +37,17 @@ struct Entry {
     seen: Seen,
 }
 
+impl Entry {
+    /// The entry of a new answer, sharing its id.
+    fn answered(answer: &Arc<AnswerSnapshot>) -> Entry {
+        Entry {
+            client: answer.client,
+            id: answer.request_id.clone(),
+            seen: Seen::Answered(answer.clone()),
+        }
+    }
+}
+
 /// The dedup table. Lookups only: iteration order never reaches output.
 /// One flat table probed once per lookup with a borrowed (client, id), not
 /// a map of per-client maps (two probes) keyed by owned strings; hashed
@@ -145,11 +156,7 @@ impl Dedup {
                 }
             }
             Slot::Vacant(slot) => {
-                slot.insert(Entry {
-                    client: answer.client,
-                    id: answer.request_id.clone(),
-                    seen: Seen::Answered(answer.clone()),
-                });
+                slot.insert(Entry::answered(&answer));
             }
         }
         self.order.push_back((hash, answer));
@@ -162,11 +169,7 @@ impl Dedup {
         match slot {
             Slot::Occupied(_) => return,
             Slot::Vacant(slot) => {
-                slot.insert(Entry {
-                    client: answer.client,
-                    id: answer.request_id.clone(),
-                    seen: Seen::Answered(answer.clone()),
-                });
+                slot.insert(Entry::answered(&answer));
             }
         }
         self.order.push_back((hash, answer));

@@ -56,9 +56,12 @@ impl DataFiles {
     /// # Errors
     /// I/O errors.
     pub fn apply(&mut self, write: &FileWrite) -> io::Result<()> {
-        let i = write.file.get();
-        self.dirty[i] = true;
-        self.handles[i].write_at(write.offset, &write.data)
+        self.write_at(write.file.get(), write.offset, &write.data)
+    }
+
+    fn write_at(&mut self, file: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.dirty[file] = true;
+        self.handles[file].write_at(offset, data)
     }
 
     /// Makes every file exactly its committed length: bytes past it were never
@@ -152,11 +155,10 @@ impl Replay<'_> {
     }
 
     fn flush(&mut self, i: usize) -> io::Result<()> {
-        if let Some((offset, bytes)) = self.pending[i].take() {
-            self.files.dirty[i] = true;
-            self.files.handles[i].write_at(offset, &bytes)?;
+        match self.pending[i].take() {
+            Some((offset, bytes)) => self.files.write_at(i, offset, &bytes),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Writes out what is pending.

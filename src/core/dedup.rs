@@ -38,6 +38,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// Whether this is the entry of `(client, id)`.
+    fn is(&self, client: ClientId, id: &str) -> bool {
+        self.client == client && *self.id == *id
+    }
+
     /// The entry of a new answer, sharing its id.
     fn answered(answer: &Arc<AnswerSnapshot>) -> Entry {
         Entry {
@@ -85,7 +90,7 @@ impl Dedup {
         let hasher = &self.hasher;
         let slot = self.seen.entry(
             hash,
-            |e| e.client == client && *e.id == *id,
+            |e| e.is(client, id),
             |e| hasher.hash_one((e.client, &*e.id)),
         );
         (slot, hash)
@@ -95,7 +100,7 @@ impl Dedup {
     pub fn get(&self, client: ClientId, request_id: &str) -> Option<&Seen> {
         let hash = self.hash(client, request_id);
         self.seen
-            .find(hash, |e| e.client == client && *e.id == *request_id)
+            .find(hash, |e| e.is(client, request_id))
             .map(|e| &e.seen)
     }
 
@@ -124,9 +129,7 @@ impl Dedup {
     /// Forgets a waiter that left without an answer (its place expired).
     pub fn forget_waiter(&mut self, client: ClientId, request_id: &str) {
         let hash = self.hash(client, request_id);
-        let waiting = |e: &Entry| {
-            e.client == client && *e.id == *request_id && matches!(e.seen, Seen::Waiting(_))
-        };
+        let waiting = |e: &Entry| e.is(client, request_id) && matches!(e.seen, Seen::Waiting(_));
         if let Ok(slot) = self.seen.find_entry(hash, waiting) {
             slot.remove();
         }

@@ -128,14 +128,24 @@ impl Persister {
             return;
         }
         if let Some(ahead) = self.wal.segment_ahead() {
-            let spawned = std::thread::Builder::new()
-                .name("dlm-segment".into())
-                .spawn(move || Ok(ahead.run()));
-            match spawned {
-                Ok(thread) => self.snapshot = Some(SnapshotThread(Some(thread))),
-                Err(error) => {
-                    tracing::warn!(%error, "no thread to zero-fill the next log segment; the first snapshot will")
-                }
+            // Without a thread the first snapshot zero-fills in line.
+            self.start_background("dlm-segment", move || Ok(ahead.run()));
+        }
+    }
+
+    /// Runs `work` on a thread of its own as the background job (a
+    /// snapshot's write, or a segment's zero-fill), collected later. With
+    /// no thread to be had the work is skipped: it is only ever a speed-up
+    /// or can wait for the next snapshot.
+    fn start_background(
+        &mut self,
+        name: &str,
+        work: impl FnOnce() -> Result<Option<Premade>, LogError> + Send + 'static,
+    ) {
+        match std::thread::Builder::new().name(name.into()).spawn(work) {
+            Ok(thread) => self.snapshot = Some(SnapshotThread(Some(thread))),
+            Err(error) => {
+                tracing::warn!(%error, thread = name, "no thread for background work; skipped")
             }
         }
     }
@@ -190,15 +200,9 @@ impl Persister {
         self.files.sync()?;
         let write = self.wal.begin_snapshot(snapshot)?;
         if self.background {
-            let spawned = std::thread::Builder::new()
-                .name("dlm-snapshot".into())
-                .spawn(move || write.run());
-            match spawned {
-                Ok(thread) => self.snapshot = Some(SnapshotThread(Some(thread))),
-                // Safe to go without: until a later snapshot is written,
-                // recovery replays the older one and every log since.
-                Err(error) => tracing::warn!(%error, "no thread to write a snapshot; skipped"),
-            }
+            // Safe to go without: until a later snapshot is written,
+            // recovery replays the older one and every log since.
+            self.start_background("dlm-snapshot", move || write.run());
         } else {
             self.wal.adopt(write.run()?);
         }

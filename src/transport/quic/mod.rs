@@ -47,10 +47,21 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// A connection on which nothing was received for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Both sides send a ping after this long without sending, so a live but
-/// quiet peer (a client waiting on a long acquire) keeps its connection and a
-/// dead one is noticed within [`IDLE_TIMEOUT`].
+/// The server sends a ping after this long without sending, so a live but
+/// quiet client keeps its connection and a dead one is noticed within
+/// [`IDLE_TIMEOUT`].
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// A client sends a ping after this long without sending. Besides keeping
+/// the connection, the ping is how a client waiting for an answer (a queued
+/// acquire sends nothing for many seconds) learns that its server restarted:
+/// unlike TCP, nothing tells a QUIC client that the process behind its
+/// connection died; the restarted server answers the ping with a stateless
+/// reset (see [`endpoint_config`]), and the client reconnects and retries
+/// within about this long instead of at its attempt deadline, well inside
+/// a lease. Costs one small datagram and its acknowledgement per second on
+/// a connection that is otherwise silent.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 /// How long a request may take to arrive whole once its stream is open.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,8 +120,10 @@ impl ErrorCode {
 }
 
 /// Transport parameters both sides use: the stream and idle limits above,
-/// no unidirectional streams, no datagrams.
-pub fn transport_config() -> TransportConfig {
+/// no unidirectional streams, no datagrams, pings after `keep_alive`
+/// without sending ([`KEEP_ALIVE`] for the server, [`CLIENT_KEEP_ALIVE`]
+/// for a client).
+pub fn transport_config(keep_alive: Duration) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
@@ -118,7 +131,7 @@ pub fn transport_config() -> TransportConfig {
         .max_idle_timeout(Some(
             IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is a valid idle timeout"),
         ))
-        .keep_alive_interval(Some(KEEP_ALIVE))
+        .keep_alive_interval(Some(keep_alive))
         .datagram_receive_buffer_size(None);
     config
 }
@@ -132,7 +145,7 @@ pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = QuicServerConfig::try_from(tls.rustls_config(&[ALPN])?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(KEEP_ALIVE)));
     Ok(config)
 }
 
@@ -148,7 +161,7 @@ pub fn client_config(
     let rustls = super::tls::client_rustls_config(ca_pem, identity, &[ALPN])?;
     let crypto = QuicClientConfig::try_from(rustls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(CLIENT_KEEP_ALIVE)));
     Ok(config)
 }
 

@@ -9,7 +9,12 @@
 //! and every queue event. The invariants:
 //!
 //! 1. mutual exclusion — per lock, grant intervals never overlap; fencing
-//!    numbers of acknowledged grants strictly increase in grant order;
+//!    numbers of acknowledged grants strictly increase in grant order, and,
+//!    for clients of the client library (tier 2), in the order the clients
+//!    learned of them: the library hands out a grant only while it lasts,
+//!    never after the lock went on to a later grant (tier 1's model clients
+//!    take the server's answer as it comes, which may be a remembered grant
+//!    that has since run out);
 //!    no operation is accepted with a token that was not current at some
 //!    instant between its invocation and its acknowledgement;
 //! 2. atomic critical sections — the files hold, in fencing order, the
@@ -77,6 +82,11 @@ struct Interval {
 #[derive(Default)]
 pub struct History {
     pub grants: BTreeMap<String, GrantRec>,
+    /// (lock, fence) of each grant when a client first learned of it, in
+    /// the order they learned.
+    learned: Vec<(String, u64)>,
+    /// Whether to check that grants were learned of in fencing order.
+    check_learned_order: bool,
     pub appends: Vec<AppendRec>,
     pub token_ops: Vec<TokenOp>,
     /// Server side: intervals per token, and the current grant per lock.
@@ -90,6 +100,15 @@ pub struct History {
 }
 
 impl History {
+    /// A history whose clients are the client library's: they must learn of
+    /// each lock's grants in fencing order too.
+    pub fn of_library_clients() -> History {
+        History {
+            check_learned_order: true,
+            ..History::default()
+        }
+    }
+
     /// A change the server's core decided at `now`.
     pub fn on_change(&mut self, now: u64, change: &Change) {
         match change {
@@ -182,15 +201,15 @@ impl History {
 
     /// A client was told it holds `token`.
     pub fn grant_acked(&mut self, client: i32, lock: &str, token: &str, fence: u64) {
-        let rec = self
-            .grants
-            .entry(token.to_owned())
-            .or_insert_with(|| GrantRec {
+        let rec = self.grants.entry(token.to_owned()).or_insert_with(|| {
+            self.learned.push((lock.to_owned(), fence));
+            GrantRec {
                 lock: lock.to_owned(),
                 client,
                 fence,
                 releases: Vec::new(),
-            });
+            }
+        });
         if rec.fence != fence || rec.lock != lock {
             self.violations.push(format!(
                 "token {} acknowledged with fence {fence} on {lock:?}, earlier with fence {} on {:?}",
@@ -206,6 +225,9 @@ impl History {
     pub fn check(&self, files: &[Vec<u8>]) -> Vec<String> {
         let mut out = self.violations.clone();
         self.check_grants(&mut out);
+        if self.check_learned_order {
+            self.check_learned_order(&mut out);
+        }
         self.check_token_ops(&mut out);
         self.check_files(files, &mut out);
         out
@@ -248,6 +270,22 @@ impl History {
                     ));
                 }
             }
+        }
+    }
+
+    /// Per lock, each grant a client learned of has a higher fence than every
+    /// grant learned of before it: a client is never handed a grant the lock
+    /// has already moved on from.
+    fn check_learned_order(&self, out: &mut Vec<String>) {
+        let mut highest: BTreeMap<&str, u64> = BTreeMap::new();
+        for (lock, fence) in &self.learned {
+            let seen = highest.entry(lock).or_default();
+            if *fence <= *seen {
+                out.push(format!(
+                    "fencing: a client learned of lock {lock:?}'s grant with fence {fence} after one with fence {seen} was learned of"
+                ));
+            }
+            *seen = (*seen).max(*fence);
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::call::{attempt, Outcome, Retrier, Servers, Timing};
 use super::conn::Call;
 use super::error::{AttemptError, Error};
+use super::guard::renew_interval;
 use super::{millis_ceil, AcquireOptions, Grant};
 use crate::proto;
 
@@ -57,16 +58,30 @@ pub(crate) fn plan_attempt(timing: &Timing, remaining_wait: Option<Duration>) ->
     }
 }
 
-/// A grant and how it was obtained.
+/// A grant and what the client knows of its lease.
 pub(crate) struct Acquired {
     /// The grant.
     pub grant: Grant,
-    /// When the attempt that got the grant was sent. The server's lease
-    /// deadline is no earlier than this plus the lease, unless the grant was
-    /// made while an earlier attempt was cut off (`attempts > 1`).
-    pub sent: Instant,
-    /// Attempts it took.
-    pub attempts: u32,
+    /// The server's lease deadline is no earlier than this plus the lease:
+    /// when the first attempt was sent, since the grant cannot be older (a
+    /// grant made while an earlier attempt was cut off is collected by a
+    /// later one; a grant made after a long wait in the queue arrives long
+    /// after it was asked for), or when a renewal that confirmed it was sent.
+    pub lease_from: Instant,
+}
+
+impl Acquired {
+    /// Whether the grant must be confirmed with a renewal before it is handed
+    /// out: a third of the lease (the renewal interval) has passed since
+    /// [`Acquired::lease_from`], so the lease left is unknown and may be
+    /// none. A grant that took longer than its lease to come back (its reply
+    /// was lost and the retry collected the remembered answer, or the
+    /// client was cut off from the server for that long) may have run out
+    /// already and the lock gone to the next waiter: handing it out would
+    /// give the caller a fencing number older than one already granted.
+    pub fn needs_confirming(&self, now: Instant) -> bool {
+        now >= self.lease_from + renew_interval(self.grant.lease)
+    }
 }
 
 /// Acquires `lock` for `client_id`, retrying with one request id until the
@@ -87,6 +102,7 @@ pub(crate) async fn acquire(
     let wait_until = opts.wait.map(|wait| started + wait);
     let budget = opts.wait.map(|wait| wait.max(timing.retry_budget));
     let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, budget);
+    let mut first_sent = None;
     loop {
         let remaining = wait_until.map(|until| until.saturating_duration_since(Instant::now()));
         let plan = plan_attempt(timing, remaining);
@@ -100,6 +116,7 @@ pub(crate) async fn acquire(
             lease_ms: opts.lease.map(millis_ceil),
         };
         let sent = Instant::now();
+        let lease_from = *first_sent.get_or_insert(sent);
         let result = attempt::<proto::LockResponse>(conn, timeout, Call::LockAcquire(args)).await;
         let outcome = match result {
             Ok(reply) => Outcome::Done(Ok(Acquired {
@@ -109,8 +126,7 @@ pub(crate) async fn acquire(
                     fence: reply.fencing_token,
                     lease: Duration::from_millis(reply.lease_ms),
                 },
-                sent,
-                attempts: retrier.attempts,
+                lease_from,
             })),
             // Only the attempts after the caller's wait ran out try once.
             Err(AttemptError::Refused(Error::LockHeld)) if opts.wait != Some(Duration::ZERO) => {

@@ -38,15 +38,10 @@ impl LockGuard {
     /// Starts renewing the lease of `acquired`.
     pub(crate) fn start(client: Client, acquired: Acquired) -> LockGuard {
         let (lost_tx, lease_lost) = watch::channel(false);
-        // The server's deadline is no earlier than when the granting attempt
-        // was sent plus the lease; if the grant may have been made during an
-        // earlier, cut-off attempt, renew at once to learn a deadline.
-        let expires = acquired.sent + acquired.grant.lease;
-        let first_renewal = if acquired.attempts > 1 {
-            Instant::now()
-        } else {
-            acquired.sent + renew_interval(acquired.grant.lease)
-        };
+        // The server's deadline is no earlier than `lease_from` plus the
+        // lease; renewals are scheduled from there.
+        let expires = acquired.lease_from + acquired.grant.lease;
+        let first_renewal = acquired.lease_from + renew_interval(acquired.grant.lease);
         let renewal = tokio::spawn(renew_until_lost(
             client.clone(),
             acquired.grant.clone(),

@@ -54,6 +54,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 pub use builder::{
     ClientBuilder, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX,
@@ -195,6 +196,14 @@ impl Client {
     /// The grant is plain data: renew it ([`Client::renew`]) before its
     /// lease runs out, or use [`Client::lock`] to have that done.
     ///
+    /// A grant comes back alive with at least two thirds of its lease left
+    /// as the client's clock sees it (the lease counted from when the
+    /// acquire was first sent). One that took longer to arrive (a long wait
+    /// in the queue, a lost reply collected by a retry, a server restart in
+    /// between) is renewed first; if it ran out meanwhile and the lock went
+    /// on, the acquire queues again rather than return a dead grant, whose
+    /// fencing number would be older than one already handed out.
+    ///
     /// # Errors
     ///
     /// [`Error::LockHeld`] (try-once found it busy), [`Error::WaitTimedOut`],
@@ -223,7 +232,73 @@ impl Client {
         opts: AcquireOptions,
     ) -> Result<acquire::Acquired, Error> {
         let inner = &*self.inner;
-        acquire::acquire(&inner.servers, &inner.timing, inner.client_id, lock, opts).await
+        let started = Instant::now();
+        loop {
+            // What is left of the caller's wait (none left: one last try).
+            let wait = opts.wait.map(|wait| wait.saturating_sub(started.elapsed()));
+            let attempt_opts = AcquireOptions { wait, ..opts };
+            let acquired = match acquire::acquire(
+                &inner.servers,
+                &inner.timing,
+                inner.client_id,
+                lock,
+                attempt_opts,
+            )
+            .await
+            {
+                // A later round's last try is still the caller's wait ending.
+                Err(Error::LockHeld) if opts.wait != Some(Duration::ZERO) => {
+                    return Err(Error::WaitTimedOut)
+                }
+                result => result?,
+            };
+            if let Some(confirmed) = self.confirm(acquired).await? {
+                return Ok(confirmed);
+            }
+            // Gone: the lock went on to others meanwhile. Queue again (a new
+            // request id), as a fresh acquire would.
+        }
+    }
+
+    /// `acquired` once it is known to be alive: as it is if its lease
+    /// certainly has most of its length left, else after a renewal that
+    /// says it is still ours and starts a lease the client can time. `None`
+    /// if it ran out before it reached us.
+    async fn confirm(
+        &self,
+        mut acquired: acquire::Acquired,
+    ) -> Result<Option<acquire::Acquired>, Error> {
+        // A renewal's answer that takes longer than the lease proves nothing
+        // either; a network that slow for this lease gets a few more tries.
+        const RENEWALS: u32 = 3;
+        for _ in 0..RENEWALS {
+            if !acquired.needs_confirming(Instant::now()) {
+                return Ok(Some(acquired));
+            }
+            let sent = Instant::now();
+            let grant = &acquired.grant;
+            match self.renew_token(&grant.lock, &grant.token, None).await {
+                Ok(lease) => {
+                    acquired.grant.lease = lease;
+                    acquired.lease_from = sent;
+                }
+                Err(error) if error.is_lease_gone() => {
+                    tracing::debug!(lock = grant.lock, fence = grant.fence, %error,
+                        "the grant ran out before it reached the client; acquiring again");
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if acquired.needs_confirming(Instant::now()) {
+            return Err(Error::Unavailable(format!(
+                "granted (fence {}), but {RENEWALS} renewals in a row took over a third of \
+                 the {} ms lease to answer: the grant cannot be timed",
+                acquired.grant.fence,
+                acquired.grant.lease.as_millis()
+            )));
+        }
+        Ok(Some(acquired))
     }
 
     /// Releases `grant`. If it guards the default lock, its staged appends

@@ -35,6 +35,10 @@ struct Script {
     acquire: Status,
     /// Status of renew replies.
     renew: Status,
+    /// Renew calls to refuse with `INVALID_TOKEN` before `renew` applies.
+    refuse_renews: u32,
+    /// Token of the next grant; each grant takes the next one.
+    next_token: u32,
 }
 
 struct Scripted {
@@ -89,11 +93,12 @@ impl LockService for Scripted {
         let mut seen = Scripted::seen("acquire", &args.request_id, "");
         seen.wait_ms = args.wait_timeout_ms;
         self.record(seen)?;
-        let (hang, status) = {
+        let (hang, status, n) = {
             let mut script = self.script.lock().unwrap();
             let hang = script.hang_acquires > 0;
             script.hang_acquires = script.hang_acquires.saturating_sub(1);
-            (hang, script.acquire)
+            script.next_token += u32::from(!hang);
+            (hang, script.acquire, script.next_token)
         };
         if hang {
             std::future::pending::<()>().await;
@@ -101,8 +106,8 @@ impl LockService for Scripted {
         Ok(Response::new(proto::LockResponse {
             status: status as i32,
             error_message: String::new(),
-            token: "t-1".into(),
-            fencing_token: 7,
+            token: format!("t-{n}"),
+            fencing_token: 6 + u64::from(n),
             lease_ms: args.lease_ms.unwrap_or(30_000),
         }))
     }
@@ -134,7 +139,15 @@ impl LockService for Scripted {
     ) -> Result<Response<proto::LeaseResponse>, tonic::Status> {
         let args = request.into_inner();
         self.record(Scripted::seen("renew", &args.request_id, &args.token))?;
-        let status = self.script.lock().unwrap().renew;
+        let status = {
+            let mut script = self.script.lock().unwrap();
+            if script.refuse_renews > 0 {
+                script.refuse_renews -= 1;
+                Status::InvalidToken
+            } else {
+                script.renew
+            }
+        };
         Ok(Response::new(proto::LeaseResponse {
             status: status as i32,
             error_message: String::new(),
@@ -208,6 +221,8 @@ impl Server {
                 hang_acquires: 0,
                 acquire: Status::Ok,
                 renew: Status::Ok,
+                refuse_renews: 0,
+                next_token: 0,
             }),
             seen: watch::channel(Vec::new()).0,
         });
@@ -388,6 +403,50 @@ async fn a_cut_off_wait_comes_back_with_the_same_request_id() {
 }
 
 #[tokio::test]
+async fn a_grant_collected_after_a_third_of_its_lease_is_confirmed_before_it_is_returned() {
+    let server = Server::start().await;
+    // The first attempt is cut off; the retry collects a grant that the
+    // client cannot know is still alive (more than a third of its lease
+    // passed since it asked), and the renewal says it is gone.
+    server.script().hang_acquires = 1;
+    server.script().refuse_renews = 1;
+    let client = quick(1)
+        .endpoint(&server.addr)
+        .wait_attempt_timeout(Duration::from_millis(150))
+        .attempt_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let opts = AcquireOptions::forever().lease(Duration::from_millis(300));
+    let grant = client.acquire("x", opts).await.unwrap();
+    // Not the dead grant: a fresh acquire (a new request id) got the next.
+    assert_eq!((grant.token.as_str(), grant.fence), ("t-2", 8));
+    let acquires = server.calls("acquire");
+    assert_eq!(acquires.len(), 3, "{acquires:?}");
+    assert_eq!(acquires[0].request_id, acquires[1].request_id);
+    assert_ne!(acquires[1].request_id, acquires[2].request_id);
+    let renews = server.calls("renew");
+    assert_eq!(renews[0].token, "t-1", "{renews:?}");
+    // The fresh grant was confirmed only if the machine was slow enough
+    // for its reply to take a third of the lease; either way with its token.
+    assert!(renews[1..].iter().all(|r| r.token == "t-2"), "{renews:?}");
+}
+
+#[tokio::test]
+async fn a_grant_that_comes_back_at_once_is_returned_without_a_renewal() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let grant = client
+        .acquire(
+            "x",
+            AcquireOptions::forever().lease(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(grant.token, "t-1");
+    assert!(server.calls("renew").is_empty());
+}
+
+#[tokio::test]
 async fn a_wait_that_ends_in_lock_held_is_a_wait_timeout() {
     let server = Server::start().await;
     server.script().acquire = Status::LockHeld;
@@ -464,7 +523,6 @@ async fn the_guard_renews_until_released() {
 #[tokio::test]
 async fn the_guard_reports_a_refused_renewal() {
     let server = Server::start().await;
-    server.script().renew = Status::InvalidToken;
     let client = quick(1).endpoint(&server.addr).build().unwrap();
     let guard = client
         .lock(
@@ -473,6 +531,7 @@ async fn the_guard_reports_a_refused_renewal() {
         )
         .await
         .unwrap();
+    server.script().renew = Status::InvalidToken;
     let mut lost = guard.lease_lost();
     tokio::time::timeout(Duration::from_secs(10), lost.wait_for(|lost| *lost))
         .await

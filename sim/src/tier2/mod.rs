@@ -357,7 +357,7 @@ impl Driver {
         let state = State {
             scenario: scenario.clone(),
             plant,
-            history: History::default(),
+            history: History::of_library_clients(),
             faults: Faults::default(),
             healed: false,
             server_rng: SimRng::new(rng.next_u64()),

@@ -1,5 +1,5 @@
 //! Tier-2 simulation over QUIC in CI (the real server, log, QUIC transport
-//! and client on turmoil's UDP): a fixed range of seeds, same-seed
+//! and client on turmoil's UDP): a fixed range of seeds, regression seeds, same-seed
 //! determinism of the trace and of the packet schedule, and a planted bug
 //! caught through the QUIC relay.
 //!
@@ -9,6 +9,12 @@
 
 use dlm_sim::tier2::{self, Transport};
 use dlm_sim::Plant;
+
+/// Seeds that once failed over QUIC.
+const REGRESSIONS: &[u64] = &[
+    // A late grant handed out after its lease ran out (see tier2.rs).
+    3, 13,
+];
 
 fn assert_clean(seed: u64) {
     let result = tier2::run_seed_over(Transport::Quic, seed, None, false);
@@ -35,6 +41,13 @@ fn a_fixed_range_of_quic_seeds_is_clean() {
             });
         }
     });
+}
+
+#[test]
+fn quic_regression_seeds_are_clean() {
+    for &seed in REGRESSIONS {
+        assert_clean(seed);
+    }
 }
 
 #[test]

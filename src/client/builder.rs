@@ -156,6 +156,7 @@ impl ClientBuilder {
                 client_id: self.client_id,
                 servers,
                 timing: self.timing,
+                closes: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

@@ -5,9 +5,11 @@
 //! operation gets one request id that all its retries carry (so the server
 //! applies it once), transport failures are retried with exponential backoff
 //! and full jitter while failing over to the next server, long waits are cut
-//! into attempts that re-attach to their place in the queue, and
-//! [`LockGuard`] renews a lease in the background. A refusal from the server
-//! is never retried; it comes back as its [`Error`] variant.
+//! into attempts that re-attach to their place in the queue, a grant that
+//! arrives late is confirmed before it is handed out, and [`LockGuard`]
+//! renews a lease in the background. A refusal from the server is never
+//! retried; it comes back as its [`Error`] variant (the one exception: an
+//! acquire whose late grant ran out before it arrived queues again).
 //!
 //! It must not hold state beyond that: a [`Grant`] is plain data, and the
 //! truth about who holds what is always the server's.
@@ -50,6 +52,7 @@ mod retry;
 mod tests;
 mod transport;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +89,9 @@ struct Inner {
     servers: Servers,
     /// Deadlines, budget and backoff.
     timing: Timing,
+    /// Calls to [`Client::close`] so far: an acquire that sees a close
+    /// while it confirms a late grant stops instead of queueing again.
+    closes: AtomicU64,
 }
 
 /// How to acquire: how long to wait and what lease to ask for.
@@ -179,6 +185,7 @@ impl Client {
     /// [`Error::Unavailable`] if no server answers; a server refusal as its
     /// variant.
     pub async fn close(&self) -> Result<(), Error> {
+        self.inner.closes.fetch_add(1, Ordering::SeqCst);
         let args = proto::ClientInitArgs {
             client_id: self.inner.client_id,
             request_id: self.inner.timing.entropy.request_id(),
@@ -196,20 +203,23 @@ impl Client {
     /// The grant is plain data: renew it ([`Client::renew`]) before its
     /// lease runs out, or use [`Client::lock`] to have that done.
     ///
-    /// A grant comes back alive with at least two thirds of its lease left
-    /// as the client's clock sees it (the lease counted from when the
-    /// acquire was first sent). One that took longer to arrive (a long wait
-    /// in the queue, a lost reply collected by a retry, a server restart in
-    /// between) is renewed first; if it ran out meanwhile and the lock went
-    /// on, the acquire queues again rather than return a dead grant, whose
-    /// fencing number would be older than one already handed out.
+    /// A grant comes back alive as the client's clock sees it: with at least
+    /// two thirds of its lease left, counted from when the acquire was first
+    /// sent, or else renewed first (a long wait in the queue, a lost reply
+    /// collected by a retry, a server restart in between). If it ran out
+    /// meanwhile and the lock went on, the acquire queues again rather than
+    /// return a dead grant, whose fencing number would be older than one
+    /// already handed out; it gives up as below when the wait is over or
+    /// after three such rounds.
     ///
     /// # Errors
     ///
     /// [`Error::LockHeld`] (try-once found it busy), [`Error::WaitTimedOut`],
     /// [`Error::SessionClosed`], [`Error::BadRequest`] (name, lease or wait
     /// out of range), [`Error::Unavailable`] when a finite wait and the
-    /// retry budget both ran out without an answer.
+    /// retry budget both ran out without an answer, [`Error::LeaseLost`]
+    /// when three grants in a row ran out before they reached the client
+    /// (a lease shorter than the round trips).
     pub async fn acquire(&self, lock: &str, opts: AcquireOptions) -> Result<Grant, Error> {
         self.acquire_timed(lock, opts).await.map(|a| a.grant)
     }
@@ -231,9 +241,16 @@ impl Client {
         lock: &str,
         opts: AcquireOptions,
     ) -> Result<acquire::Acquired, Error> {
+        // Rounds of acquire + confirmation: a grant that ran out before it
+        // reached us is followed by a fresh acquire, a few times at most (a
+        // lease shorter than the round trips would repeat it forever).
+        const ROUNDS: u32 = 3;
         let inner = &*self.inner;
         let started = Instant::now();
+        let closes = inner.closes.load(Ordering::SeqCst);
+        let mut round = 0;
         loop {
+            round += 1;
             // What is left of the caller's wait (none left: one last try).
             let wait = opts.wait.map(|wait| wait.saturating_sub(started.elapsed()));
             let attempt_opts = AcquireOptions { wait, ..opts };
@@ -256,49 +273,64 @@ impl Client {
                 return Ok(confirmed);
             }
             // Gone: the lock went on to others meanwhile. Queue again (a new
-            // request id), as a fresh acquire would.
+            // request id), as a fresh acquire would, unless the caller's
+            // wait is over, the session was closed meanwhile (closing
+            // cancels the client's waits) or the rounds are used up.
+            if inner.closes.load(Ordering::SeqCst) != closes {
+                return Err(Error::SessionClosed);
+            }
+            match opts.wait {
+                Some(Duration::ZERO) => return Err(Error::LockHeld),
+                Some(wait) if started.elapsed() >= wait => return Err(Error::WaitTimedOut),
+                _ if round == ROUNDS => return Err(Error::LeaseLost),
+                _ => {}
+            }
         }
     }
 
-    /// `acquired` once it is known to be alive: as it is if its lease
-    /// certainly has most of its length left, else after a renewal that
-    /// says it is still ours and starts a lease the client can time. `None`
-    /// if it ran out before it reached us.
+    /// `Some(acquired)` once it is known to be alive: as it is if its lease
+    /// certainly has most of its length left, else after a renewal (for the
+    /// lease it was granted with) that says it is still ours and whose
+    /// answer came back within that lease, which starts a lease the client
+    /// can time. `None` if it ran out before it reached us, or if no
+    /// renewal's answer came back within the lease.
     async fn confirm(
         &self,
         mut acquired: acquire::Acquired,
     ) -> Result<Option<acquire::Acquired>, Error> {
-        // A renewal's answer that takes longer than the lease proves nothing
-        // either; a network that slow for this lease gets a few more tries.
+        // An answer that comes back after the lease it granted proves
+        // nothing; a network that slow for this lease gets a few more tries.
         const RENEWALS: u32 = 3;
+        if !acquired.needs_confirming(Instant::now()) {
+            return Ok(Some(acquired));
+        }
+        let grant = &acquired.grant;
         for _ in 0..RENEWALS {
-            if !acquired.needs_confirming(Instant::now()) {
-                return Ok(Some(acquired));
-            }
             let sent = Instant::now();
-            let grant = &acquired.grant;
-            match self.renew_token(&grant.lock, &grant.token, None).await {
-                Ok(lease) => {
+            match self
+                .renew_token(&grant.lock, &grant.token, Some(grant.lease))
+                .await
+            {
+                Ok(lease) if Instant::now() < sent + lease => {
                     acquired.grant.lease = lease;
                     acquired.lease_from = sent;
+                    return Ok(Some(acquired));
                 }
+                Ok(_late) => {}
                 Err(error) if error.is_lease_gone() => {
                     tracing::debug!(lock = grant.lock, fence = grant.fence, %error,
-                        "the grant ran out before it reached the client; acquiring again");
+                        "the grant ran out before it reached the client");
                     return Ok(None);
                 }
                 Err(error) => return Err(error),
             }
         }
-        if acquired.needs_confirming(Instant::now()) {
-            return Err(Error::Unavailable(format!(
-                "granted (fence {}), but {RENEWALS} renewals in a row took over a third of \
-                 the {} ms lease to answer: the grant cannot be timed",
-                acquired.grant.fence,
-                acquired.grant.lease.as_millis()
-            )));
-        }
-        Ok(Some(acquired))
+        tracing::debug!(
+            lock = grant.lock,
+            fence = grant.fence,
+            "no renewal came back within the lease; the grant cannot be timed"
+        );
+        Ok(None)
     }
 
     /// Releases `grant`. If it guards the default lock, its staged appends

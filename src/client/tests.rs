@@ -31,14 +31,20 @@ struct Script {
     fail_next: u32,
     /// Acquire calls to leave unanswered (until the caller gives up).
     hang_acquires: u32,
+    /// Acquires of new request ids whose first attempt is left unanswered.
+    hang_first_attempts: u32,
+    /// Request ids seen by acquire calls.
+    acquire_ids: Vec<String>,
     /// Status of acquire replies.
     acquire: Status,
     /// Status of renew replies.
     renew: Status,
-    /// Renew calls to refuse with `INVALID_TOKEN` before `renew` applies.
-    refuse_renews: u32,
-    /// Token of the next grant; each grant takes the next one.
-    next_token: u32,
+    /// Tokens whose renewals are refused with `INVALID_TOKEN` (gone).
+    gone: Vec<String>,
+    /// Grants made: request id and lease of each; grant `n` (from 1) has
+    /// token `t-n` and fence `6 + n`. A repeated request id gets its grant
+    /// again, as from the server's dedup memory.
+    granted: Vec<(String, u64)>,
 }
 
 struct Scripted {
@@ -93,12 +99,37 @@ impl LockService for Scripted {
         let mut seen = Scripted::seen("acquire", &args.request_id, "");
         seen.wait_ms = args.wait_timeout_ms;
         self.record(seen)?;
-        let (hang, status, n) = {
+        let (hang, status, n, lease_ms) = {
             let mut script = self.script.lock().unwrap();
-            let hang = script.hang_acquires > 0;
-            script.hang_acquires = script.hang_acquires.saturating_sub(1);
-            script.next_token += u32::from(!hang);
-            (hang, script.acquire, script.next_token)
+            let new_id = !script.acquire_ids.contains(&args.request_id);
+            if new_id {
+                script.acquire_ids.push(args.request_id.clone());
+            }
+            let hang = script.hang_acquires > 0 || (new_id && script.hang_first_attempts > 0);
+            if script.hang_acquires > 0 {
+                script.hang_acquires -= 1;
+            } else if hang {
+                script.hang_first_attempts -= 1;
+            }
+            let lease_ms = args.lease_ms.unwrap_or(30_000);
+            let known = script
+                .granted
+                .iter()
+                .position(|(id, _)| *id == args.request_id);
+            let n = match known {
+                Some(i) => i,
+                None if hang => 0,
+                None => {
+                    script.granted.push((args.request_id.clone(), lease_ms));
+                    script.granted.len() - 1
+                }
+            };
+            (
+                hang,
+                script.acquire,
+                n + 1,
+                script.granted.get(n).map_or(lease_ms, |g| g.1),
+            )
         };
         if hang {
             std::future::pending::<()>().await;
@@ -107,8 +138,8 @@ impl LockService for Scripted {
             status: status as i32,
             error_message: String::new(),
             token: format!("t-{n}"),
-            fencing_token: 6 + u64::from(n),
-            lease_ms: args.lease_ms.unwrap_or(30_000),
+            fencing_token: 6 + n as u64,
+            lease_ms,
         }))
     }
 
@@ -139,19 +170,23 @@ impl LockService for Scripted {
     ) -> Result<Response<proto::LeaseResponse>, tonic::Status> {
         let args = request.into_inner();
         self.record(Scripted::seen("renew", &args.request_id, &args.token))?;
-        let status = {
-            let mut script = self.script.lock().unwrap();
-            if script.refuse_renews > 0 {
-                script.refuse_renews -= 1;
+        let (status, granted_lease) = {
+            let script = self.script.lock().unwrap();
+            let status = if script.gone.contains(&args.token) {
                 Status::InvalidToken
             } else {
                 script.renew
-            }
+            };
+            let n: Option<usize> = args.token.strip_prefix("t-").and_then(|n| n.parse().ok());
+            let lease = n
+                .and_then(|n| script.granted.get(n.checked_sub(1)?))
+                .map(|g| g.1);
+            (status, lease)
         };
         Ok(Response::new(proto::LeaseResponse {
             status: status as i32,
             error_message: String::new(),
-            lease_ms: 60,
+            lease_ms: args.lease_ms.or(granted_lease).unwrap_or(60),
         }))
     }
 
@@ -219,10 +254,12 @@ impl Server {
             script: Mutex::new(Script {
                 fail_next: 0,
                 hang_acquires: 0,
+                hang_first_attempts: 0,
+                acquire_ids: Vec::new(),
                 acquire: Status::Ok,
                 renew: Status::Ok,
-                refuse_renews: 0,
-                next_token: 0,
+                gone: Vec::new(),
+                granted: Vec::new(),
             }),
             seen: watch::channel(Vec::new()).0,
         });
@@ -409,14 +446,14 @@ async fn a_grant_collected_after_a_third_of_its_lease_is_confirmed_before_it_is_
     // client cannot know is still alive (more than a third of its lease
     // passed since it asked), and the renewal says it is gone.
     server.script().hang_acquires = 1;
-    server.script().refuse_renews = 1;
+    server.script().gone.push("t-1".into());
     let client = quick(1)
         .endpoint(&server.addr)
-        .wait_attempt_timeout(Duration::from_millis(150))
-        .attempt_timeout(Duration::from_millis(50))
+        .wait_attempt_timeout(Duration::from_secs(1))
+        .attempt_timeout(Duration::from_secs(1))
         .build()
         .unwrap();
-    let opts = AcquireOptions::forever().lease(Duration::from_millis(300));
+    let opts = AcquireOptions::forever().lease(Duration::from_millis(1500));
     let grant = client.acquire("x", opts).await.unwrap();
     // Not the dead grant: a fresh acquire (a new request id) got the next.
     assert_eq!((grant.token.as_str(), grant.fence), ("t-2", 8));
@@ -429,6 +466,41 @@ async fn a_grant_collected_after_a_third_of_its_lease_is_confirmed_before_it_is_
     // The fresh grant was confirmed only if the machine was slow enough
     // for its reply to take a third of the lease; either way with its token.
     assert!(renews[1..].iter().all(|r| r.token == "t-2"), "{renews:?}");
+}
+
+#[tokio::test]
+async fn an_acquire_gives_up_when_grant_after_grant_runs_out_before_it_arrives() {
+    let server = Server::start().await;
+    // Every grant arrives after a cut-off attempt, and is gone.
+    server.script().hang_first_attempts = 3;
+    server.script().gone = vec!["t-1".into(), "t-2".into(), "t-3".into()];
+    let client = quick(1)
+        .endpoint(&server.addr)
+        .wait_attempt_timeout(Duration::from_millis(300))
+        .attempt_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let opts = AcquireOptions::forever().lease(Duration::from_millis(300));
+    assert_eq!(client.acquire("x", opts).await, Err(Error::LeaseLost));
+    // Three rounds: each a cut-off attempt and the retry, then a renewal.
+    assert_eq!(server.calls("acquire").len(), 6);
+    assert_eq!(server.calls("renew").len(), 3);
+}
+
+#[tokio::test]
+async fn a_try_once_whose_late_grant_ran_out_finds_the_lock_busy() {
+    let server = Server::start().await;
+    server.script().hang_acquires = 1;
+    server.script().gone.push("t-1".into());
+    let client = quick(1)
+        .endpoint(&server.addr)
+        .attempt_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let opts = AcquireOptions::try_once().lease(Duration::from_millis(300));
+    assert_eq!(client.acquire("x", opts).await, Err(Error::LockHeld));
+    assert_eq!(server.calls("acquire").len(), 2);
+    assert_eq!(server.calls("renew").len(), 1);
 }
 
 #[tokio::test]
@@ -504,7 +576,7 @@ async fn the_guard_renews_until_released() {
     let guard = client
         .lock(
             "x",
-            AcquireOptions::forever().lease(Duration::from_millis(60)),
+            AcquireOptions::forever().lease(Duration::from_millis(300)),
         )
         .await
         .unwrap();
@@ -527,7 +599,7 @@ async fn the_guard_reports_a_refused_renewal() {
     let guard = client
         .lock(
             "x",
-            AcquireOptions::forever().lease(Duration::from_millis(30)),
+            AcquireOptions::forever().lease(Duration::from_millis(300)),
         )
         .await
         .unwrap();
@@ -547,7 +619,7 @@ async fn the_guard_presumes_the_lease_lost_when_no_renewal_gets_through() {
     let guard = client
         .lock(
             "x",
-            AcquireOptions::forever().lease(Duration::from_millis(60)),
+            AcquireOptions::forever().lease(Duration::from_millis(300)),
         )
         .await
         .unwrap();
@@ -567,7 +639,7 @@ async fn dropping_the_guard_stops_renewing_without_releasing() {
     let guard = client
         .lock(
             "x",
-            AcquireOptions::forever().lease(Duration::from_millis(30)),
+            AcquireOptions::forever().lease(Duration::from_millis(300)),
         )
         .await
         .unwrap();

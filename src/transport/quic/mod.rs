@@ -58,8 +58,9 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// unlike TCP, nothing tells a QUIC client that the process behind its
 /// connection died; the restarted server answers the ping with a stateless
 /// reset (see [`endpoint_config`]), and the client reconnects and retries
-/// within about this long instead of at its attempt deadline, well inside
-/// a lease. Costs one small datagram and its acknowledgement per second on
+/// within about this long of the restart instead of at its attempt
+/// deadline (later if the server was down long enough for the client's
+/// unanswered packets to back off). Costs one small datagram and its acknowledgement per second on
 /// a connection that is otherwise silent.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 

@@ -127,6 +127,14 @@ impl Running {
         }
     }
 
+    /// Sends `signal` to the process.
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("not finished yet");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: plain integers; the child is not reaped before `finish`.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+    }
+
     /// Whether the process has exited.
     fn has_exited(&mut self) -> bool {
         let child = self.child.as_mut().expect("not finished yet");
@@ -504,6 +512,68 @@ fn hold_runs_a_command_under_a_lock_and_passes_its_exit_status(wire: Wire) {
         .ok();
 }
 
+fn hold_passes_sigterm_on_to_its_command_and_releases_after_it(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    let marks = tempfile::tempdir().expect("temp dir");
+    let ready = marks.path().join("ready");
+    // The command catches SIGTERM, says so and exits 7; it tells the test
+    // that its trap is set by creating a file.
+    let script = r#"trap 'kill $! 2>/dev/null; echo got-term; exit 7' TERM
+touch "$1"
+sleep 60 &
+wait"#;
+    let mut held = cli.spawn(
+        "hold",
+        &[
+            "--client-id",
+            "3",
+            "--lock",
+            "t",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            ready.to_str().expect("utf-8 path"),
+        ],
+    );
+    // Bounded polling for the file, not a synchronisation sleep.
+    let deadline = Instant::now() + PROCESS_LIMIT;
+    while !ready.exists() {
+        assert!(!held.has_exited(), "dlm hold exited early");
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    held.signal(libc::SIGTERM);
+    let out = held.finish(PROCESS_LIMIT).expect_code(7);
+    assert_eq!(out.stdout.trim(), "got-term", "{out:#?}");
+    // dlm waited for the command, then released.
+    if let Some(row) = cli.lock_row("t") {
+        assert_eq!(row[1], "-", "lock t is still held: {row:?}");
+    }
+}
+
+fn hold_stopped_by_sigterm_while_waiting_never_runs_its_command(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    cli.run("acquire", &["--client-id", "1", "--lock", "w"])
+        .ok();
+    let waiting = cli.spawn(
+        "hold",
+        &["--client-id", "2", "--lock", "w", "--", "echo", "ran"],
+    );
+    cli.until_waiters("w", "2");
+    waiting.signal(libc::SIGTERM);
+    let out = waiting
+        .finish(PROCESS_LIMIT)
+        .expect_code(128 + libc::SIGTERM);
+    assert_eq!(out.stdout, "", "{out:#?}");
+    assert!(out.one_line_reason().contains("signal"), "{out:#?}");
+    cli.run("release", &["--client-id", "1", "--lock", "w"])
+        .ok();
+}
+
 fn hold_of_the_default_lock_lets_a_nested_append_use_its_token(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
@@ -662,6 +732,8 @@ over_every_wire!(
     a_stalled_holder_loses_its_appends_bbaa,
     hold_runs_a_command_under_a_lock_and_passes_its_exit_status,
     hold_of_the_default_lock_lets_a_nested_append_use_its_token,
+    hold_passes_sigterm_on_to_its_command_and_releases_after_it,
+    hold_stopped_by_sigterm_while_waiting_never_runs_its_command,
     bad_requests_fail_with_one_line_and_change_nothing,
     status_lists_the_holder_and_a_queued_waiter,
 );

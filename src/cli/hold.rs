@@ -4,6 +4,14 @@
 //! runs the command with the grant in its environment, kills it if the
 //! lease is lost, releases when it exits and passes its exit status on.
 //! Owns the child process and the signals around it; nothing else.
+//!
+//! Signals: SIGTERM and SIGHUP (a supervisor stopping `dlm hold`, a closed
+//! terminal) are passed on to the command, and `dlm hold` waits for it to
+//! exit and then releases, as on any exit: it never dies on them and leaves
+//! the command running on without the lease being renewed. Before the
+//! command runs they stop the acquire instead (exit 128 + the signal). A
+//! Ctrl-C (SIGINT) reaches the command from the terminal already; `dlm hold`
+//! survives it and waits.
 
 use std::process::ExitStatus;
 
@@ -15,18 +23,24 @@ use super::{connect, options, Failure, HoldArgs, EXIT_FAILED, EXIT_LOST, EXIT_OK
 /// Runs `dlm hold`; returns the exit status.
 pub async fn hold(args: HoldArgs) -> i32 {
     let lock = args.lock.lock.clone().unwrap_or_default();
+    let program = args.command[0].to_string_lossy().into_owned();
+    // First of all, so that from here on these signals never just end dlm.
+    let mut terminations = Terminations::new();
     let client = match connect(&args.connect, true).await {
         Ok(client) => client,
         Err(failure) => return fail(failure),
     };
-    let guard = match client
-        .lock(&lock, options(args.wait_ms, args.lease_ms))
-        .await
-    {
+    let acquired = tokio::select! {
+        acquired = client.lock(&lock, options(args.wait_ms, args.lease_ms)) => acquired,
+        signal = terminations.next() => {
+            eprintln!("dlm: stopped by signal {signal} before lock {lock:?} was acquired; {program} did not run");
+            return 128 + signal;
+        }
+    };
+    let guard = match acquired {
         Ok(guard) => guard,
         Err(e) => return fail(Failure::client(&e, &lock)),
     };
-    let program = args.command[0].to_string_lossy().into_owned();
     let spawned = tokio::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .env("DLM_LOCK", &lock)
@@ -62,6 +76,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
                 return EXIT_LOST;
             }
             () = interrupted(&mut interrupts) => {}
+            signal = terminations.next() => pass_on(&child, signal),
         }
     };
     let code = match status {
@@ -94,6 +109,51 @@ fn fail(failure: Failure) -> i32 {
 async fn became_true(flag: &mut watch::Receiver<bool>) {
     if flag.wait_for(|value| *value).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// SIGTERM and SIGHUP, caught.
+struct Terminations {
+    streams: Vec<(i32, Signal)>,
+}
+
+impl Terminations {
+    /// Catches SIGTERM and SIGHUP from now on (each one whose handler can be
+    /// installed; one that cannot keeps its default action).
+    fn new() -> Terminations {
+        let streams = [
+            (libc::SIGTERM, SignalKind::terminate()),
+            (libc::SIGHUP, SignalKind::hangup()),
+        ]
+        .into_iter()
+        .filter_map(|(number, kind)| Some((number, signal(kind).ok()?)))
+        .collect();
+        Terminations { streams }
+    }
+
+    /// The number of the next one caught.
+    async fn next(&mut self) -> i32 {
+        let polls = std::future::poll_fn(|cx| {
+            for (number, stream) in &mut self.streams {
+                if let std::task::Poll::Ready(Some(())) = stream.poll_recv(cx) {
+                    return std::task::Poll::Ready(*number);
+                }
+            }
+            std::task::Poll::Pending
+        });
+        polls.await
+    }
+}
+
+/// Sends `signal` to the command (if it is still running).
+fn pass_on(child: &tokio::process::Child, signal: i32) {
+    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+        // SAFETY: kill(2) takes plain integers; the pid is our child's, not
+        // yet reaped (`id` is `None` once it has been), so it cannot be
+        // another process's.
+        unsafe {
+            libc::kill(pid, signal);
+        }
     }
 }
 

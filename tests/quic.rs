@@ -277,3 +277,54 @@ async fn giving_up_a_call_or_losing_the_connection_cuts_the_waiter_off() {
         "{response:?}"
     );
 }
+
+#[tokio::test]
+async fn a_call_given_up_on_a_silent_connection_closes_it_and_the_next_call_reconnects() {
+    let server = ServerProcess::start_over(Wire::Quic, &[]);
+    let connector = connector(&server);
+    let first = connector.connection().await.unwrap();
+    assert!(is_ok_status(
+        &connector.call(&status_request()).await.unwrap()
+    ));
+
+    // A frozen server answers nothing, not even the client's pings: a call
+    // given up after more than SILENT_CONNECTION closes the connection.
+    server.signal(libc::SIGSTOP);
+    let wait = quic::client::SILENT_CONNECTION + std::time::Duration::from_millis(500);
+    let given_up = tokio::time::timeout(wait, connector.call(&status_request())).await;
+    assert!(given_up.is_err(), "a frozen server answered: {given_up:?}");
+    assert!(
+        first.close_reason().is_some(),
+        "the silent connection is still open"
+    );
+
+    // Once the server is back, the next call goes over a new connection.
+    server.signal(libc::SIGCONT);
+    assert!(is_ok_status(
+        &connector.call(&status_request()).await.unwrap()
+    ));
+    let second = connector.connection().await.unwrap();
+    assert_ne!(first.stable_id(), second.stable_id());
+}
+
+#[tokio::test]
+async fn a_call_given_up_on_a_live_connection_keeps_it() {
+    let server = ServerProcess::start_over(Wire::Quic, &[]);
+    let holder = server.client(1);
+    let held = holder
+        .acquire("k", AcquireOptions::default())
+        .await
+        .unwrap();
+    let connector = connector(&server);
+    let first = connector.connection().await.unwrap();
+    // A waiting acquire the server holds: the connection stays live (its
+    // pings are acknowledged), so giving the call up does not close it.
+    let wait = quic::client::SILENT_CONNECTION + std::time::Duration::from_millis(500);
+    let given_up = tokio::time::timeout(wait, connector.call(&acquire(2, "k", "r-k"))).await;
+    assert!(given_up.is_err(), "the lock was free: {given_up:?}");
+    assert!(
+        first.close_reason().is_none(),
+        "a live connection was closed"
+    );
+    holder.release(&held).await.unwrap();
+}

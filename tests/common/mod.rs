@@ -365,6 +365,15 @@ impl ServerProcess {
             .unwrap_or_default()
     }
 
+    /// Sends `signal` to the server process (SIGSTOP freezes it: a server
+    /// that answers nothing; SIGCONT thaws it).
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("the server runs");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: plain integers; the child is not reaped while we hold it.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -108,8 +108,6 @@ impl DataFiles {
         Replay {
             files: self,
             pending: (0..FILE_COUNT).map(|_| None).collect(),
-            found: Vec::new(),
-            skipped: 0,
         }
     }
 
@@ -134,10 +132,6 @@ pub struct Replay<'a> {
     files: &'a mut DataFiles,
     /// Per file: the offset and bytes of the merged write not yet made.
     pending: Vec<Option<(u64, Vec<u8>)>>,
-    /// What the file holds where a merged write goes (reused).
-    found: Vec<u8>,
-    /// Bytes not rewritten because the file already held them.
-    skipped: u64,
 }
 
 impl Replay<'_> {
@@ -160,35 +154,22 @@ impl Replay<'_> {
         Ok(())
     }
 
-    /// Makes file `i`'s pending write, unless the file already holds those
-    /// bytes there (most of a log's appends reached the files before the
-    /// restart: rewriting them would dirty and re-sync every page). Either
-    /// way the file counts as written, so that the next sync also makes
-    /// durable what the previous run wrote but had not synced yet.
     fn flush(&mut self, i: usize) -> io::Result<()> {
-        let Some((offset, bytes)) = self.pending[i].take() else {
-            return Ok(());
-        };
-        self.found.resize(bytes.len(), 0);
-        let n = self.files.handles[i].read_at(offset, &mut self.found)?;
-        if n == bytes.len() && self.found == bytes {
-            self.files.dirty[i] = true;
-            self.skipped += bytes.len() as u64;
-            return Ok(());
+        match self.pending[i].take() {
+            Some((offset, bytes)) => self.files.write_at(i, offset, &bytes),
+            None => Ok(()),
         }
-        self.files.write_at(i, offset, &bytes)
     }
 
     /// Writes out what is pending.
     ///
     /// # Errors
     /// I/O errors.
-    /// Returns how many bytes the files already held (not rewritten).
-    pub fn finish(mut self) -> io::Result<u64> {
+    pub fn finish(mut self) -> io::Result<()> {
         for i in 0..FILE_COUNT {
             self.flush(i)?;
         }
-        Ok(self.skipped)
+        Ok(())
     }
 }
 
@@ -249,38 +230,5 @@ mod tests {
                 .len()
                 > REPLAY_CHUNK
         );
-    }
-
-    #[test]
-    fn replay_leaves_bytes_already_in_place_and_rewrites_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = DataFiles::open(Box::new(FsDir::open(dir.path()).unwrap())).unwrap();
-        // The previous run got "hello world" into file_0 and "abc" into
-        // file_1; a crash damaged file_1's last byte and file_2 got nothing.
-        files.apply(&write(0, 0, b"hello world")).unwrap();
-        files.apply(&write(1, 0, b"abX")).unwrap();
-        files.sync().unwrap();
-        let writes = [
-            write(0, 0, b"hello "),
-            write(0, 6, b"world"),
-            write(1, 0, b"abc"),
-            write(2, 0, b"new"),
-        ];
-        let mut replay = files.replay();
-        for w in &writes {
-            replay.apply(w).unwrap();
-        }
-        assert_eq!(
-            replay.finish().unwrap(),
-            11,
-            "only file_0's bytes were in place"
-        );
-        let read = |n: &str| files.read(FileIndex::parse(n).unwrap()).unwrap();
-        assert_eq!(read("file_0"), b"hello world");
-        assert_eq!(read("file_1"), b"abc");
-        assert_eq!(read("file_2"), b"new");
-        // A file whose bytes were in place still counts as written: the next
-        // sync covers what the previous run wrote and had not synced.
-        assert!(files.dirty[0] && files.dirty[1] && files.dirty[2]);
     }
 }

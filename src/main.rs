@@ -67,7 +67,6 @@ async fn serve(config: ServerConfig) -> i32 {
                 records = report.records_replayed,
                 torn_bytes = report.torn_bytes,
                 grants = report.grants,
-                data_bytes_in_place = report.data_bytes_in_place,
                 "recovered"
             );
             node

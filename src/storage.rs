@@ -64,13 +64,6 @@ pub trait DirFile: Send {
     /// # Errors
     /// I/O errors.
     fn size(&self) -> io::Result<u64>;
-    /// Reads into `buf` from `offset` until `buf` is full or the file ends;
-    /// returns how many bytes were read. Sees every write made so far,
-    /// synced or not.
-    ///
-    /// # Errors
-    /// I/O errors.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes all of `data` at `offset`.
     ///
     /// # Errors
@@ -274,14 +267,6 @@ impl DirFile for FsFile {
         Ok(self.file.metadata()?.len())
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(direct) = &self.direct {
-            // O_DIRECT reads need aligned buffers; the buffered twin does not.
-            return direct.buffered.read_at(offset, buf);
-        }
-        read_fully_at(&self.file, offset, buf)
-    }
-
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let Some(direct) = &mut self.direct else {
             return self.file.write_all_at(data, offset);
@@ -319,25 +304,4 @@ impl DirFile for FsFile {
         // One fdatasync covers both descriptors: they share the inode.
         self.file.sync_data()
     }
-}
-
-/// Reads into `buf` from `offset` until it is full or `file` ends.
-///
-/// # Errors
-/// I/O errors.
-pub fn read_fully_at(
-    file: &impl std::os::unix::fs::FileExt,
-    offset: u64,
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }

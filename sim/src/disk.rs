@@ -180,15 +180,6 @@ impl DirFile for SimHandle {
         self.with(|f| f.current.len() as u64)
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.with(|f| {
-            let start = (offset as usize).min(f.current.len());
-            let n = buf.len().min(f.current.len() - start);
-            buf[..n].copy_from_slice(&f.current[start..start + n]);
-            n
-        })
-    }
-
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.with(|f| {
             let end = offset as usize + data.len();

@@ -207,8 +207,6 @@ pub struct RecoveryReport {
     pub records_replayed: usize,
     pub torn_bytes: u64,
     pub grants: usize,
-    /// Bytes of replayed appends the data files already held (not rewritten).
-    pub data_bytes_in_place: u64,
 }
 
 /// Sees every output of the core as it is made (before it is durable), with
@@ -266,7 +264,7 @@ pub fn recover(
             replay.apply(&write)?;
         }
     }
-    let data_bytes_in_place = replay.finish()?;
+    replay.finish()?;
     // One copy of the state serves both the trim and the report (a snapshot
     // copies the whole dedup memory, which is not free on a large server).
     let snapshot = core.snapshot();
@@ -280,7 +278,6 @@ pub fn recover(
         records_replayed: recovered.records.len(),
         torn_bytes: recovered.torn_bytes,
         grants: snapshot.grants.len(),
-        data_bytes_in_place,
     };
     let records_since_snapshot = recovered.wal.records_since_snapshot();
     Ok(Recovered {

@@ -224,11 +224,6 @@ impl DirFile for TurmoilFile {
         Ok(self.file.metadata()?.len())
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        alive(&self.shared)?;
-        dlm::storage::read_fully_at(&self.file, offset, buf)
-    }
-
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         alive(&self.shared)?;
         self.file.write_all_at(data, offset)?;

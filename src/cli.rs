@@ -80,7 +80,8 @@ pub enum ClientCommand {
          DLM_TLS, DLM_CA, DLM_CERT, DLM_KEY), so `dlm append FILE CONTENT` \
          inside it appends under the held default lock. If the lease is lost, \
          CMD is killed and dlm exits with 4. A Ctrl-C reaches CMD; dlm waits for it. \
-         SIGTERM and SIGHUP are passed on to CMD, and dlm waits for it.\n\n{EXIT_CODES}"
+         SIGTERM and SIGHUP are passed on to CMD, and dlm waits for it; before CMD \
+         runs they stop dlm (exit 128 + the signal).\n\n{EXIT_CODES}"
     ))]
     Hold(HoldArgs),
 }

@@ -9,9 +9,12 @@
 //! terminal) are passed on to the command, and `dlm hold` waits for it to
 //! exit and then releases, as on any exit: it never dies on them and leaves
 //! the command running on without the lease being renewed. Before the
-//! command runs they stop the acquire instead (exit 128 + the signal). A
-//! Ctrl-C (SIGINT) reaches the command from the terminal already; `dlm hold`
-//! survives it and waits.
+//! command runs they stop the connect or the acquire instead (exit 128 +
+//! the signal); a lock granted meanwhile runs out with its lease. Once the
+//! command runs, a Ctrl-C (SIGINT) reaches it from the terminal already;
+//! `dlm hold` survives it and waits (before that, Ctrl-C ends `dlm hold`).
+//! Not covered: a signal while releasing at the end, and one sent to the
+//! whole process group reaches the command twice.
 
 use std::process::ExitStatus;
 
@@ -26,16 +29,23 @@ pub async fn hold(args: HoldArgs) -> i32 {
     let program = args.command[0].to_string_lossy().into_owned();
     // First of all, so that from here on these signals never just end dlm.
     let mut terminations = Terminations::new();
-    let client = match connect(&args.connect, true).await {
+    let stopped = |signal: i32| {
+        say(format_args!(
+            "dlm: stopped by signal {signal} before lock {lock:?} was acquired; {program} did not run"
+        ));
+        128 + signal
+    };
+    let connected = tokio::select! {
+        connected = connect(&args.connect, true) => connected,
+        signal = terminations.next() => return stopped(signal),
+    };
+    let client = match connected {
         Ok(client) => client,
         Err(failure) => return fail(failure),
     };
     let acquired = tokio::select! {
         acquired = client.lock(&lock, options(args.wait_ms, args.lease_ms)) => acquired,
-        signal = terminations.next() => {
-            eprintln!("dlm: stopped by signal {signal} before lock {lock:?} was acquired; {program} did not run");
-            return 128 + signal;
-        }
+        signal = terminations.next() => return stopped(signal),
     };
     let guard = match acquired {
         Ok(guard) => guard,
@@ -56,9 +66,9 @@ pub async fn hold(args: HoldArgs) -> i32 {
             } else {
                 126
             };
-            eprintln!("dlm: cannot run {program}: {e}");
+            say(format_args!("dlm: cannot run {program}: {e}"));
             if let Err(e) = guard.release().await {
-                eprintln!("dlm: {}", Failure::client(&e, &lock).message);
+                say(format_args!("dlm: {}", Failure::client(&e, &lock).message));
             }
             return code;
         }
@@ -71,7 +81,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
         tokio::select! {
             status = child.wait() => break status,
             () = became_true(&mut lost) => {
-                eprintln!("dlm: the lease of lock {lock:?} was lost; stopping {program}");
+                say(format_args!("dlm: the lease of lock {lock:?} was lost; stopping {program}"));
                 let _ = child.kill().await;
                 return EXIT_LOST;
             }
@@ -82,7 +92,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
     let code = match status {
         Ok(status) => exit_code(status),
         Err(e) => {
-            eprintln!("dlm: lost track of {program}: {e}");
+            say(format_args!("dlm: lost track of {program}: {e}"));
             EXIT_FAILED
         }
     };
@@ -90,7 +100,10 @@ pub async fn hold(args: HoldArgs) -> i32 {
         Ok(()) => code,
         Err(e) => {
             let failure = Failure::client(&e, &lock);
-            eprintln!("dlm: releasing after {program} exited: {}", failure.message);
+            say(format_args!(
+                "dlm: releasing after {program} exited: {}",
+                failure.message
+            ));
             if code == EXIT_OK {
                 failure.code
             } else {
@@ -101,8 +114,15 @@ pub async fn hold(args: HoldArgs) -> i32 {
 }
 
 fn fail(failure: Failure) -> i32 {
-    eprintln!("dlm: {}", failure.message);
+    say(format_args!("dlm: {}", failure.message));
     failure.code
+}
+
+/// Writes one line to stderr, ignoring failure: after a hang-up the
+/// terminal is gone and `eprintln!` would panic on the write error.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Resolves once `flag` is true; never if its sender goes away first.

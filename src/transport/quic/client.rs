@@ -201,16 +201,6 @@ impl QuicConnector {
     /// [`CallError`] as the connection, the stream or the response failed.
     pub async fn call(&self, request: &CallRequest) -> Result<CallResponse, CallError> {
         let connection = self.connection().await?;
-        let mut silence = SilenceWatch::new(&connection);
-        let result = Self::call_on(&connection, request).await;
-        silence.done = true;
-        result
-    }
-
-    async fn call_on(
-        connection: &Connection,
-        request: &CallRequest,
-    ) -> Result<CallResponse, CallError> {
         let (mut send, recv) = connection.open_bi().await?;
         let mut recv = CancelOnDrop(recv);
         match send.write_all(&frame::encode(request)).await {
@@ -232,51 +222,6 @@ impl Drop for QuicConnector {
             if let Some(connection) = slot.as_ref() {
                 connection.close(ErrorCode::NoError.varint(), b"client done");
             }
-        }
-    }
-}
-
-/// Watches a call's connection: when the call is given up (its future
-/// dropped, at the caller's deadline) after at least [`SILENT_CONNECTION`]
-/// in which not one datagram arrived on the connection, the connection is
-/// closed, so that the next call connects afresh. A live server acknowledges
-/// the client's pings (every [`super::CLIENT_KEEP_ALIVE`]) even while it
-/// holds a call; a connection that heard nothing for that long is cut off
-/// (a partition, a server frozen or gone without a reset), and QUIC's
-/// retransmissions on it back off exponentially: after the path is back, a
-/// new connection is answered at once, the old one only at its next probe,
-/// seconds later.
-struct SilenceWatch<'a> {
-    connection: &'a Connection,
-    /// Datagrams received on the connection when the call started.
-    received: u64,
-    since: tokio::time::Instant,
-    /// The call ended (answered or failed): nothing to judge.
-    done: bool,
-}
-
-/// See [`SilenceWatch`]: three of the client's keep-alive intervals.
-pub const SILENT_CONNECTION: std::time::Duration = std::time::Duration::from_secs(3);
-
-impl<'a> SilenceWatch<'a> {
-    fn new(connection: &'a Connection) -> SilenceWatch<'a> {
-        SilenceWatch {
-            connection,
-            received: connection.stats().udp_rx.datagrams,
-            since: tokio::time::Instant::now(),
-            done: false,
-        }
-    }
-}
-
-impl Drop for SilenceWatch<'_> {
-    fn drop(&mut self) {
-        if self.done || self.since.elapsed() < SILENT_CONNECTION {
-            return;
-        }
-        if self.connection.stats().udp_rx.datagrams == self.received {
-            self.connection
-                .close(ErrorCode::NoError.varint(), b"no answer; reconnecting");
         }
     }
 }

@@ -44,15 +44,28 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Most connections the server keeps at once; more are refused.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// A connection on which nothing was received for this long is closed.
+/// The server closes a connection on which nothing was received for this
+/// long (or for a client's shorter [`CLIENT_IDLE_TIMEOUT`]: the two sides
+/// use the smaller).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The server sends a ping after this long without sending, so a live but
-/// quiet client keeps its connection and a dead one is noticed within
-/// [`IDLE_TIMEOUT`].
+/// A client closes a connection on which nothing was received for this long,
+/// and the next call connects afresh. A live server answers the client's
+/// pings (every [`CLIENT_KEEP_ALIVE`] without hearing from it) even while it
+/// holds a waiting call, so only a connection that is cut off (a partition,
+/// a frozen server, a server gone without a reset) goes quiet this long;
+/// waiting on it would cost a whole attempt deadline, and after the path is
+/// back its backed-off retransmissions would be answered seconds later than
+/// a new connection.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server sends a ping after this long without hearing from the client,
+/// so a live but quiet client keeps its connection and a dead one is noticed
+/// within [`IDLE_TIMEOUT`].
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
-/// A client sends a ping after this long without sending. Besides keeping
+/// A client sends a ping after this long without hearing from the server
+/// (quinn restarts the timer on every packet received). Besides keeping
 /// the connection, the ping is how a client waiting for an answer (a queued
 /// acquire sends nothing for many seconds) learns that its server restarted:
 /// unlike TCP, nothing tells a QUIC client that the process behind its
@@ -120,17 +133,18 @@ impl ErrorCode {
     }
 }
 
-/// Transport parameters both sides use: the stream and idle limits above,
-/// no unidirectional streams, no datagrams, pings after `keep_alive`
-/// without sending ([`KEEP_ALIVE`] for the server, [`CLIENT_KEEP_ALIVE`]
-/// for a client).
-pub fn transport_config(keep_alive: Duration) -> TransportConfig {
+/// Transport parameters both sides use: the stream limits above, no
+/// unidirectional streams, no datagrams, an idle timeout of `idle` and
+/// pings after `keep_alive` without hearing from the peer ([`IDLE_TIMEOUT`]
+/// and [`KEEP_ALIVE`] for the server, [`CLIENT_IDLE_TIMEOUT`] and
+/// [`CLIENT_KEEP_ALIVE`] for a client).
+pub fn transport_config(keep_alive: Duration, idle: Duration) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(
-            IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is a valid idle timeout"),
+            IdleTimeout::try_from(idle).expect("seconds are a valid idle timeout"),
         ))
         .keep_alive_interval(Some(keep_alive))
         .datagram_receive_buffer_size(None);
@@ -146,7 +160,7 @@ pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = QuicServerConfig::try_from(tls.rustls_config(&[ALPN])?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(KEEP_ALIVE)));
+    config.transport_config(Arc::new(transport_config(KEEP_ALIVE, IDLE_TIMEOUT)));
     Ok(config)
 }
 
@@ -162,7 +176,10 @@ pub fn client_config(
     let rustls = super::tls::client_rustls_config(ca_pem, identity, &[ALPN])?;
     let crypto = QuicClientConfig::try_from(rustls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(CLIENT_KEEP_ALIVE)));
+    config.transport_config(Arc::new(transport_config(
+        CLIENT_KEEP_ALIVE,
+        CLIENT_IDLE_TIMEOUT,
+    )));
     Ok(config)
 }
 

@@ -87,7 +87,9 @@ impl Acquired {
 /// Acquires `lock` for `client_id`, retrying with one request id until the
 /// grant, a refusal, or the end of the wait.
 ///
-/// A finite wait gives up after the wait or the retry budget, whichever is
+/// The caller's wait is counted from `started`, when its acquire began (a
+/// fresh acquire after a late grant ran out goes on with the same wait). A
+/// finite wait gives up after the wait or the retry budget, whichever is
 /// longer (once the wait is over, attempts only collect a grant made
 /// meanwhile); an infinite wait never gives up.
 pub(crate) async fn acquire(
@@ -96,9 +98,9 @@ pub(crate) async fn acquire(
     client_id: i32,
     lock: &str,
     opts: AcquireOptions,
+    started: Instant,
 ) -> Result<Acquired, Error> {
     let request_id = timing.entropy.request_id();
-    let started = Instant::now();
     let wait_until = opts.wait.map(|wait| started + wait);
     let budget = opts.wait.map(|wait| wait.max(timing.retry_budget));
     let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, budget);

@@ -251,24 +251,15 @@ impl Client {
         let mut round = 0;
         loop {
             round += 1;
-            // What is left of the caller's wait (none left: one last try).
-            let wait = opts.wait.map(|wait| wait.saturating_sub(started.elapsed()));
-            let attempt_opts = AcquireOptions { wait, ..opts };
-            let acquired = match acquire::acquire(
+            let acquired = acquire::acquire(
                 &inner.servers,
                 &inner.timing,
                 inner.client_id,
                 lock,
-                attempt_opts,
+                opts,
+                started,
             )
-            .await
-            {
-                // A later round's last try is still the caller's wait ending.
-                Err(Error::LockHeld) if opts.wait != Some(Duration::ZERO) => {
-                    return Err(Error::WaitTimedOut)
-                }
-                result => result?,
-            };
+            .await?;
             if let Some(confirmed) = self.confirm(acquired).await? {
                 return Ok(confirmed);
             }

@@ -129,10 +129,7 @@ impl Running {
 
     /// Sends `signal` to the process.
     fn signal(&self, signal: i32) {
-        let child = self.child.as_ref().expect("not finished yet");
-        let pid = i32::try_from(child.id()).expect("pid");
-        // SAFETY: plain integers; the child is not reaped before `finish`.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+        common::send_signal(self.child.as_ref().expect("not finished yet"), signal);
     }
 
     /// Whether the process has exited.

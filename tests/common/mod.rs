@@ -368,10 +368,7 @@ impl ServerProcess {
     /// Sends `signal` to the server process (SIGSTOP freezes it: a server
     /// that answers nothing; SIGCONT thaws it).
     pub fn signal(&self, signal: i32) {
-        let child = self.child.as_ref().expect("the server runs");
-        let pid = i32::try_from(child.id()).expect("pid");
-        // SAFETY: plain integers; the child is not reaped while we hold it.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+        send_signal(self.child.as_ref().expect("the server runs"), signal);
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -434,4 +431,12 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Sends `signal` to `child`, which must not have been waited for yet.
+pub fn send_signal(child: &Child, signal: i32) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: plain integers; a child not yet waited for is not reaped, so
+    // the pid is still its own.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
 }

@@ -284,9 +284,9 @@ impl Core {
     /// # Errors
     /// [`ReplayError`] when the record does not fit the state: the log is
     /// not this state's, and the server must not start on it.
-    pub fn replay(&mut self, record: &Record) -> Result<Vec<FileWrite>, ReplayError> {
+    pub fn replay(&mut self, record: Record) -> Result<Vec<FileWrite>, ReplayError> {
         let mut writes = Vec::new();
-        for change in &record.changes {
+        for change in record.changes {
             match change {
                 Change::Granted {
                     lock,
@@ -295,29 +295,26 @@ impl Core {
                     fence,
                     lease,
                 } => {
-                    let state = self.locks.entry(lock.clone()).or_default();
-                    if state.holder.is_some() {
-                        return Err(ReplayError::AlreadyHeld {
-                            lock: lock.clone(),
-                            fence: *fence,
-                        });
+                    if self.locks.get(&lock).is_some_and(|s| s.holder.is_some()) {
+                        return Err(ReplayError::AlreadyHeld { lock, fence });
                     }
-                    state.holder = Some(Grant {
-                        client: *client,
-                        token: token.clone(),
-                        fence: *fence,
-                        lease: *lease,
+                    self.locks.entry(lock).or_default().holder = Some(Grant {
+                        client,
+                        token,
+                        fence,
+                        lease,
                         deadline: Time::ZERO,
                         staged: Vec::new(),
                         staged_bytes: 0,
                     });
-                    self.last_fence = self.last_fence.max(*fence);
+                    self.last_fence = self.last_fence.max(fence);
                 }
-                Change::Released { lock, fence } | Change::Ended { lock, fence } => {
-                    let grant = self.take_current(lock, *fence)?;
-                    if matches!(change, Change::Released { .. }) {
-                        self.files.commit(grant.staged, &mut writes);
-                    }
+                Change::Released { lock, fence } => {
+                    let grant = self.take_current(&lock, fence)?;
+                    self.files.commit(grant.staged, &mut writes);
+                }
+                Change::Ended { lock, fence } => {
+                    self.take_current(&lock, fence)?;
                 }
                 Change::Staged {
                     fence,
@@ -326,21 +323,18 @@ impl Core {
                 } => {
                     let not_current = || ReplayError::NotCurrent {
                         lock: DEFAULT_LOCK.to_owned(),
-                        fence: *fence,
+                        fence,
                     };
                     let state = self.locks.get_mut(DEFAULT_LOCK).ok_or_else(not_current)?;
                     let grant = state
                         .holder
                         .as_mut()
-                        .filter(|g| g.fence == *fence)
+                        .filter(|g| g.fence == fence)
                         .ok_or_else(not_current)?;
                     grant.staged_bytes += content.len() as u64;
-                    grant.staged.push(StagedAppend {
-                        file: *file,
-                        content: content.clone(),
-                    });
+                    grant.staged.push(StagedAppend { file, content });
                 }
-                Change::Answered(answer) => self.dedup.answer(answer.clone()),
+                Change::Answered(answer) => self.dedup.answer(answer),
             }
         }
         Ok(writes)

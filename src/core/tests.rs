@@ -225,7 +225,9 @@ impl Harness {
         let mut core = Core::restore(config(), seed(restarts), self.base.clone());
         let mut files = self.base_files.clone();
         for record in &self.records {
-            let writes = core.replay(record).expect("the live core's log replays");
+            let writes = core
+                .replay(record.clone())
+                .expect("the live core's log replays");
             for write in &writes {
                 apply_write(&mut files, write);
             }
@@ -1304,7 +1306,7 @@ fn recovery_replay_of_all_records_reproduces_files_and_snapshot() {
     let mut again = h.files.clone();
     let mut core = Core::restore(config(), seed(9), Snapshot::default());
     for record in &h.records {
-        for write in core.replay(record).expect("replays") {
+        for write in core.replay(record.clone()).expect("replays") {
             apply_write(&mut again, &write);
         }
     }
@@ -1394,25 +1396,25 @@ fn replay_of_record_naming_non_current_grant_returns_err() {
 
     let mut core = Core::restore(config(), SEED, Snapshot::default());
     // Nothing is held.
-    assert_eq!(core.replay(&released("", 1)), Err(not_current("", 1)));
-    assert_eq!(core.replay(&ended("x", 1)), Err(not_current("x", 1)));
-    assert_eq!(core.replay(&staged(1)), Err(not_current("", 1)));
+    assert_eq!(core.replay(released("", 1)), Err(not_current("", 1)));
+    assert_eq!(core.replay(ended("x", 1)), Err(not_current("x", 1)));
+    assert_eq!(core.replay(staged(1)), Err(not_current("", 1)));
     // Grant 1 of the default lock is current; nothing else is.
-    assert_eq!(core.replay(&granted("", 1)), Ok(vec![]));
-    assert_eq!(core.replay(&released("", 2)), Err(not_current("", 2)));
-    assert_eq!(core.replay(&ended("", 0)), Err(not_current("", 0)));
-    assert_eq!(core.replay(&ended("x", 1)), Err(not_current("x", 1)));
-    assert_eq!(core.replay(&staged(2)), Err(not_current("", 2)));
+    assert_eq!(core.replay(granted("", 1)), Ok(vec![]));
+    assert_eq!(core.replay(released("", 2)), Err(not_current("", 2)));
+    assert_eq!(core.replay(ended("", 0)), Err(not_current("", 0)));
+    assert_eq!(core.replay(ended("x", 1)), Err(not_current("x", 1)));
+    assert_eq!(core.replay(staged(2)), Err(not_current("", 2)));
     assert_eq!(
-        core.replay(&granted("", 2)),
+        core.replay(granted("", 2)),
         Err(ReplayError::AlreadyHeld {
             lock: String::new(),
             fence: Fence(2)
         })
     );
-    assert_eq!(core.replay(&staged(1)).map(|w| w.len()), Ok(0));
-    assert_eq!(core.replay(&released("", 1)).map(|w| w.len()), Ok(1));
-    assert_eq!(core.replay(&released("", 1)), Err(not_current("", 1)));
+    assert_eq!(core.replay(staged(1)).map(|w| w.len()), Ok(0));
+    assert_eq!(core.replay(released("", 1)).map(|w| w.len()), Ok(1));
+    assert_eq!(core.replay(released("", 1)), Err(not_current("", 1)));
 
     // A real log replayed with one record twice.
     let mut h = Harness::new();
@@ -1421,8 +1423,11 @@ fn replay_of_record_naming_non_current_grant_returns_err() {
     h.done("r", release(1, &grant.token));
     let mut core = Core::restore(config(), SEED, Snapshot::default());
     for r in &h.records {
-        core.replay(r).expect("the log replays once");
+        core.replay(r.clone()).expect("the log replays once");
     }
     let last = h.records.last().expect("logged");
-    assert_eq!(core.replay(last), Err(not_current("", grant.fence.0)));
+    assert_eq!(
+        core.replay(last.clone()),
+        Err(not_current("", grant.fence.0))
+    );
 }

@@ -63,6 +63,19 @@ pub enum LogError {
     },
 }
 
+/// What a recovery that hands each record to a visitor found
+/// ([`Wal::recover_each`]).
+pub struct Reopened<S> {
+    /// What the visitor built from the snapshot and the records.
+    pub state: S,
+    /// Records read since the snapshot.
+    pub records: u64,
+    /// The log, ready to append after them.
+    pub wal: Wal,
+    /// Bytes of torn tail that were cut off.
+    pub torn_bytes: u64,
+}
+
 /// What recovery found.
 pub struct Recovered {
     /// The state at the start of the current generation.
@@ -195,6 +208,46 @@ impl Wal {
         prealloc: u64,
         initial: impl FnOnce() -> Snapshot,
     ) -> Result<Recovered, LogError> {
+        let reopened = Wal::recover_each(
+            dir,
+            prealloc,
+            initial,
+            |snapshot| Ok((snapshot, Vec::new())),
+            |(_, records), record| {
+                records.push(record);
+                Ok(())
+            },
+        )?;
+        let (snapshot, records) = reopened.state;
+        Ok(Recovered {
+            snapshot,
+            records,
+            wal: reopened.wal,
+            torn_bytes: reopened.torn_bytes,
+        })
+    }
+
+    /// [`Wal::recover_with`] handing the snapshot to `start` and then each
+    /// record, as soon as it is decoded, to `each` (in log order), instead
+    /// of collecting them: the records of a long log are never all in
+    /// memory at once, and a replay takes them by value.
+    ///
+    /// A segment is checked whole (frames and checksums) before any of its
+    /// records is handed on, so damage inside a segment stops recovery
+    /// before that segment is replayed. Damage found in a later segment, or
+    /// a record that does not decode, stops it after the records before
+    /// it were handed on: every one of them is committed, and the caller
+    /// refuses to start on the error.
+    ///
+    /// # Errors
+    /// As [`Wal::recover`], and whatever `start` or `each` returns.
+    pub fn recover_each<S, E: From<LogError>>(
+        dir: Box<dyn Dir>,
+        prealloc: u64,
+        initial: impl FnOnce() -> Snapshot,
+        start: impl FnOnce(Snapshot) -> Result<S, E>,
+        mut each: impl FnMut(&mut S, Record) -> Result<(), E>,
+    ) -> Result<Reopened<S>, E> {
         let dir: Arc<dyn Dir> = Arc::from(dir);
         let names = dir.list().map_err(io_err(dir.as_ref(), "."))?;
         for name in names.iter().filter(|n| n.ends_with(".tmp")) {
@@ -213,7 +266,8 @@ impl Wal {
                     file,
                     offset: 0,
                     reason: "a log without its snapshot".to_owned(),
-                });
+                }
+                .into());
             }
             let snapshot = initial();
             let segment = dir
@@ -222,9 +276,9 @@ impl Wal {
             let mut wal = Wal::over(dir, 0, segment, prealloc);
             wal.preallocate(BLOCK)?;
             write_snapshot_file(wal.dir.as_ref(), 0, &snapshot)?;
-            return Ok(Recovered {
-                snapshot,
-                records: Vec::new(),
+            return Ok(Reopened {
+                state: start(snapshot)?,
+                records: 0,
                 wal,
                 torn_bytes: 0,
             });
@@ -241,10 +295,7 @@ impl Wal {
             reason: reason.to_owned(),
         };
         if scan.end != ScanEnd::Clean || scan.frames.len() != 1 {
-            return Err(corrupt_snap(
-                scan.valid_len,
-                "snapshot is not one whole record",
-            ));
+            return Err(corrupt_snap(scan.valid_len, "snapshot is not one whole record").into());
         }
         let snapshot: Snapshot = postcard::from_bytes(scan.frames[0].1)
             .map_err(|e| corrupt_snap(0, &format!("snapshot does not decode: {e}")))?;
@@ -263,7 +314,8 @@ impl Wal {
         if segments.first() != Some(&generation) {
             segments.insert(0, generation);
         }
-        let mut records = Vec::new();
+        let mut state = start(snapshot)?;
+        let mut records = 0;
         let mut torn_bytes = 0;
         // A torn tail is allowed only in the last segment that holds data:
         // segments after it can only be ones zero-filled ahead and never
@@ -281,7 +333,7 @@ impl Wal {
             let data = match dir.read(&name) {
                 Ok(data) => data,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(io_err(dir.as_ref(), &name)(e)),
+                Err(e) => return Err(io_err(dir.as_ref(), &name)(e).into()),
             };
             let scan = frame::scan(&data);
             let dirty_end = scan.valid_len + frame::dirty_end(&data[scan.valid_len as usize..]);
@@ -294,18 +346,10 @@ impl Wal {
                     file,
                     offset,
                     reason: "incomplete record before the end of the log".to_owned(),
-                });
+                }
+                .into());
             }
             unused.clear();
-            for (offset, payload) in &scan.frames {
-                let record: Record =
-                    postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
-                        file: dir.describe(&name),
-                        offset: *offset,
-                        reason: format!("record does not decode: {e}"),
-                    })?;
-                records.push(record);
-            }
             match scan.end {
                 ScanEnd::Clean => {}
                 ScanEnd::TornTail => {
@@ -317,8 +361,19 @@ impl Wal {
                         file: dir.describe(&name),
                         offset,
                         reason,
-                    })
+                    }
+                    .into())
                 }
+            }
+            for (offset, payload) in &scan.frames {
+                let record: Record =
+                    postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
+                        file: dir.describe(&name),
+                        offset: *offset,
+                        reason: format!("record does not decode: {e}"),
+                    })?;
+                each(&mut state, record)?;
+                records += 1;
             }
             let valid = scan.valid_len;
             let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
@@ -361,7 +416,7 @@ impl Wal {
         }
         wal.offset = valid;
         wal.tail = tail;
-        wal.records = records.len() as u64;
+        wal.records = records;
         wal.allocated = size;
         if dirty_end > valid {
             // Zero the torn bytes (the space stays allocated for new data).
@@ -370,8 +425,8 @@ impl Wal {
         }
         wal.preallocate(valid)?;
         wal.dir.sync().map_err(wal.io("."))?;
-        Ok(Recovered {
-            snapshot,
+        Ok(Reopened {
+            state,
             records,
             wal,
             torn_bytes,
@@ -1009,5 +1064,90 @@ mod tests {
             text.contains("log-00000000000000000000") && text.contains("offset 0"),
             "{text}"
         );
+    }
+
+    /// The records `recover_each` handed on, and how many it counted (or
+    /// why it refused).
+    fn streamed(path: &std::path::Path) -> (Vec<Record>, Result<u64, LogError>) {
+        let mut seen = Vec::new();
+        let result = Wal::recover_each(
+            Box::new(FsDir::open(path).unwrap()),
+            0,
+            Snapshot::default,
+            |_snapshot| Ok(()),
+            |(), record| {
+                seen.push(record);
+                Ok::<_, LogError>(())
+            },
+        )
+        .map(|r| r.records);
+        (seen, result)
+    }
+
+    #[test]
+    fn records_are_handed_on_in_order_and_none_of_a_damaged_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = Wal::recover_with(
+            Box::new(FsDir::open(tmp.path()).unwrap()),
+            0,
+            Snapshot::default,
+        )
+        .unwrap();
+        for n in 0..4 {
+            r.wal.append(&record(n));
+        }
+        r.wal.sync().unwrap();
+        drop(r);
+        let (seen, count) = streamed(tmp.path());
+        assert_eq!(seen, (0..4).map(record).collect::<Vec<_>>());
+        assert_eq!(count.unwrap(), 4);
+
+        // Damage in the second of four records: not a torn tail (whole
+        // records follow it), so the segment is refused before any of its
+        // records, the first one included, is handed on.
+        let log = tmp.path().join(log_name(0));
+        let mut bytes = std::fs::read(&log).unwrap();
+        let frames: Vec<u64> = frame::scan(&bytes).frames.iter().map(|f| f.0).collect();
+        bytes[frames[1] as usize + frame::HEADER] ^= 0x55;
+        std::fs::write(&log, &bytes).unwrap();
+        let (seen, count) = streamed(tmp.path());
+        assert!(count.is_err(), "damage in the middle is refused");
+        assert!(seen.is_empty(), "nothing of the damaged segment: {seen:?}");
+    }
+
+    #[test]
+    fn a_visitor_error_stops_recovery_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        for n in 0..3 {
+            r.wal.append(&record(n));
+        }
+        r.wal.sync().unwrap();
+        drop(r);
+        let log = tmp.path().join(log_name(0));
+        let before = std::fs::read(&log).unwrap();
+        let mut handed = 0;
+        let result = Wal::recover_each(
+            Box::new(FsDir::open(tmp.path()).unwrap()),
+            DEFAULT_PREALLOC,
+            Snapshot::default,
+            |_snapshot| Ok(()),
+            |(), _record| {
+                handed += 1;
+                if handed == 2 {
+                    return Err(LogError::Corrupt {
+                        file: "visitor".to_owned(),
+                        offset: 0,
+                        reason: "refused".to_owned(),
+                    });
+                }
+                Ok(())
+            },
+        );
+        assert!(result.is_err());
+        assert_eq!(handed, 2, "stops at the first error");
+        assert_eq!(std::fs::read(&log).unwrap(), before, "the log is untouched");
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, (0..3).map(record).collect::<Vec<_>>());
     }
 }

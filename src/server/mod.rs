@@ -38,7 +38,7 @@ use crate::core::staging::FileLengths;
 use crate::core::time::{Millis, Time};
 use crate::core::{Core, CoreConfig, Output, Plants, ReplayError};
 use crate::files::DataFiles;
-use crate::log::{LogError, Wal};
+use crate::log::{LogError, Reopened, Wal};
 use crate::storage::{Dir, FsDir};
 
 pub use handle::{Handle, ShuttingDown};
@@ -252,18 +252,33 @@ pub fn recover(
     }
     let mut files = DataFiles::open(data)?;
     let lengths = files.lengths()?;
-    let recovered = Wal::recover_with(state, config.log_prealloc, || Snapshot {
-        file_lengths: FileLengths::from_vec(lengths).unwrap_or_default(),
-        ..Snapshot::default()
-    })?;
-    let mut core = Core::restore(core_config, seed, recovered.snapshot);
-    core.set_plants(plants);
-    let mut replay = files.replay();
-    for record in &recovered.records {
-        for write in core.replay(record)? {
-            replay.apply(&write)?;
-        }
-    }
+    // Each record is replayed as soon as it is decoded: a long log is never
+    // held in memory as records, and the replay takes them by value.
+    let reopened = Wal::recover_each(
+        state,
+        config.log_prealloc,
+        || Snapshot {
+            file_lengths: FileLengths::from_vec(lengths).unwrap_or_default(),
+            ..Snapshot::default()
+        },
+        |snapshot| {
+            let mut core = Core::restore(core_config, seed, snapshot);
+            core.set_plants(plants);
+            Ok::<_, ServerError>((core, files.replay()))
+        },
+        |(core, replay), record| {
+            for write in core.replay(record)? {
+                replay.apply(&write)?;
+            }
+            Ok(())
+        },
+    )?;
+    let Reopened {
+        state: (mut core, replay),
+        records,
+        wal,
+        torn_bytes,
+    } = reopened;
     replay.finish()?;
     // One copy of the state serves both the trim and the report (a snapshot
     // copies the whole dedup memory, which is not free on a large server).
@@ -275,14 +290,14 @@ pub fn recover(
     files.sync()?;
     core.resume(now);
     let report = RecoveryReport {
-        records_replayed: recovered.records.len(),
-        torn_bytes: recovered.torn_bytes,
+        records_replayed: records as usize,
+        torn_bytes,
         grants: snapshot.grants.len(),
     };
-    let records_since_snapshot = recovered.wal.records_since_snapshot();
+    let records_since_snapshot = wal.records_since_snapshot();
     Ok(Recovered {
         core,
-        persister: Persister::new(recovered.wal, files),
+        persister: Persister::new(wal, files),
         records_since_snapshot,
         report,
         observer: None,

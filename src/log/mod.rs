@@ -232,12 +232,15 @@ impl Wal {
     /// of collecting them: the records of a long log are never all in
     /// memory at once, and a replay takes them by value.
     ///
-    /// A segment is checked whole (frames and checksums) before any of its
-    /// records is handed on, so damage inside a segment stops recovery
-    /// before that segment is replayed. Damage found in a later segment, or
-    /// a record that does not decode, stops it after the records before
-    /// it were handed on: every one of them is committed, and the caller
-    /// refuses to start on the error.
+    /// Every segment is read and checked whole (frames, checksums, where a
+    /// torn tail may be) before any record is handed on, so damage anywhere
+    /// in the log stops recovery before anything is replayed. Only a record
+    /// that passes its checksum but does not decode (a log written by a
+    /// newer format, say), or an error of `each`, stops it after the
+    /// records before it were handed on: every one of those is committed,
+    /// and the caller refuses to start on the error. The log's files are
+    /// only changed (torn bytes zeroed, space preallocated) once every
+    /// record was handed on.
     ///
     /// # Errors
     /// As [`Wal::recover`], and whatever `start` or `each` returns.
@@ -328,6 +331,9 @@ impl Wal {
         // Segments after `current` with no data (generation, size): the
         // next generation's is kept as zero-filled ahead, others removed.
         let mut unused = Vec::new();
+        // Segments with data, checked whole before any record is handed on:
+        // name, bytes, and each frame's offset and payload range.
+        let mut checked = Vec::new();
         for g in &segments {
             let name = log_name(*g);
             let data = match dir.read(&name) {
@@ -365,19 +371,32 @@ impl Wal {
                     .into())
                 }
             }
-            for (offset, payload) in &scan.frames {
+            let frames: Vec<(u64, usize, usize)> = scan
+                .frames
+                .iter()
+                .map(|(offset, payload)| {
+                    let start = payload.as_ptr() as usize - data.as_ptr() as usize;
+                    (*offset, start, start + payload.len())
+                })
+                .collect();
+            let valid = scan.valid_len;
+            let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
+            current = Some((*g, valid, tail_bytes, data.len() as u64, dirty_end));
+            checked.push((name, data, frames));
+        }
+        // Every segment's frames and checksums are good: hand the records
+        // on, segment by segment, each as soon as it is decoded.
+        for (name, data, frames) in checked {
+            for (offset, start, end) in frames {
                 let record: Record =
-                    postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
+                    postcard::from_bytes(&data[start..end]).map_err(|e| LogError::Corrupt {
                         file: dir.describe(&name),
-                        offset: *offset,
+                        offset,
                         reason: format!("record does not decode: {e}"),
                     })?;
                 each(&mut state, record)?;
                 records += 1;
             }
-            let valid = scan.valid_len;
-            let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
-            current = Some((*g, valid, tail_bytes, data.len() as u64, dirty_end));
         }
         let (last, valid, tail, size, dirty_end) =
             current.unwrap_or((generation, 0, Vec::new(), 0, 0));
@@ -1116,7 +1135,39 @@ mod tests {
     }
 
     #[test]
-    fn a_visitor_error_stops_recovery_and_writes_nothing() {
+    fn damage_in_a_later_segment_stops_recovery_before_any_record_is_handed_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.append(&record(0));
+        r.wal.sync().unwrap();
+        // A snapshot begun but never written (a crash before its rename):
+        // recovery replays log-0 and then log-1.
+        let write = r.wal.begin_snapshot(Snapshot::default()).unwrap();
+        drop(write);
+        for n in 1..4 {
+            r.wal.append(&record(n));
+        }
+        r.wal.sync().unwrap();
+        drop(r);
+        let (seen, count) = streamed(tmp.path());
+        assert_eq!(seen, (0..4).map(record).collect::<Vec<_>>());
+        assert_eq!(count.unwrap(), 4);
+
+        let log = tmp.path().join(log_name(1));
+        let mut bytes = std::fs::read(&log).unwrap();
+        let first = frame::scan(&bytes).frames[0].0 as usize;
+        bytes[first + frame::HEADER] ^= 0x55;
+        std::fs::write(&log, &bytes).unwrap();
+        let (seen, count) = streamed(tmp.path());
+        let text = count
+            .expect_err("damage in the middle is refused")
+            .to_string();
+        assert!(text.contains("log-00000000000000000001"), "{text}");
+        assert!(seen.is_empty(), "not even log-0's record: {seen:?}");
+    }
+
+    #[test]
+    fn a_visitor_error_stops_recovery_before_the_log_is_changed() {
         let tmp = tempfile::tempdir().unwrap();
         let mut r = open(tmp.path()).unwrap();
         for n in 0..3 {
@@ -1124,7 +1175,12 @@ mod tests {
         }
         r.wal.sync().unwrap();
         drop(r);
+        // A torn tail, which a recovery that got to the end would zero.
         let log = tmp.path().join(log_name(0));
+        let mut bytes = std::fs::read(&log).unwrap();
+        let end = frame::scan(&bytes).valid_len as usize;
+        bytes[end - 3..end].fill(0);
+        std::fs::write(&log, &bytes).unwrap();
         let before = std::fs::read(&log).unwrap();
         let mut handed = 0;
         let result = Wal::recover_each(
@@ -1146,8 +1202,15 @@ mod tests {
         );
         assert!(result.is_err());
         assert_eq!(handed, 2, "stops at the first error");
-        assert_eq!(std::fs::read(&log).unwrap(), before, "the log is untouched");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            before,
+            "the torn tail is left as it was"
+        );
         let r = open(tmp.path()).unwrap();
-        assert_eq!(r.records, (0..3).map(record).collect::<Vec<_>>());
+        assert_eq!(r.records, (0..2).map(record).collect::<Vec<_>>());
+        assert!(r.torn_bytes > 0, "cut by the recovery that got to the end");
+        drop(r);
+        assert_ne!(std::fs::read(&log).unwrap(), before);
     }
 }

@@ -53,6 +53,22 @@ pub enum ScanEnd {
     Corrupt { offset: u64, reason: String },
 }
 
+/// The payloads of `valid`, with their offsets: a prefix that [`scan`]
+/// accepted (its `valid_len` bytes), walked again by its lengths alone
+/// (the checksums were checked by that scan).
+pub fn payloads(valid: &[u8]) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let header = valid.get(at..at + HEADER)?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let payload = valid.get(at + HEADER..at + HEADER + len)?;
+        debug_assert!(len > 0, "scan never accepts an empty frame");
+        let offset = at as u64;
+        at += HEADER + len;
+        Some((offset, payload))
+    })
+}
+
 /// Splits `buf` into frames.
 pub fn scan(buf: &[u8]) -> Scan<'_> {
     let mut frames = Vec::new();
@@ -202,5 +218,18 @@ mod tests {
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
         assert_eq!(scan(&buf).end, ScanEnd::TornTail);
+    }
+
+    #[test]
+    fn payloads_walk_what_scan_accepted() {
+        let mut buf = Vec::new();
+        for payload in [&b"a"[..], b"bcd", &[7u8; 300]] {
+            encode(payload, &mut buf);
+        }
+        let scan = scan(&buf);
+        let valid = &buf[..scan.valid_len as usize];
+        let walked: Vec<_> = payloads(valid).collect();
+        assert_eq!(walked, scan.frames);
+        assert_eq!(payloads(&[]).count(), 0);
     }
 }

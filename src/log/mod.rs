@@ -229,8 +229,9 @@ impl Wal {
 
     /// [`Wal::recover_with`] handing the snapshot to `start` and then each
     /// record, as soon as it is decoded, to `each` (in log order), instead
-    /// of collecting them: the records of a long log are never all in
-    /// memory at once, and a replay takes them by value.
+    /// of collecting them: the decoded records of a long log are never all
+    /// in memory at once (the checked bytes of its segments are, until each
+    /// segment is replayed), and a replay takes them by value.
     ///
     /// Every segment is read and checked whole (frames, checksums, where a
     /// torn tail may be) before any record is handed on, so damage anywhere
@@ -238,9 +239,11 @@ impl Wal {
     /// that passes its checksum but does not decode (a log written by a
     /// newer format, say), or an error of `each`, stops it after the
     /// records before it were handed on: every one of those is committed,
-    /// and the caller refuses to start on the error. The log's files are
-    /// only changed (torn bytes zeroed, space preallocated) once every
-    /// record was handed on.
+    /// and the caller refuses to start on the error. Leftover `.tmp` files
+    /// and older generations' files are removed first (a new directory gets
+    /// its first snapshot and segment before `start`); the segments are only
+    /// changed (torn bytes zeroed, unused ones removed, space preallocated)
+    /// once every record was handed on.
     ///
     /// # Errors
     /// As [`Wal::recover`], and whatever `start` or `each` returns.
@@ -331,8 +334,8 @@ impl Wal {
         // Segments after `current` with no data (generation, size): the
         // next generation's is kept as zero-filled ahead, others removed.
         let mut unused = Vec::new();
-        // Segments with data, checked whole before any record is handed on:
-        // name, bytes, and each frame's offset and payload range.
+        // Segments with records, checked whole before any record is handed
+        // on: name, and the bytes of its records.
         let mut checked = Vec::new();
         for g in &segments {
             let name = log_name(*g);
@@ -371,25 +374,25 @@ impl Wal {
                     .into())
                 }
             }
-            let frames: Vec<(u64, usize, usize)> = scan
-                .frames
-                .iter()
-                .map(|(offset, payload)| {
-                    let start = payload.as_ptr() as usize - data.as_ptr() as usize;
-                    (*offset, start, start + payload.len())
-                })
-                .collect();
             let valid = scan.valid_len;
             let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
             current = Some((*g, valid, tail_bytes, data.len() as u64, dirty_end));
-            checked.push((name, data, frames));
+            if valid > 0 {
+                // Only the checked records are kept for the second pass, not
+                // the zeros ahead of them nor a torn tail.
+                let mut data = data;
+                data.truncate(valid as usize);
+                data.shrink_to_fit();
+                checked.push((name, data));
+            }
         }
         // Every segment's frames and checksums are good: hand the records
-        // on, segment by segment, each as soon as it is decoded.
-        for (name, data, frames) in checked {
-            for (offset, start, end) in frames {
+        // on, segment by segment (each segment's bytes freed once it is
+        // done), each record as soon as it is decoded.
+        for (name, data) in checked {
+            for (offset, payload) in frame::payloads(&data) {
                 let record: Record =
-                    postcard::from_bytes(&data[start..end]).map_err(|e| LogError::Corrupt {
+                    postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
                         file: dir.describe(&name),
                         offset,
                         reason: format!("record does not decode: {e}"),
@@ -1130,7 +1133,13 @@ mod tests {
         bytes[frames[1] as usize + frame::HEADER] ^= 0x55;
         std::fs::write(&log, &bytes).unwrap();
         let (seen, count) = streamed(tmp.path());
-        assert!(count.is_err(), "damage in the middle is refused");
+        let text = count
+            .expect_err("damage in the middle is refused")
+            .to_string();
+        assert!(
+            text.contains(&format!("offset {}", frames[1])) && text.contains("checksum"),
+            "{text}"
+        );
         assert!(seen.is_empty(), "nothing of the damaged segment: {seen:?}");
     }
 
@@ -1164,6 +1173,31 @@ mod tests {
             .to_string();
         assert!(text.contains("log-00000000000000000001"), "{text}");
         assert!(seen.is_empty(), "not even log-0's record: {seen:?}");
+    }
+
+    #[test]
+    fn a_torn_tail_before_a_segment_with_data_stops_recovery_before_any_record_is_handed_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        for n in 0..3 {
+            r.wal.append(&record(n));
+        }
+        r.wal.sync().unwrap();
+        let write = r.wal.begin_snapshot(Snapshot::default()).unwrap();
+        drop(write);
+        r.wal.append(&record(3));
+        r.wal.sync().unwrap();
+        drop(r);
+        // log-0's last record cut short, with log-1's data after it.
+        let log = tmp.path().join(log_name(0));
+        let mut bytes = std::fs::read(&log).unwrap();
+        let end = frame::scan(&bytes).valid_len as usize;
+        bytes[end - 3..end].fill(0);
+        std::fs::write(&log, &bytes).unwrap();
+        let (seen, count) = streamed(tmp.path());
+        let text = count.expect_err("refused").to_string();
+        assert!(text.contains("incomplete record before the end"), "{text}");
+        assert!(seen.is_empty(), "not even log-0's whole records: {seen:?}");
     }
 
     #[test]

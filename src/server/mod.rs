@@ -253,7 +253,7 @@ pub fn recover(
     let mut files = DataFiles::open(data)?;
     let lengths = files.lengths()?;
     // Each record is replayed as soon as it is decoded: a long log is never
-    // held in memory as records, and the replay takes them by value.
+    // held in memory as decoded records, and the replay takes them by value.
     let reopened = Wal::recover_each(
         state,
         config.log_prealloc,

@@ -266,14 +266,23 @@ impl Wal {
             .collect();
 
         let Some(generation) = newest_snap else {
-            if let Some(g) = logs.first() {
-                let file = dir.describe(&log_name(*g));
-                return Err(LogError::Corrupt {
-                    file,
-                    offset: 0,
-                    reason: "a log without its snapshot".to_owned(),
+            // A new directory. A log without any snapshot can only be what
+            // a crash left of a first start (its segment is made and
+            // zero-filled before the first snapshot, and nothing is logged
+            // before that snapshot is durable): all zeros, and removed. Any
+            // data in it means damage.
+            for g in &logs {
+                let name = log_name(*g);
+                let data = dir.read(&name).map_err(io_err(dir.as_ref(), &name))?;
+                if !frame::all_zero(&data) {
+                    return Err(LogError::Corrupt {
+                        file: dir.describe(&name),
+                        offset: 0,
+                        reason: "a log with data but no snapshot".to_owned(),
+                    }
+                    .into());
                 }
-                .into());
+                dir.remove(&name).map_err(io_err(dir.as_ref(), &name))?;
             }
             let snapshot = initial();
             let segment = dir
@@ -1141,6 +1150,30 @@ mod tests {
             "{text}"
         );
         assert!(seen.is_empty(), "nothing of the damaged segment: {seen:?}");
+    }
+
+    #[test]
+    fn a_first_start_cut_short_leaves_a_zeroed_log_that_the_next_start_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        // What a crash can leave of a first start: the first segment, made
+        // and zero-filled, with the snapshot's rename never made durable.
+        std::fs::write(tmp.path().join(log_name(0)), vec![0u8; 3 * BLOCK as usize]).unwrap();
+        std::fs::write(tmp.path().join("snap-00000000000000000000.tmp"), b"half").unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        assert!(r.records.is_empty());
+        r.wal.append(&record(1));
+        r.wal.sync().unwrap();
+        drop(r);
+        assert_eq!(open(tmp.path()).unwrap().records, vec![record(1)]);
+
+        // A log with data and no snapshot at all is damage, not a leftover.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        frame::encode(b"x", &mut bytes);
+        std::fs::write(tmp.path().join(log_name(0)), &bytes).unwrap();
+        let text = open(tmp.path()).err().expect("refused").to_string();
+        assert!(text.contains("data but no snapshot"), "{text}");
+        assert_eq!(std::fs::read(tmp.path().join(log_name(0))).unwrap(), bytes);
     }
 
     #[test]

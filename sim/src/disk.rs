@@ -1,9 +1,15 @@
 //! A simulated disk behind dlm's storage seam: what was written but not
 //! synced is lost on a crash, optionally leaving a torn prefix of it.
 //!
-//! Every file has the bytes a reader sees (`current`) and the bytes that
-//! survive a crash (`durable`); `sync_data` copies one to the other. Directory
-//! operations (create, rename, remove) are taken as durable at once.
+//! Every file (an inode) has the bytes a reader sees (`current`) and the
+//! bytes that survive a crash (`durable`); `sync_data` copies one to the
+//! other. A directory has the names a reader sees and the names that survive
+//! a crash: creating, renaming and removing change the first at once, and
+//! only [`Dir::sync`] of that directory makes them durable. A crash keeps
+//! some of each directory's changes since its last sync: a random prefix
+//! (a journaled filesystem writes its metadata in order) or a random subset
+//! (one without a journal may have written any of them); a rename is kept
+//! whole or not at all. A file no surviving name points to is gone.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,12 +25,85 @@ struct SimFile {
     durable: Vec<u8>,
 }
 
-type Files = BTreeMap<(String, String), SimFile>;
+type Inode = u64;
+
+/// A directory change not yet made durable.
+#[derive(Clone, Debug)]
+enum DirChange {
+    Link(String, Inode),
+    Unlink(String),
+    /// rename(2): atomic, so a crash keeps both halves or neither.
+    Rename {
+        from: String,
+        to: String,
+    },
+}
+
+#[derive(Default)]
+struct SimDirState {
+    /// Names a reader sees.
+    current: BTreeMap<String, Inode>,
+    /// Names that survive a crash.
+    durable: BTreeMap<String, Inode>,
+    /// The changes from `durable` to `current`, in order.
+    unsynced: Vec<DirChange>,
+}
+
+impl SimDirState {
+    fn change(&mut self, change: DirChange) {
+        apply(&mut self.current, &change);
+        self.unsynced.push(change);
+    }
+}
+
+fn apply(names: &mut BTreeMap<String, Inode>, change: &DirChange) {
+    match change {
+        DirChange::Link(name, inode) => {
+            names.insert(name.clone(), *inode);
+        }
+        DirChange::Unlink(name) => {
+            names.remove(name);
+        }
+        DirChange::Rename { from, to } => {
+            if let Some(inode) = names.remove(from) {
+                names.insert(to.clone(), inode);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Disk {
+    inodes: BTreeMap<Inode, SimFile>,
+    dirs: BTreeMap<String, SimDirState>,
+    next_inode: Inode,
+    /// Changes made so far (writes, size changes, syncs, directory changes).
+    changes: u64,
+    /// The power fails once this many changes were made: later ones are
+    /// lost, as if the machine had stopped there.
+    power_fails_at: Option<u64>,
+}
+
+impl Disk {
+    /// Counts a change; false once the power has failed (the change is
+    /// then lost, though the caller is told it succeeded).
+    fn change(&mut self) -> bool {
+        if self.power_fails_at.is_some_and(|at| self.changes >= at) {
+            return false;
+        }
+        self.changes += 1;
+        true
+    }
+
+    fn inode_of(&self, dir: &str, name: &str) -> Option<Inode> {
+        self.dirs.get(dir)?.current.get(name).copied()
+    }
+}
 
 /// A disk shared by the directories made from it.
 #[derive(Clone, Default)]
 pub struct SimDisk {
-    files: Arc<Mutex<Files>>,
+    disk: Arc<Mutex<Disk>>,
 }
 
 /// What a crash did to the disk.
@@ -34,28 +113,76 @@ pub struct CrashLoss {
     pub files_hit: u64,
     /// Of them, files left with a torn prefix of the lost bytes.
     pub torn: u64,
+    /// Directory changes (create, rename, remove) lost: not synced, and
+    /// past the prefix of them that the crash kept.
+    pub names_lost: u64,
 }
 
 impl SimDisk {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Files> {
-        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Disk> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A directory named `dir` on this disk.
     pub fn dir(&self, dir: &str) -> SimDir {
+        self.lock().dirs.entry(dir.to_owned()).or_default();
         SimDir {
             disk: self.clone(),
             dir: dir.to_owned(),
         }
     }
 
-    /// Power loss: every file falls back to its durable bytes; with
-    /// probability `torn` a file keeps a random prefix of what changed since
-    /// its last sync (a write cut short: appended bytes, or the rewritten
-    /// blocks of a preallocated log).
+    /// Changes (writes, size changes, syncs, directory changes) made so far.
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// Makes the power fail once `changes` changes were made in all: every
+    /// later one is lost until [`SimDisk::crash`]. For tests that stop a
+    /// sequence of storage operations at each point in turn.
+    pub fn power_fails_at(&self, changes: u64) {
+        self.lock().power_fails_at = Some(changes);
+    }
+
+    /// Whether the power has failed (see [`SimDisk::power_fails_at`]).
+    pub fn power_failed(&self) -> bool {
+        let disk = self.lock();
+        disk.power_fails_at.is_some_and(|at| disk.changes >= at)
+    }
+
+    /// Power loss: each directory keeps a random prefix or subset of its
+    /// unsynced changes; every file falls back to its durable bytes, and with
+    /// probability `torn` keeps a random prefix of what changed since its
+    /// last sync (a write cut short: appended bytes, or the rewritten blocks
+    /// of a preallocated log); files no name points to any more are gone.
     pub fn crash(&self, rng: &mut SimRng, torn: f64) -> CrashLoss {
         let mut loss = CrashLoss::default();
-        for file in self.lock().values_mut() {
+        let mut disk = self.lock();
+        disk.power_fails_at = None;
+        for state in disk.dirs.values_mut() {
+            // A journaled filesystem keeps its metadata changes in order (a
+            // prefix survives); one without a journal (as on the bench
+            // machine) may have written any of them.
+            let in_order = rng.chance(0.5);
+            let kept = rng.between(0, state.unsynced.len() as u64) as usize;
+            for (i, change) in state.unsynced.iter().enumerate() {
+                let survives = if in_order { i < kept } else { rng.chance(0.5) };
+                if survives {
+                    apply(&mut state.durable, change);
+                } else {
+                    loss.names_lost += 1;
+                }
+            }
+            state.unsynced.clear();
+            state.current = state.durable.clone();
+        }
+        let named: std::collections::BTreeSet<Inode> = disk
+            .dirs
+            .values()
+            .flat_map(|d| d.current.values().copied())
+            .collect();
+        disk.inodes.retain(|inode, _| named.contains(inode));
+        for file in disk.inodes.values_mut() {
             if file.current == file.durable {
                 continue;
             }
@@ -86,8 +213,9 @@ impl SimDisk {
 
     /// The bytes a reader of `dir/name` sees.
     pub fn read(&self, dir: &str, name: &str) -> Vec<u8> {
-        self.lock()
-            .get(&(dir.to_owned(), name.to_owned()))
+        let disk = self.lock();
+        disk.inode_of(dir, name)
+            .and_then(|inode| disk.inodes.get(&inode))
             .map(|f| f.current.clone())
             .unwrap_or_default()
     }
@@ -104,74 +232,122 @@ fn not_found(name: &str) -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))
 }
 
+impl SimDir {
+    fn state<'a>(&self, disk: &'a mut Disk) -> &'a mut SimDirState {
+        disk.dirs.entry(self.dir.clone()).or_default()
+    }
+}
+
 impl Dir for SimDir {
     fn list(&self) -> io::Result<Vec<String>> {
-        Ok(self
-            .disk
-            .lock()
-            .keys()
-            .filter(|(d, _)| *d == self.dir)
-            .map(|(_, n)| n.clone())
-            .collect())
+        let mut disk = self.disk.lock();
+        Ok(self.state(&mut disk).current.keys().cloned().collect())
     }
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        self.disk
-            .lock()
-            .get(&(self.dir.clone(), name.to_owned()))
+        let disk = self.disk.lock();
+        disk.inode_of(&self.dir, name)
+            .and_then(|inode| disk.inodes.get(&inode))
             .map(|f| f.current.clone())
             .ok_or_else(|| not_found(name))
     }
 
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn DirFile>> {
-        let key = (self.dir.clone(), name.to_owned());
-        let mut files = self.disk.lock();
-        if !files.contains_key(&key) {
-            if !create {
-                return Err(not_found(name));
+        let mut disk = self.disk.lock();
+        let inode = match disk.inode_of(&self.dir, name) {
+            Some(inode) => inode,
+            None if create => {
+                if !disk.change() {
+                    // The power is gone: the file never existed.
+                    return Err(io::Error::other("power failed"));
+                }
+                let inode = disk.next_inode;
+                disk.next_inode += 1;
+                disk.inodes.insert(inode, SimFile::default());
+                self.state(&mut disk)
+                    .change(DirChange::Link(name.to_owned(), inode));
+                inode
             }
-            files.insert(key.clone(), SimFile::default());
-        }
+            None => return Err(not_found(name)),
+        };
         Ok(Box::new(SimHandle {
             disk: self.disk.clone(),
-            key,
+            inode,
+            name: name.to_owned(),
         }))
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let mut files = self.disk.lock();
-        let file = files
-            .remove(&(self.dir.clone(), from.to_owned()))
-            .ok_or_else(|| not_found(from))?;
-        files.insert((self.dir.clone(), to.to_owned()), file);
+        let mut disk = self.disk.lock();
+        if disk.inode_of(&self.dir, from).is_none() {
+            return Err(not_found(from));
+        }
+        if !disk.change() {
+            return Ok(());
+        }
+        self.state(&mut disk).change(DirChange::Rename {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        });
         Ok(())
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.disk
-            .lock()
-            .remove(&(self.dir.clone(), name.to_owned()))
-            .map(|_| ())
-            .ok_or_else(|| not_found(name))
+        let mut disk = self.disk.lock();
+        if disk.inode_of(&self.dir, name).is_none() {
+            return Err(not_found(name));
+        }
+        if !disk.change() {
+            return Ok(());
+        }
+        self.state(&mut disk)
+            .change(DirChange::Unlink(name.to_owned()));
+        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
+        let mut disk = self.disk.lock();
+        if !disk.change() {
+            return Ok(());
+        }
+        let state = self.state(&mut disk);
+        state.durable = state.current.clone();
+        state.unsynced.clear();
         Ok(())
     }
 }
 
 struct SimHandle {
     disk: SimDisk,
-    key: (String, String),
+    inode: Inode,
+    /// For errors only: the file keeps its inode across renames, as an open
+    /// file does.
+    name: String,
 }
 
 impl SimHandle {
     fn with<T>(&self, f: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
-        let mut files = self.disk.lock();
-        let file = files
-            .get_mut(&self.key)
-            .ok_or_else(|| not_found(&self.key.1))?;
+        let mut disk = self.disk.lock();
+        let file = disk
+            .inodes
+            .get_mut(&self.inode)
+            .ok_or_else(|| not_found(&self.name))?;
         Ok(f(file))
+    }
+
+    /// A change to the file, lost (but reported done) once the power has
+    /// failed.
+    fn change(&self, f: impl FnOnce(&mut SimFile)) -> io::Result<()> {
+        let mut disk = self.disk.lock();
+        if !disk.inodes.contains_key(&self.inode) {
+            return Err(not_found(&self.name));
+        }
+        if disk.change() {
+            if let Some(file) = disk.inodes.get_mut(&self.inode) {
+                f(file);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -181,7 +357,7 @@ impl DirFile for SimHandle {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.with(|f| {
+        self.change(|f| {
             let end = offset as usize + data.len();
             if f.current.len() < end {
                 f.current.resize(end, 0);
@@ -191,10 +367,10 @@ impl DirFile for SimHandle {
     }
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.with(|f| f.current.resize(len as usize, 0))
+        self.change(|f| f.current.resize(len as usize, 0))
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        self.with(|f| f.durable.clone_from(&f.current))
+        self.change(|f| f.durable.clone_from(&f.current))
     }
 }

@@ -80,6 +80,9 @@ pub struct Faults {
     pub crash_before_reply: u64,
     pub crash_unsynced_lost: u64,
     pub torn_writes: u64,
+    /// Tier 1: unsynced directory changes (create, rename, remove) that a
+    /// crash lost.
+    pub dir_changes_lost: u64,
     pub snapshots: u64,
     /// Server crashes while a snapshot was being written (its generation's
     /// log already in use).
@@ -109,6 +112,7 @@ impl Faults {
         self.crash_before_reply += other.crash_before_reply;
         self.crash_unsynced_lost += other.crash_unsynced_lost;
         self.torn_writes += other.torn_writes;
+        self.dir_changes_lost += other.dir_changes_lost;
         self.snapshots += other.snapshots;
         self.crash_mid_snapshot += other.crash_mid_snapshot;
         self.holds += other.holds;
@@ -138,7 +142,7 @@ impl Faults {
             (self.drops.to_string(), String::new())
         };
         format!(
-            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, while a snapshot was written {}) | snapshots {}{tier2}",
+            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, while a snapshot was written {}) | snapshots {}{tier2}",
             self.duplicates,
             self.reorders,
             self.partitions,
@@ -150,6 +154,7 @@ impl Faults {
             self.crash_before_reply,
             self.crash_unsynced_lost,
             self.torn_writes,
+            self.dir_changes_lost,
             self.crash_mid_snapshot,
             self.snapshots
         )

@@ -425,6 +425,7 @@ impl World {
             self.faults.crash_unsynced_lost += 1;
         }
         self.faults.torn_writes += loss.torn;
+        self.faults.dir_changes_lost += loss.names_lost;
         self.history.on_crash(self.now);
         self.log(|| {
             format!(

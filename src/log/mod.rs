@@ -266,19 +266,24 @@ impl Wal {
             .collect();
 
         let Some(generation) = newest_snap else {
-            // A new directory. A log without any snapshot can only be what
-            // a crash left of a first start (its segment is made and
-            // zero-filled before the first snapshot, and nothing is logged
-            // before that snapshot is durable): all zeros, and removed. Any
-            // data in it means damage.
-            for g in &logs {
-                let name = log_name(*g);
-                let data = dir.read(&name).map_err(io_err(dir.as_ref(), &name))?;
-                if !frame::all_zero(&data) {
+            // A new directory. The one log a first start can leave without
+            // a snapshot is `log-0`, all zeros (it is made and zero-filled
+            // before the first snapshot, and nothing is logged before that
+            // snapshot is durable): it is removed. Any other log, or data in
+            // it, means lost snapshots or damage: refused, never a fresh
+            // start over a state that existed.
+            if !logs.is_empty() {
+                let name = log_name(logs[0]);
+                let leftover = logs == [0]
+                    && dir
+                        .read(&name)
+                        .map_err(io_err(dir.as_ref(), &name))
+                        .map(|data| frame::all_zero(&data))?;
+                if !leftover {
                     return Err(LogError::Corrupt {
                         file: dir.describe(&name),
                         offset: 0,
-                        reason: "a log with data but no snapshot".to_owned(),
+                        reason: "a log without its snapshot".to_owned(),
                     }
                     .into());
                 }
@@ -315,13 +320,24 @@ impl Wal {
         let snapshot: Snapshot = postcard::from_bytes(scan.frames[0].1)
             .map_err(|e| corrupt_snap(0, &format!("snapshot does not decode: {e}")))?;
 
-        // Leftovers of a generation change that a crash interrupted.
-        for name in &names {
-            let old_snap = generation_of(name, "snap-").is_some_and(|g| g < generation);
-            let old_log = generation_of(name, "log-").is_some_and(|g| g < generation);
-            if old_snap || old_log {
-                dir.remove(name).map_err(io_err(dir.as_ref(), name))?;
-            }
+        // Leftovers of a generation change that a crash interrupted. The
+        // newest snapshot's name may not be durable yet (a process killed
+        // between its rename and the directory's sync): make it so before
+        // removing what it replaces, or a power loss could keep the
+        // removals and lose the rename.
+        let leftovers: Vec<&String> = names
+            .iter()
+            .filter(|name| {
+                let old_snap = generation_of(name, "snap-").is_some_and(|g| g < generation);
+                let old_log = generation_of(name, "log-").is_some_and(|g| g < generation);
+                old_snap || old_log
+            })
+            .collect();
+        if !leftovers.is_empty() {
+            dir.sync().map_err(io_err(dir.as_ref(), "."))?;
+        }
+        for name in leftovers {
+            dir.remove(name).map_err(io_err(dir.as_ref(), name))?;
         }
 
         let mut segments: Vec<u64> = logs.into_iter().filter(|g| *g >= generation).collect();
@@ -1166,13 +1182,20 @@ mod tests {
         drop(r);
         assert_eq!(open(tmp.path()).unwrap().records, vec![record(1)]);
 
+        // A zeroed log of a later generation without a snapshot means the
+        // snapshots were lost: refused, not a fresh start.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(log_name(3)), vec![0u8; BLOCK as usize]).unwrap();
+        let text = open(tmp.path()).err().expect("refused").to_string();
+        assert!(text.contains("a log without its snapshot"), "{text}");
+
         // A log with data and no snapshot at all is damage, not a leftover.
         let tmp = tempfile::tempdir().unwrap();
         let mut bytes = Vec::new();
         frame::encode(b"x", &mut bytes);
         std::fs::write(tmp.path().join(log_name(0)), &bytes).unwrap();
         let text = open(tmp.path()).err().expect("refused").to_string();
-        assert!(text.contains("data but no snapshot"), "{text}");
+        assert!(text.contains("a log without its snapshot"), "{text}");
         assert_eq!(std::fs::read(tmp.path().join(log_name(0))).unwrap(), bytes);
     }
 

@@ -31,11 +31,13 @@ type Inode = u64;
 #[derive(Clone, Debug)]
 enum DirChange {
     Link(String, Inode),
-    Unlink(String),
-    /// rename(2): atomic, so a crash keeps both halves or neither.
+    Unlink(String, Inode),
+    /// rename(2) of `inode`: atomic, so a crash keeps both halves or
+    /// neither.
     Rename {
         from: String,
         to: String,
+        inode: Inode,
     },
 }
 
@@ -61,13 +63,19 @@ fn apply(names: &mut BTreeMap<String, Inode>, change: &DirChange) {
         DirChange::Link(name, inode) => {
             names.insert(name.clone(), *inode);
         }
-        DirChange::Unlink(name) => {
-            names.remove(name);
-        }
-        DirChange::Rename { from, to } => {
-            if let Some(inode) = names.remove(from) {
-                names.insert(to.clone(), inode);
+        // By inode, not by name: a change kept without an earlier one (a
+        // filesystem without a journal) must not act on another file that
+        // had the same name.
+        DirChange::Unlink(name, inode) => {
+            if names.get(name) == Some(inode) {
+                names.remove(name);
             }
+        }
+        DirChange::Rename { from, to, inode } => {
+            if names.get(from) == Some(inode) {
+                names.remove(from);
+            }
+            names.insert(to.clone(), *inode);
         }
     }
 }
@@ -82,6 +90,8 @@ struct Disk {
     /// The power fails once this many changes were made: later ones are
     /// lost, as if the machine had stopped there.
     power_fails_at: Option<u64>,
+    /// A change was lost to the power failure.
+    dropped: bool,
 }
 
 impl Disk {
@@ -89,6 +99,7 @@ impl Disk {
     /// then lost, though the caller is told it succeeded).
     fn change(&mut self) -> bool {
         if self.power_fails_at.is_some_and(|at| self.changes >= at) {
+            self.dropped = true;
             return false;
         }
         self.changes += 1;
@@ -144,10 +155,20 @@ impl SimDisk {
         self.lock().power_fails_at = Some(changes);
     }
 
-    /// Whether the power has failed (see [`SimDisk::power_fails_at`]).
+    /// Whether a change has been lost to the power failure (see
+    /// [`SimDisk::power_fails_at`]): a sync that returned before it did
+    /// its work.
     pub fn power_failed(&self) -> bool {
-        let disk = self.lock();
-        disk.power_fails_at.is_some_and(|at| disk.changes >= at)
+        self.lock().dropped
+    }
+
+    /// The process stops without a power loss (`kill -9`): the failure set
+    /// by [`SimDisk::power_fails_at`] stopped its changes, and what it had
+    /// made stays, synced or not, as in the page cache.
+    pub fn process_killed(&self) {
+        let mut disk = self.lock();
+        disk.power_fails_at = None;
+        disk.dropped = false;
     }
 
     /// Power loss: each directory keeps a random prefix or subset of its
@@ -159,7 +180,24 @@ impl SimDisk {
         let mut loss = CrashLoss::default();
         let mut disk = self.lock();
         disk.power_fails_at = None;
+        disk.dropped = false;
+        // The files in (directory, name) order, each once, for the draws
+        // of torn writes below (the order runs replay in).
+        let mut order = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for state in disk.dirs.values() {
+            for inode in state.current.values() {
+                if seen.insert(*inode) {
+                    order.push(*inode);
+                }
+            }
+        }
         for state in disk.dirs.values_mut() {
+            if state.unsynced.is_empty() {
+                // Nothing to lose: no draws (runs without such crashes
+                // replay as they did before directories were modelled).
+                continue;
+            }
             // A journaled filesystem keeps its metadata changes in order (a
             // prefix survives); one without a journal (as on the bench
             // machine) may have written any of them.
@@ -182,7 +220,10 @@ impl SimDisk {
             .flat_map(|d| d.current.values().copied())
             .collect();
         disk.inodes.retain(|inode, _| named.contains(inode));
-        for file in disk.inodes.values_mut() {
+        for inode in order {
+            let Some(file) = disk.inodes.get_mut(&inode) else {
+                continue;
+            };
             if file.current == file.durable {
                 continue;
             }
@@ -279,29 +320,30 @@ impl Dir for SimDir {
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut disk = self.disk.lock();
-        if disk.inode_of(&self.dir, from).is_none() {
-            return Err(not_found(from));
-        }
+        let inode = disk
+            .inode_of(&self.dir, from)
+            .ok_or_else(|| not_found(from))?;
         if !disk.change() {
             return Ok(());
         }
         self.state(&mut disk).change(DirChange::Rename {
             from: from.to_owned(),
             to: to.to_owned(),
+            inode,
         });
         Ok(())
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
         let mut disk = self.disk.lock();
-        if disk.inode_of(&self.dir, name).is_none() {
-            return Err(not_found(name));
-        }
+        let inode = disk
+            .inode_of(&self.dir, name)
+            .ok_or_else(|| not_found(name))?;
         if !disk.change() {
             return Ok(());
         }
         self.state(&mut disk)
-            .change(DirChange::Unlink(name.to_owned()));
+            .change(DirChange::Unlink(name.to_owned(), inode));
         Ok(())
     }
 

@@ -45,9 +45,10 @@ fn sequence(disk: &SimDisk, acked: &mut Vec<u64>) -> Result<(), LogError> {
         for _ in 0..count {
             appended += 1;
             let mut record = record(appended);
-            // Most of a block per record: the segments grow past their zeros.
+            // Over a block per record: the segments grow past their zeros
+            // (a block plus `PREALLOC` at first) within three records.
             if let Change::Ended { lock, .. } = &mut record.changes[0] {
-                lock.push_str(&"x".repeat(3000));
+                lock.push_str(&"x".repeat(5000));
             }
             wal.append(&record);
             wal.sync()?;
@@ -70,18 +71,48 @@ fn sequence(disk: &SimDisk, acked: &mut Vec<u64>) -> Result<(), LogError> {
     Ok(())
 }
 
-#[test]
-fn every_synced_record_survives_a_power_failure_at_any_storage_change() {
-    // How many changes the whole sequence makes.
+/// Recovers `disk` and checks that every record of `acked` is there once,
+/// folded into the snapshot or replayed after it; `what` names the case.
+fn check(disk: &SimDisk, acked: &[u64], what: &str) {
+    let recovered = Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default)
+        .unwrap_or_else(|e| panic!("{what}: recovery refused: {e}"));
+    let folded = recovered.snapshot.last_fence.0;
+    let replayed: Vec<u64> = recovered
+        .records
+        .iter()
+        .map(|r| match &r.changes[0] {
+            Change::Ended { fence, .. } => fence.0,
+            other => panic!("not a test record: {other:?}"),
+        })
+        .collect();
+    assert!(
+        replayed.windows(2).all(|w| w[0] < w[1]) && replayed.iter().all(|f| *f > folded),
+        "{what}: folded {folded}, replayed {replayed:?}: a record twice"
+    );
+    for n in acked {
+        assert!(
+            *n <= folded || replayed.contains(n),
+            "{what}: record {n} was acknowledged and is lost (folded {folded}, replayed {replayed:?})"
+        );
+    }
+}
+
+/// How many changes the whole sequence makes.
+fn whole_sequence() -> u64 {
     let whole = SimDisk::default();
     let mut all = Vec::new();
     sequence(&whole, &mut all).expect("the sequence runs without a failure");
     assert_eq!(all, (1..=9).collect::<Vec<_>>());
-    let changes = whole.changes();
-    assert!(changes > 30, "{changes} changes");
+    whole.changes()
+}
 
+#[test]
+fn every_synced_record_survives_a_power_failure_at_any_storage_change() {
+    let changes = whole_sequence();
+    assert!(changes > 30, "{changes} changes");
     let mut rng = SimRng::new(7);
     let mut lost_names = 0;
+    let mut checked_records = 0;
     for at in 0..=changes {
         for _ in 0..8 {
             let disk = SimDisk::default();
@@ -93,27 +124,59 @@ fn every_synced_record_survives_a_power_failure_at_any_storage_change() {
             }
             let loss = disk.crash(&mut rng, 0.5);
             lost_names += loss.names_lost;
-            let recovered =
-                Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default)
-                    .unwrap_or_else(|e| panic!("power failed after {at} changes: {e}"));
-            let folded = recovered.snapshot.last_fence.0;
-            let replayed: Vec<u64> = recovered
-                .records
-                .iter()
-                .map(|r| match &r.changes[0] {
-                    Change::Ended { fence, .. } => fence.0,
-                    other => panic!("not a test record: {other:?}"),
-                })
-                .collect();
-            assert!(
-                replayed.windows(2).all(|w| w[0] < w[1]) && replayed.iter().all(|f| *f > folded),
-                "after {at} changes: folded {folded}, replayed {replayed:?}: a record twice"
-            );
-            for n in &acked {
-                assert!(
-                    *n <= folded || replayed.contains(n),
-                    "after {at} changes: record {n} was acknowledged and is lost \
-                     (folded {folded}, replayed {replayed:?})"
+            checked_records += acked.len();
+            check(&disk, &acked, &format!("power failed after {at} changes"));
+        }
+    }
+    assert!(
+        lost_names > 0,
+        "no crash fell between a directory change and its sync"
+    );
+    assert!(
+        checked_records > 8 * changes as usize,
+        "{checked_records} records checked"
+    );
+}
+
+#[test]
+fn a_power_failure_during_the_recovery_after_a_kill_loses_nothing() {
+    // The process is killed after `at` changes (what it wrote stays, synced
+    // or not); the next start's recovery then loses power after `again`
+    // of its own changes; the start after that must have every record
+    // acknowledged before the kill. This reaches a recovery that tidies
+    // up after an interrupted snapshot (removing the older generation).
+    let changes = whole_sequence();
+    let mut rng = SimRng::new(11);
+    let mut lost_names = 0;
+    for at in 0..=changes {
+        let killed = SimDisk::default();
+        killed.power_fails_at(at);
+        let mut acked = Vec::new();
+        let _ = sequence(&killed, &mut acked);
+        // How many changes the first recovery after the kill makes.
+        let probe = SimDisk::default();
+        probe.power_fails_at(at);
+        let _ = sequence(&probe, &mut Vec::new());
+        probe.process_killed();
+        let before = probe.changes();
+        let _ = Wal::recover_with(Box::new(probe.dir("state")), PREALLOC, Snapshot::default);
+        let recovery_changes = probe.changes() - before;
+        for again in 0..=recovery_changes {
+            for _ in 0..4 {
+                let disk = SimDisk::default();
+                disk.power_fails_at(at);
+                let _ = sequence(&disk, &mut Vec::new());
+                disk.process_killed();
+                disk.power_fails_at(disk.changes() + again);
+                let _ = Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default);
+                let loss = disk.crash(&mut rng, 0.5);
+                lost_names += loss.names_lost;
+                check(
+                    &disk,
+                    &acked,
+                    &format!(
+                        "killed after {at} changes, power failed {again} changes into recovery"
+                    ),
                 );
             }
         }

@@ -162,6 +162,15 @@ impl SimDisk {
         self.lock().dropped
     }
 
+    /// Takes back a power failure set by [`SimDisk::power_fails_at`] that
+    /// has not happened yet.
+    pub fn disarm_power_failure(&self) {
+        let mut disk = self.lock();
+        if !disk.dropped {
+            disk.power_fails_at = None;
+        }
+    }
+
     /// The process stops without a power loss (`kill -9`): the failure set
     /// by [`SimDisk::power_fails_at`] stopped its changes, and what it had
     /// made stays, synced or not, as in the page cache.

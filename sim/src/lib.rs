@@ -83,6 +83,9 @@ pub struct Faults {
     /// Tier 1: unsynced directory changes (create, rename, remove) that a
     /// crash lost.
     pub dir_changes_lost: u64,
+    /// Tier 1: power failures in the middle of a step's storage changes
+    /// (a log sync, a snapshot's write, a recovery).
+    pub power_cuts_in_step: u64,
     pub snapshots: u64,
     /// Server crashes while a snapshot was being written (its generation's
     /// log already in use).
@@ -113,6 +116,7 @@ impl Faults {
         self.crash_unsynced_lost += other.crash_unsynced_lost;
         self.torn_writes += other.torn_writes;
         self.dir_changes_lost += other.dir_changes_lost;
+        self.power_cuts_in_step += other.power_cuts_in_step;
         self.snapshots += other.snapshots;
         self.crash_mid_snapshot += other.crash_mid_snapshot;
         self.holds += other.holds;
@@ -142,7 +146,7 @@ impl Faults {
             (self.drops.to_string(), String::new())
         };
         format!(
-            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, while a snapshot was written {}) | snapshots {}{tier2}",
+            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, power cut inside a log sync, snapshot write or recovery {}, while a snapshot was written {}) | snapshots {}{tier2}",
             self.duplicates,
             self.reorders,
             self.partitions,
@@ -155,6 +159,7 @@ impl Faults {
             self.crash_unsynced_lost,
             self.torn_writes,
             self.dir_changes_lost,
+            self.power_cuts_in_step,
             self.crash_mid_snapshot,
             self.snapshots
         )

@@ -297,6 +297,10 @@ impl World {
         let Some(flight) = node.flight.take() else {
             return;
         };
+        self.arm_power_cut();
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
         let mut failure = node.wal.sync().err().map(|e| e.to_string());
         for write in &flight.writes {
             if let Err(e) = node.files.apply(write) {
@@ -304,6 +308,9 @@ impl World {
             }
         }
         node.synced = Some(flight);
+        if self.power_cut_happened() {
+            return;
+        }
         if let Some(e) = failure {
             self.history
                 .violations
@@ -380,13 +387,50 @@ impl World {
         let Some(write) = node.snapshot_write.take() else {
             return;
         };
-        match write.run() {
+        self.arm_power_cut();
+        let written = write.run();
+        if self.power_cut_happened() {
+            return;
+        }
+        let Some(node) = self.server.node.as_mut() else {
+            return;
+        };
+        match written {
             Ok(premade) => node.wal.adopt(premade),
             Err(e) => self
                 .history
                 .violations
                 .push(format!("snapshot write failed: {e}")),
         }
+    }
+
+    /// With a small chance (while crashes are on), the power fails after a
+    /// random few of the storage changes the coming step makes.
+    fn arm_power_cut(&mut self) {
+        if !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.02) {
+            let after = self.rng.between(0, 12);
+            self.disk.power_fails_at(self.disk.changes() + after);
+        }
+    }
+
+    /// After a step's storage changes: if the power failed among them, the
+    /// server is down from that instant (nothing the step did after it left
+    /// the machine, and the step sends nothing). Otherwise the failure set
+    /// for the step, if any, is taken back.
+    fn power_cut_happened(&mut self) -> bool {
+        if !self.disk.power_failed() {
+            self.disk.disarm_power_failure();
+            return false;
+        }
+        self.faults.power_cuts_in_step += 1;
+        self.log(|| "power cut in the middle of a step".to_owned());
+        if self.server.node.is_some() {
+            self.server_crash();
+        } else {
+            // During recovery: the machine goes down again before serving.
+            self.power_loss_while_down();
+        }
+        true
     }
 
     fn reply(&mut self, route: Route, reply: Reply) {
@@ -439,6 +483,26 @@ impl World {
         }
     }
 
+    /// The power failed while the server was recovering: the disk loses
+    /// what was not durable, and the server starts again later.
+    fn power_loss_while_down(&mut self) {
+        let torn = self.scenario.torn;
+        let loss = self.disk.crash(&mut self.rng, torn);
+        if loss.files_hit > 0 {
+            self.faults.crash_unsynced_lost += 1;
+        }
+        self.faults.torn_writes += loss.torn;
+        self.faults.dir_changes_lost += loss.names_lost;
+        self.log(|| {
+            format!(
+                "power lost during recovery (unsynced bytes in {} files, {} torn, {} directory changes)",
+                loss.files_hit, loss.torn, loss.names_lost
+            )
+        });
+        let down = self.rng.between(10, 1_500);
+        self.at(self.now + down, Event::ServerRestart);
+    }
+
     /// Start-up through the real recovery path.
     pub(super) fn server_restart(&mut self) {
         if self.server.is_up() {
@@ -446,6 +510,7 @@ impl World {
         }
         let seed = self.rng.seed32();
         let plants = self.plants();
+        self.arm_power_cut();
         let recovered = recover(
             &config(),
             Box::new(self.disk.dir("data")),
@@ -454,6 +519,9 @@ impl World {
             Time::from_millis(self.now),
             plants,
         );
+        if self.power_cut_happened() {
+            return;
+        }
         let recovered = match recovered {
             Ok(recovered) => recovered,
             Err(e) => {

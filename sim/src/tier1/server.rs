@@ -7,6 +7,7 @@
 //! are applied, then (a moment later) the replies leave. Requests that arrive
 //! meanwhile gather in the next batch: one fsync serves them all.
 
+use crate::disk::CrashLoss;
 use std::collections::BTreeMap;
 
 use dlm::core::staging::{FileIndex, FileWrite};
@@ -463,13 +464,7 @@ impl World {
         }
         self.faults.server_crashes += 1;
         self.server.incarnation += 1;
-        let torn = self.scenario.torn;
-        let loss = self.disk.crash(&mut self.rng, torn);
-        if loss.files_hit > 0 {
-            self.faults.crash_unsynced_lost += 1;
-        }
-        self.faults.torn_writes += loss.torn;
-        self.faults.dir_changes_lost += loss.names_lost;
+        let loss = self.lose_power();
         self.history.on_crash(self.now);
         self.log(|| {
             format!(
@@ -483,9 +478,8 @@ impl World {
         }
     }
 
-    /// The power failed while the server was recovering: the disk loses
-    /// what was not durable, and the server starts again later.
-    fn power_loss_while_down(&mut self) {
+    /// The disk loses what was not durable; the faults count it.
+    fn lose_power(&mut self) -> CrashLoss {
         let torn = self.scenario.torn;
         let loss = self.disk.crash(&mut self.rng, torn);
         if loss.files_hit > 0 {
@@ -493,6 +487,13 @@ impl World {
         }
         self.faults.torn_writes += loss.torn;
         self.faults.dir_changes_lost += loss.names_lost;
+        loss
+    }
+
+    /// The power failed while the server was recovering: the disk loses
+    /// what was not durable, and the server starts again later.
+    fn power_loss_while_down(&mut self) {
+        let loss = self.lose_power();
         self.log(|| {
             format!(
                 "power lost during recovery (unsynced bytes in {} files, {} torn, {} directory changes)",

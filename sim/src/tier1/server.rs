@@ -7,7 +7,6 @@
 //! are applied, then (a moment later) the replies leave. Requests that arrive
 //! meanwhile gather in the next batch: one fsync serves them all.
 
-use crate::disk::CrashLoss;
 use std::collections::BTreeMap;
 
 use dlm::core::staging::{FileIndex, FileWrite};
@@ -19,6 +18,7 @@ use dlm::log::{SnapshotWrite, Wal};
 use dlm::server::{recover, ServerConfig};
 
 use super::{Dir, Event, World};
+use crate::disk::CrashLoss;
 use crate::Plant;
 
 /// Where a reply goes: (client index, client incarnation, attempt).

@@ -53,14 +53,18 @@ pub enum ScanEnd {
     Corrupt { offset: u64, reason: String },
 }
 
-/// The payloads of `valid`, with their offsets: a prefix that [`scan`]
-/// accepted (its `valid_len` bytes), walked again by its lengths alone
-/// (the checksums were checked by that scan).
+/// The payload length in a frame header.
+fn length(header: &[u8]) -> usize {
+    u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize
+}
+
+/// The payloads of `valid`, with their offsets: a prefix that [`check`]
+/// (or [`scan`]) accepted (its `valid_len` bytes), walked by its lengths
+/// alone (the checksums were checked then).
 pub fn payloads(valid: &[u8]) -> impl Iterator<Item = (u64, &[u8])> + '_ {
     let mut at = 0usize;
     std::iter::from_fn(move || {
-        let header = valid.get(at..at + HEADER)?;
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let len = length(valid.get(at..at + HEADER)?);
         let payload = valid.get(at + HEADER..at + HEADER + len)?;
         debug_assert!(len > 0, "scan never accepts an empty frame");
         let offset = at as u64;
@@ -71,7 +75,17 @@ pub fn payloads(valid: &[u8]) -> impl Iterator<Item = (u64, &[u8])> + '_ {
 
 /// Splits `buf` into frames.
 pub fn scan(buf: &[u8]) -> Scan<'_> {
-    let mut frames = Vec::new();
+    let (valid_len, end) = check(buf);
+    Scan {
+        frames: payloads(&buf[..valid_len as usize]).collect(),
+        valid_len,
+        end,
+    }
+}
+
+/// [`scan`] without collecting the frames: where good data ends, and how
+/// the scan ended.
+pub fn check(buf: &[u8]) -> (u64, ScanEnd) {
     let mut at = 0usize;
     let end = loop {
         let rest = &buf[at..];
@@ -81,7 +95,7 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
         if rest.len() < HEADER {
             break ScanEnd::TornTail;
         }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let len = length(rest);
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if len == 0 {
             // The end marker, but data follows: not a prefix of a write.
@@ -110,14 +124,9 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
                 }
             };
         }
-        frames.push((at as u64, payload));
         at += HEADER + len;
     };
-    Scan {
-        frames,
-        valid_len: at as u64,
-        end,
-    }
+    (at as u64, end)
 }
 
 /// True when `bytes` holds nothing but zeros (or nothing).

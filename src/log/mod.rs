@@ -68,9 +68,8 @@ pub enum LogError {
 pub struct Reopened<S> {
     /// What the visitor built from the snapshot and the records.
     pub state: S,
-    /// Records read since the snapshot.
-    pub records: u64,
-    /// The log, ready to append after them.
+    /// The log, ready to append after them (its
+    /// [`Wal::records_since_snapshot`] counts the records handed on).
     pub wal: Wal,
     /// Bytes of torn tail that were cut off.
     pub torn_bytes: u64,
@@ -298,7 +297,6 @@ impl Wal {
             write_snapshot_file(wal.dir.as_ref(), 0, &snapshot)?;
             return Ok(Reopened {
                 state: start(snapshot)?,
-                records: 0,
                 wal,
                 torn_bytes: 0,
             });
@@ -369,9 +367,10 @@ impl Wal {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
                 Err(e) => return Err(io_err(dir.as_ref(), &name)(e).into()),
             };
-            let scan = frame::scan(&data);
-            let dirty_end = scan.valid_len + frame::dirty_end(&data[scan.valid_len as usize..]);
-            if current.is_some() && scan.frames.is_empty() && dirty_end == 0 {
+            // Checked only: the records are walked again in the second pass.
+            let (valid, end) = frame::check(&data);
+            let dirty_end = valid + frame::dirty_end(&data[valid as usize..]);
+            if current.is_some() && valid == 0 && dirty_end == 0 {
                 unused.push((*g, data.len() as u64));
                 continue;
             }
@@ -384,11 +383,11 @@ impl Wal {
                 .into());
             }
             unused.clear();
-            match scan.end {
+            match end {
                 ScanEnd::Clean => {}
                 ScanEnd::TornTail => {
-                    torn = Some((dir.describe(&name), scan.valid_len));
-                    torn_bytes = dirty_end - scan.valid_len;
+                    torn = Some((dir.describe(&name), valid));
+                    torn_bytes = dirty_end - valid;
                 }
                 ScanEnd::Corrupt { offset, reason } => {
                     return Err(LogError::Corrupt {
@@ -399,7 +398,6 @@ impl Wal {
                     .into())
                 }
             }
-            let valid = scan.valid_len;
             let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
             current = Some((*g, valid, tail_bytes, data.len() as u64, dirty_end));
             if valid > 0 {
@@ -474,7 +472,6 @@ impl Wal {
         wal.dir.sync().map_err(wal.io("."))?;
         Ok(Reopened {
             state,
-            records,
             wal,
             torn_bytes,
         })
@@ -1127,7 +1124,7 @@ mod tests {
                 Ok::<_, LogError>(())
             },
         )
-        .map(|r| r.records);
+        .map(|r| r.wal.records_since_snapshot());
         (seen, result)
     }
 

@@ -275,7 +275,6 @@ pub fn recover(
     )?;
     let Reopened {
         state: (mut core, replay),
-        records,
         wal,
         torn_bytes,
     } = reopened;
@@ -289,12 +288,12 @@ pub fn recover(
     }
     files.sync()?;
     core.resume(now);
+    let records_since_snapshot = wal.records_since_snapshot();
     let report = RecoveryReport {
-        records_replayed: records as usize,
+        records_replayed: records_since_snapshot as usize,
         torn_bytes,
         grants: snapshot.grants.len(),
     };
-    let records_since_snapshot = wal.records_since_snapshot();
     Ok(Recovered {
         core,
         persister: Persister::new(wal, files),

@@ -109,6 +109,12 @@ impl Disk {
     fn inode_of(&self, dir: &str, name: &str) -> Option<Inode> {
         self.dirs.get(dir)?.current.get(name).copied()
     }
+
+    /// The bytes a reader of `dir/name` sees.
+    fn read(&self, dir: &str, name: &str) -> Option<Vec<u8>> {
+        let inode = self.inode_of(dir, name)?;
+        self.inodes.get(&inode).map(|f| f.current.clone())
+    }
 }
 
 /// A disk shared by the directories made from it.
@@ -125,7 +131,7 @@ pub struct CrashLoss {
     /// Of them, files left with a torn prefix of the lost bytes.
     pub torn: u64,
     /// Directory changes (create, rename, remove) lost: not synced, and
-    /// past the prefix of them that the crash kept.
+    /// not among those the crash kept.
     pub names_lost: u64,
 }
 
@@ -263,11 +269,7 @@ impl SimDisk {
 
     /// The bytes a reader of `dir/name` sees.
     pub fn read(&self, dir: &str, name: &str) -> Vec<u8> {
-        let disk = self.lock();
-        disk.inode_of(dir, name)
-            .and_then(|inode| disk.inodes.get(&inode))
-            .map(|f| f.current.clone())
-            .unwrap_or_default()
+        self.lock().read(dir, name).unwrap_or_default()
     }
 }
 
@@ -295,10 +297,9 @@ impl Dir for SimDir {
     }
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        let disk = self.disk.lock();
-        disk.inode_of(&self.dir, name)
-            .and_then(|inode| disk.inodes.get(&inode))
-            .map(|f| f.current.clone())
+        self.disk
+            .lock()
+            .read(&self.dir, name)
             .ok_or_else(|| not_found(name))
     }
 

@@ -248,9 +248,7 @@ impl Client {
         let inner = &*self.inner;
         let started = Instant::now();
         let closes = inner.closes.load(Ordering::SeqCst);
-        let mut round = 0;
-        loop {
-            round += 1;
+        for _ in 0..ROUNDS {
             let acquired = acquire::acquire(
                 &inner.servers,
                 &inner.timing,
@@ -273,10 +271,10 @@ impl Client {
             match opts.wait {
                 Some(Duration::ZERO) => return Err(Error::LockHeld),
                 Some(wait) if started.elapsed() >= wait => return Err(Error::WaitTimedOut),
-                _ if round == ROUNDS => return Err(Error::LeaseLost),
                 _ => {}
             }
         }
+        Err(Error::LeaseLost)
     }
 
     /// `Some(acquired)` once it is known to be alive: as it is if its lease

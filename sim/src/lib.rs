@@ -86,6 +86,9 @@ pub struct Faults {
     /// Tier 1: power failures in the middle of a step's storage changes
     /// (a log sync, a snapshot's write, a recovery).
     pub power_cuts_in_step: u64,
+    /// Tier 1: server crashes that were a `kill -9` (the disk kept its
+    /// unsynced writes) rather than a power loss.
+    pub kills: u64,
     pub snapshots: u64,
     /// Server crashes while a snapshot was being written (its generation's
     /// log already in use).
@@ -117,6 +120,7 @@ impl Faults {
         self.torn_writes += other.torn_writes;
         self.dir_changes_lost += other.dir_changes_lost;
         self.power_cuts_in_step += other.power_cuts_in_step;
+        self.kills += other.kills;
         self.snapshots += other.snapshots;
         self.crash_mid_snapshot += other.crash_mid_snapshot;
         self.holds += other.holds;
@@ -146,7 +150,7 @@ impl Faults {
             (self.drops.to_string(), String::new())
         };
         format!(
-            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, power cut inside a log sync, snapshot write or recovery {}, while a snapshot was written {}) | snapshots {}{tier2}",
+            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (of which kill -9 without power loss {}, between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, power cut inside a log sync, snapshot write or recovery {}, while a snapshot was written {}) | snapshots {}{tier2}",
             self.duplicates,
             self.reorders,
             self.partitions,
@@ -154,6 +158,7 @@ impl Faults {
             self.client_pauses,
             self.client_crashes,
             self.server_crashes,
+            self.kills,
             self.crash_before_fsync,
             self.crash_before_reply,
             self.crash_unsynced_lost,

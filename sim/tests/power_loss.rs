@@ -8,7 +8,10 @@
 //! not synced: of each file's bytes (torn writes) and of each directory's
 //! creates, renames and removes. Recovery must start, and give back every
 //! record whose sync returned before the power failed, once: either folded
-//! into the snapshot or replayed after it.
+//! into the snapshot or replayed after it. Two more cases kill the process
+//! first (its unsynced writes stay in the page cache): the power fails
+//! during the next recovery, or after it, when the records that recovery
+//! replayed count as acknowledged too (the server answers from them).
 
 use dlm::core::records::{Change, Record, Snapshot};
 use dlm::core::types::Fence;
@@ -184,5 +187,51 @@ fn a_power_failure_during_the_recovery_after_a_kill_loses_nothing() {
     assert!(
         lost_names > 0,
         "no crash fell between a directory change and its sync"
+    );
+}
+
+#[test]
+fn what_a_recovery_after_a_kill_hands_on_survives_a_later_power_failure() {
+    // A killed process leaves records it wrote but never synced; the page
+    // cache keeps them, so the next start reads and replays them, and its
+    // server answers from them (a retry of the call that wrote one is
+    // answered from the replayed dedup entry, with no new log write). They
+    // are acknowledged from then on: a power failure after the recovery
+    // must not lose them.
+    let changes = whole_sequence();
+    let mut rng = SimRng::new(13);
+    let mut unsynced_replayed = 0;
+    for at in 0..=changes {
+        for _ in 0..8 {
+            let disk = SimDisk::default();
+            disk.power_fails_at(at);
+            let mut acked = Vec::new();
+            let _ = sequence(&disk, &mut acked);
+            disk.process_killed();
+            let recovered =
+                Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default)
+                    .unwrap_or_else(|e| panic!("killed after {at} changes: recovery refused: {e}"));
+            let mut served: Vec<u64> = recovered
+                .records
+                .iter()
+                .map(|r| match &r.changes[0] {
+                    Change::Ended { fence, .. } => fence.0,
+                    other => panic!("not a test record: {other:?}"),
+                })
+                .collect();
+            unsynced_replayed += served.iter().filter(|n| !acked.contains(n)).count();
+            served.extend(&acked);
+            drop(recovered);
+            disk.crash(&mut rng, 0.5);
+            check(
+                &disk,
+                &served,
+                &format!("killed after {at} changes, recovered, then the power failed"),
+            );
+        }
+    }
+    assert!(
+        unsynced_replayed > 0,
+        "no kill fell between a record's write and its sync"
     );
 }

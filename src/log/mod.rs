@@ -409,6 +409,18 @@ impl Wal {
                 checked.push((name, data));
             }
         }
+        // What is read here may never have been synced: a process killed
+        // between a log write and its fsync leaves the record in the page
+        // cache, and recovery reads it like any other. The server answers
+        // from the recovered state (a retry of the call that wrote such a
+        // record is answered from its replayed dedup entry without a new log
+        // write), so every record handed on must be durable first, or a
+        // power failure after the start could lose what was acknowledged.
+        for (name, _) in &checked {
+            dir.open(name, false)
+                .and_then(|mut segment| segment.sync_data())
+                .map_err(io_err(dir.as_ref(), name))?;
+        }
         // Every segment's frames and checksums are good: hand the records
         // on, segment by segment (each segment's bytes freed once it is
         // done), each record as soon as it is decoded.

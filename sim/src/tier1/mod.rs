@@ -8,8 +8,10 @@
 //! modelled as two steps — the log write, then the fsync some milliseconds
 //! later — and only then are file writes applied and replies sent. The server
 //! crashes at any instant: between a write and its fsync (unsynced bytes are
-//! lost or torn), between the fsync and the replies, or while idle; it
-//! restarts through the real recovery path. Clients follow the client
+//! lost or torn), between the fsync and the replies, or while idle, by a
+//! power loss or by a `kill -9` (the disk keeps what was written, synced or
+//! not, until a later power loss); it restarts through the real recovery
+//! path. Clients follow the client
 //! library's rules: one request id per operation across retries, a deadline
 //! per attempt, a cancel when an attempt is abandoned, exponential backoff
 //! with full jitter, lease renewal while holding; they also pause past their
@@ -53,6 +55,10 @@ pub struct Scenario {
     pub fsync_max: u64,
     pub chaos_ms: u64,
     pub heal_ms: u64,
+    /// Share of the server crashes (those not aimed inside a storage step)
+    /// that are a `kill -9` of the process rather than a power loss: the
+    /// disk keeps every write, synced or not, until a later power loss.
+    pub kills: f64,
 }
 
 impl Scenario {
@@ -72,6 +78,9 @@ impl Scenario {
             fsync_max: rng.between(1, 8),
             chaos_ms: 6_000,
             heal_ms: 8_000,
+            // Drawn last, so that the draws above are those of earlier
+            // versions for the same seed.
+            kills: rng.fraction(0.7),
         }
     }
 }
@@ -403,7 +412,7 @@ impl World {
             Event::SnapshotWritten { incarnation } => self.server_snapshot_written(incarnation),
             Event::ServerCrash => {
                 if !self.healed {
-                    self.server_crash();
+                    self.server_crash_or_kill();
                     if let Some(at) = self.next_arrival(self.scenario.crashes_per_s) {
                         self.at(at, Event::ServerCrash);
                     }
@@ -411,7 +420,7 @@ impl World {
             }
             Event::InjectedCrash => {
                 if !self.healed {
-                    self.server_crash();
+                    self.server_crash_or_kill();
                 }
             }
             Event::ServerRestart => {

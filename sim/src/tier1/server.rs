@@ -448,10 +448,40 @@ impl World {
         );
     }
 
-    /// Power loss: memory is gone, unsynced bytes are lost or torn.
-    pub(super) fn server_crash(&mut self) {
-        let Some(node) = self.server.node.take() else {
+    /// A crash drawn by the scenario: a `kill -9` with the chance
+    /// [`Scenario::kills`](super::Scenario::kills), otherwise a power loss.
+    pub(super) fn server_crash_or_kill(&mut self) {
+        if self.server.node.is_none() {
             return;
+        }
+        if self.rng.chance(self.scenario.kills) {
+            self.server_kill();
+        } else {
+            self.server_crash();
+        }
+    }
+
+    /// `kill -9`: memory is gone, the disk keeps every write (the page cache
+    /// survives the process) but not as durable: a later power loss, even
+    /// during the next recovery, can still lose what was never synced.
+    fn server_kill(&mut self) {
+        if !self.server_down() {
+            return;
+        }
+        self.faults.kills += 1;
+        self.disk.process_killed();
+        self.log(|| "server KILLED (the disk keeps unsynced writes)".to_owned());
+        if !self.healed {
+            let down = self.rng.between(10, 1_500);
+            self.at(self.now + down, Event::ServerRestart);
+        }
+    }
+
+    /// The process is gone (memory lost): counts what it was doing.
+    /// Returns false if it was already down.
+    fn server_down(&mut self) -> bool {
+        let Some(node) = self.server.node.take() else {
+            return false;
         };
         if node.flight.is_some() {
             self.faults.crash_before_fsync += 1;
@@ -464,8 +494,16 @@ impl World {
         }
         self.faults.server_crashes += 1;
         self.server.incarnation += 1;
-        let loss = self.lose_power();
         self.history.on_crash(self.now);
+        true
+    }
+
+    /// Power loss: memory is gone, unsynced bytes are lost or torn.
+    pub(super) fn server_crash(&mut self) {
+        if !self.server_down() {
+            return;
+        }
+        let loss = self.lose_power();
         self.log(|| {
             format!(
                 "server CRASH (lost unsynced bytes in {} files, {} torn)",

@@ -64,6 +64,12 @@ pub trait DirFile: Send {
     /// # Errors
     /// I/O errors.
     fn size(&self) -> io::Result<u64>;
+    /// Reads into `buf` from `offset`; returns how many bytes were read
+    /// (fewer than `buf.len()` only at the end of the file).
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes all of `data` at `offset`.
     ///
     /// # Errors
@@ -265,6 +271,23 @@ impl Direct {
 impl DirFile for FsFile {
     fn size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(direct) = &self.direct {
+            // O_DIRECT reads need aligned buffers: read through the page cache.
+            return direct.buffered.read_at(offset, buf);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -408,6 +408,15 @@ impl DirFile for SimHandle {
         self.with(|f| f.current.len() as u64)
     }
 
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.with(|f| {
+            let from = (offset as usize).min(f.current.len());
+            let n = buf.len().min(f.current.len() - from);
+            buf[..n].copy_from_slice(&f.current[from..from + n]);
+            n
+        })
+    }
+
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.change(|f| {
             let end = offset as usize + data.len();

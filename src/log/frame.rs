@@ -86,47 +86,133 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
 /// [`scan`] without collecting the frames: where good data ends, and how
 /// the scan ended.
 pub fn check(buf: &[u8]) -> (u64, ScanEnd) {
-    let mut at = 0usize;
+    match check_source(&mut Bytes(buf)) {
+        Ok(checked) => checked,
+        Err(never) => match never {},
+    }
+}
+
+/// Bytes of a segment, read forward: a buffer in memory, or a file read in
+/// chunks (so that checking and replaying a log of any length needs memory
+/// for a chunk and the largest record, not for the whole log).
+pub trait Source {
+    /// What reading fails with.
+    type Error;
+    /// Length in bytes.
+    fn size(&self) -> u64;
+    /// The `len` bytes at `at`; `at + len` must not pass [`Source::size`].
+    ///
+    /// # Errors
+    /// Read errors.
+    fn get(&mut self, at: u64, len: usize) -> Result<&[u8], Self::Error>;
+    /// Where the last non-zero byte at or after `from` ends; `from` when
+    /// there is none.
+    ///
+    /// # Errors
+    /// Read errors.
+    fn dirty_end(&mut self, from: u64) -> Result<u64, Self::Error>;
+    /// True when every byte at or after `from` is zero (stops reading at the
+    /// first that is not).
+    ///
+    /// # Errors
+    /// Read errors.
+    fn zero_from(&mut self, from: u64) -> Result<bool, Self::Error>;
+}
+
+/// A [`Source`] over a buffer in memory.
+pub struct Bytes<'a>(pub &'a [u8]);
+
+impl Source for Bytes<'_> {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn get(&mut self, at: u64, len: usize) -> Result<&[u8], Self::Error> {
+        Ok(&self.0[at as usize..at as usize + len])
+    }
+
+    fn dirty_end(&mut self, from: u64) -> Result<u64, Self::Error> {
+        Ok(from + dirty_end(&self.0[from as usize..]))
+    }
+
+    fn zero_from(&mut self, from: u64) -> Result<bool, Self::Error> {
+        Ok(all_zero(&self.0[from as usize..]))
+    }
+}
+
+/// [`check`] over any [`Source`].
+///
+/// # Errors
+/// The source's read errors.
+pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> {
+    let size = src.size();
+    let mut at = 0u64;
     let end = loop {
-        let rest = &buf[at..];
-        if all_zero(rest) {
+        if src.zero_from(at)? {
             break ScanEnd::Clean;
         }
-        if rest.len() < HEADER {
+        if size - at < HEADER as u64 {
             break ScanEnd::TornTail;
         }
-        let len = length(rest);
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let header = src.get(at, HEADER)?;
+        let len = length(header);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len == 0 {
             // The end marker, but data follows: not a prefix of a write.
             break ScanEnd::Corrupt {
-                offset: at as u64,
+                offset: at,
                 reason: "data after the end of the log".to_owned(),
             };
         }
         if len > MAX_PAYLOAD {
             break ScanEnd::Corrupt {
-                offset: at as u64,
+                offset: at,
                 reason: format!("record length {len} is impossible"),
             };
         }
-        if rest.len() < HEADER + len {
+        let next = at + (HEADER + len) as u64;
+        if size < next {
             break ScanEnd::TornTail;
         }
-        let payload = &rest[HEADER..HEADER + len];
-        if crc32c::crc32c(payload) != crc {
-            break if all_zero(&rest[HEADER + len..]) {
+        if crc32c::crc32c(src.get(at + HEADER as u64, len)?) != crc {
+            break if src.zero_from(next)? {
                 ScanEnd::TornTail
             } else {
                 ScanEnd::Corrupt {
-                    offset: at as u64,
+                    offset: at,
                     reason: "checksum mismatch".to_owned(),
                 }
             };
         }
-        at += HEADER + len;
+        at = next;
     };
-    (at as u64, end)
+    Ok((at, end))
+}
+
+/// Hands each payload of the first `valid` bytes of `src` — a prefix that
+/// [`check_source`] accepted — to `each` with its offset, walking the
+/// frames by their lengths alone (the checksums were checked then).
+///
+/// # Errors
+/// The source's read errors (as `read_error` makes them), or the first
+/// error of `each`.
+pub fn each_payload<S: Source, E>(
+    src: &mut S,
+    valid: u64,
+    read_error: impl Fn(S::Error) -> E,
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut at = 0u64;
+    while at + HEADER as u64 <= valid {
+        let len = length(src.get(at, HEADER).map_err(&read_error)?);
+        debug_assert!(len > 0, "check never accepts an empty frame");
+        let payload = src.get(at + HEADER as u64, len).map_err(&read_error)?;
+        each(at, payload)?;
+        at += (HEADER + len) as u64;
+    }
+    Ok(())
 }
 
 /// True when `bytes` holds nothing but zeros (or nothing).

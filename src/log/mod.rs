@@ -35,6 +35,7 @@
 //! appends in pages does.
 
 pub mod frame;
+pub mod read;
 
 use std::io;
 use std::sync::Arc;
@@ -42,7 +43,8 @@ use std::sync::Arc;
 use crate::core::records::{Record, Snapshot};
 use crate::storage::{Dir, DirFile};
 
-use frame::ScanEnd;
+use frame::{ScanEnd, Source};
+use read::SegmentReader;
 
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +164,15 @@ fn io_err(dir: &dyn Dir, name: &str) -> impl FnOnce(io::Error) -> LogError + use
     move |source| LogError::Io { file, source }
 }
 
+/// Opens segment `name` for reading in chunks; `None` when it does not exist.
+fn open_segment(dir: &dyn Dir, name: &str) -> Result<Option<SegmentReader>, LogError> {
+    match dir.open(name, false).and_then(SegmentReader::new) {
+        Ok(segment) => Ok(Some(segment)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(dir, name)(e)),
+    }
+}
+
 fn generation_of(name: &str, prefix: &str) -> Option<u64> {
     let digits = name.strip_prefix(prefix)?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
@@ -274,10 +285,12 @@ impl Wal {
             if !logs.is_empty() {
                 let name = log_name(logs[0]);
                 let leftover = logs == [0]
-                    && dir
-                        .read(&name)
-                        .map_err(io_err(dir.as_ref(), &name))
-                        .map(|data| frame::all_zero(&data))?;
+                    && match open_segment(dir.as_ref(), &name)? {
+                        Some(mut segment) => {
+                            segment.zero_from(0).map_err(io_err(dir.as_ref(), &name))?
+                        }
+                        None => true,
+                    };
                 if !leftover {
                     return Err(LogError::Corrupt {
                         file: dir.describe(&name),
@@ -358,20 +371,34 @@ impl Wal {
         // next generation's is kept as zero-filled ahead, others removed.
         let mut unused = Vec::new();
         // Segments with records, checked whole before any record is handed
-        // on: name, and the bytes of its records.
+        // on: name, and where its records end.
         let mut checked = Vec::new();
         for g in &segments {
             let name = log_name(*g);
-            let data = match dir.read(&name) {
-                Ok(data) => data,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(io_err(dir.as_ref(), &name)(e).into()),
+            let read_err = |e| io_err(dir.as_ref(), &name)(e);
+            // Read in chunks, checked only: the records are walked again in
+            // the second pass, so memory holds a chunk, not the log.
+            let (valid, end, dirty_end, size, tail_bytes) = match open_segment(dir.as_ref(), &name)?
+            {
+                None => (0, ScanEnd::Clean, 0, 0, Vec::new()),
+                Some(mut segment) => {
+                    let (valid, end) = frame::check_source(&mut segment).map_err(read_err)?;
+                    // After a clean end only zeros follow the data.
+                    let dirty_end = if end == ScanEnd::Clean {
+                        valid
+                    } else {
+                        segment.dirty_end(valid).map_err(read_err)?
+                    };
+                    let floor = block_floor(valid);
+                    let tail = segment
+                        .get(floor, (valid - floor) as usize)
+                        .map_err(read_err)?
+                        .to_vec();
+                    (valid, end, dirty_end, segment.size(), tail)
+                }
             };
-            // Checked only: the records are walked again in the second pass.
-            let (valid, end) = frame::check(&data);
-            let dirty_end = valid + frame::dirty_end(&data[valid as usize..]);
             if current.is_some() && valid == 0 && dirty_end == 0 {
-                unused.push((*g, data.len() as u64));
+                unused.push((*g, size));
                 continue;
             }
             if let Some((file, offset)) = torn.take() {
@@ -398,15 +425,9 @@ impl Wal {
                     .into())
                 }
             }
-            let tail_bytes = data[block_floor(valid) as usize..valid as usize].to_vec();
-            current = Some((*g, valid, tail_bytes, data.len() as u64, dirty_end));
+            current = Some((*g, valid, tail_bytes, size, dirty_end));
             if valid > 0 {
-                // Only the checked records are kept for the second pass, not
-                // the zeros ahead of them nor a torn tail.
-                let mut data = data;
-                data.truncate(valid as usize);
-                data.shrink_to_fit();
-                checked.push((name, data));
+                checked.push((name, valid));
             }
         }
         // What is read here may never have been synced: a process killed
@@ -422,10 +443,16 @@ impl Wal {
                 .map_err(io_err(dir.as_ref(), name))?;
         }
         // Every segment's frames and checksums are good: hand the records
-        // on, segment by segment (each segment's bytes freed once it is
-        // done), each record as soon as it is decoded.
-        for (name, data) in checked {
-            for (offset, payload) in frame::payloads(&data) {
+        // on, segment by segment, each record as soon as it is decoded.
+        for (name, valid) in checked {
+            let read_err = |e| E::from(io_err(dir.as_ref(), &name)(e));
+            let mut segment = open_segment(dir.as_ref(), &name)?.ok_or_else(|| {
+                read_err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "removed while recovery read it",
+                ))
+            })?;
+            frame::each_payload(&mut segment, valid, read_err, |offset, payload| {
                 let record: Record =
                     postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
                         file: dir.describe(&name),
@@ -434,7 +461,8 @@ impl Wal {
                     })?;
                 each(&mut state, record)?;
                 records += 1;
-            }
+                Ok(())
+            })?;
         }
         let (last, valid, tail, size, dirty_end) =
             current.unwrap_or((generation, 0, Vec::new(), 0, 0));

@@ -224,6 +224,18 @@ impl DirFile for TurmoilFile {
         Ok(self.file.metadata()?.len())
     }
 
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        alive(&self.shared)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
+    }
+
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         alive(&self.shared)?;
         self.file.write_all_at(data, offset)?;

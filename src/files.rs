@@ -20,22 +20,22 @@ pub struct DataFiles {
 }
 
 impl DataFiles {
-    /// Opens every data file in `dir`, creating missing ones (durably).
+    /// Opens every data file in `dir`, creating missing ones, and makes
+    /// their names durable.
+    ///
+    /// The directory is synced at every start, not only when this start
+    /// created a file: a process killed after creating files but before the
+    /// directory's sync leaves names that the next start lists but that a
+    /// power failure could still lose, with every append in them.
     ///
     /// # Errors
     /// I/O errors.
     pub fn open(dir: Box<dyn Dir>) -> io::Result<DataFiles> {
-        let existing = dir.list()?;
-        let mut created = false;
         let mut handles = Vec::with_capacity(FILE_COUNT);
         for file in FileIndex::all() {
-            let name = file.name();
-            created |= !existing.contains(&name);
-            handles.push(dir.open(&name, true)?);
+            handles.push(dir.open(&file.name(), true)?);
         }
-        if created {
-            dir.sync()?;
-        }
+        dir.sync()?;
         Ok(DataFiles {
             dir,
             handles,

@@ -192,25 +192,41 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
 }
 
 /// Hands each payload of the first `valid` bytes of `src` — a prefix that
-/// [`check_source`] accepted — to `each` with its offset, walking the
-/// frames by their lengths alone (the checksums were checked then).
+/// [`check_source`] accepted — to `each` with its offset. The frames are
+/// checked again as they are walked (lengths within `valid`, checksums,
+/// the last frame ending exactly at `valid`): the bytes are read a second
+/// time and must not be trusted for having been good the first time.
 ///
 /// # Errors
-/// The source's read errors (as `read_error` makes them), or the first
-/// error of `each`.
+/// The source's read errors (as `read_error` makes them), a frame that is
+/// not what the check found (as `changed` makes it, with its offset), or
+/// the first error of `each`.
 pub fn each_payload<S: Source, E>(
     src: &mut S,
     valid: u64,
     read_error: impl Fn(S::Error) -> E,
+    changed: impl Fn(u64) -> E,
     mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
     let mut at = 0u64;
-    while at + HEADER as u64 <= valid {
-        let len = length(src.get(at, HEADER).map_err(&read_error)?);
-        debug_assert!(len > 0, "check never accepts an empty frame");
-        let payload = src.get(at + HEADER as u64, len).map_err(&read_error)?;
+    while at < valid {
+        if valid - at < HEADER as u64 {
+            return Err(changed(at));
+        }
+        let header = src.get(at, HEADER).map_err(&read_error)?;
+        let len = length(header) as u64;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 || len > valid - at - HEADER as u64 {
+            return Err(changed(at));
+        }
+        let payload = src
+            .get(at + HEADER as u64, len as usize)
+            .map_err(&read_error)?;
+        if crc32c::crc32c(payload) != crc {
+            return Err(changed(at));
+        }
         each(at, payload)?;
-        at += (HEADER + len) as u64;
+        at += HEADER as u64 + len;
     }
     Ok(())
 }

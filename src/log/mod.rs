@@ -239,9 +239,10 @@ impl Wal {
 
     /// [`Wal::recover_with`] handing the snapshot to `start` and then each
     /// record, as soon as it is decoded, to `each` (in log order), instead
-    /// of collecting them: the decoded records of a long log are never all
-    /// in memory at once (the checked bytes of its segments are, until each
-    /// segment is replayed), and a replay takes them by value.
+    /// of collecting them: neither the log's bytes nor its decoded records
+    /// are ever all in memory at once (segments are read in chunks, see
+    /// [`read::SegmentReader`], once to check them and once to replay
+    /// them), and a replay takes the records by value.
     ///
     /// Every segment is read and checked whole (frames, checksums, where a
     /// torn tail may be) before any record is handed on, so damage anywhere
@@ -383,6 +384,14 @@ impl Wal {
                 None => (0, ScanEnd::Clean, 0, 0, Vec::new()),
                 Some(mut segment) => {
                     let (valid, end) = frame::check_source(&mut segment).map_err(read_err)?;
+                    if let ScanEnd::Corrupt { offset, reason } = end {
+                        return Err(LogError::Corrupt {
+                            file: dir.describe(&name),
+                            offset,
+                            reason,
+                        }
+                        .into());
+                    }
                     // After a clean end only zeros follow the data.
                     let dirty_end = if end == ScanEnd::Clean {
                         valid
@@ -410,20 +419,10 @@ impl Wal {
                 .into());
             }
             unused.clear();
-            match end {
-                ScanEnd::Clean => {}
-                ScanEnd::TornTail => {
-                    torn = Some((dir.describe(&name), valid));
-                    torn_bytes = dirty_end - valid;
-                }
-                ScanEnd::Corrupt { offset, reason } => {
-                    return Err(LogError::Corrupt {
-                        file: dir.describe(&name),
-                        offset,
-                        reason,
-                    }
-                    .into())
-                }
+            // (Damage was refused when the segment was checked.)
+            if end == ScanEnd::TornTail {
+                torn = Some((dir.describe(&name), valid));
+                torn_bytes = dirty_end - valid;
             }
             current = Some((*g, valid, tail_bytes, size, dirty_end));
             if valid > 0 {
@@ -452,7 +451,14 @@ impl Wal {
                     "removed while recovery read it",
                 ))
             })?;
-            frame::each_payload(&mut segment, valid, read_err, |offset, payload| {
+            let changed = |offset| {
+                E::from(LogError::Corrupt {
+                    file: dir.describe(&name),
+                    offset,
+                    reason: "changed since recovery checked it".to_owned(),
+                })
+            };
+            frame::each_payload(&mut segment, valid, read_err, changed, |offset, payload| {
                 let record: Record =
                     postcard::from_bytes(payload).map_err(|e| LogError::Corrupt {
                         file: dir.describe(&name),

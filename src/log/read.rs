@@ -53,7 +53,7 @@ impl SegmentReader {
     fn fill(&mut self, at: u64, len: usize) -> io::Result<()> {
         let want = len.max(self.chunk) as u64;
         let n = want.min(self.size.saturating_sub(at)) as usize;
-        self.window.clear();
+        // Only growth is zero-filled; the read overwrites the rest.
         self.window.resize(n, 0);
         let read = self.file.read_at(at, &mut self.window)?;
         if read < n {
@@ -85,6 +85,16 @@ impl Source for SegmentReader {
     }
 
     fn get(&mut self, at: u64, len: usize) -> io::Result<&[u8]> {
+        // The file may have shrunk since a caller learned its size.
+        if at.checked_add(len as u64).is_none_or(|end| end > self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{len} bytes at offset {at} asked of a file of {} bytes",
+                    self.size
+                ),
+            ));
+        }
         let end = self.start + self.window.len() as u64;
         if at < self.start || at + len as u64 > end {
             self.fill(at, len)?;
@@ -178,6 +188,7 @@ mod tests {
                     &mut reader,
                     valid,
                     |e| e,
+                    |at| panic!("{what}: frame at {at} changed"),
                     |o, p| {
                         walked.push((o, p.to_vec()));
                         Ok(())
@@ -206,5 +217,58 @@ mod tests {
         dir.open("f", false).unwrap().set_len(50).unwrap();
         let error = reader.get(60, 10).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+        // A reader opened after the shrink, asked for what the check saw.
+        let mut reader = SegmentReader::with_chunk(dir.open("f", false).unwrap(), 10).unwrap();
+        let error = reader.get(45, 10).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(reader.get(u64::MAX - 3, 10).is_err());
+    }
+
+    /// What the second pass finds when the bytes changed after the check.
+    fn walk_after(bytes: &[u8], valid: u64) -> Result<Vec<u64>, String> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = FsDir::open(tmp.path()).unwrap();
+        dir.open("f", true).unwrap().write_at(0, bytes).unwrap();
+        let mut reader = SegmentReader::with_chunk(dir.open("f", false).unwrap(), 16).unwrap();
+        let mut offsets = Vec::new();
+        frame::each_payload(
+            &mut reader,
+            valid,
+            |e| format!("read: {e}"),
+            |at| format!("changed at {at}"),
+            |o, _| {
+                offsets.push(o);
+                Ok(())
+            },
+        )
+        .map(|()| offsets)
+    }
+
+    #[test]
+    fn the_second_pass_refuses_frames_that_changed_since_the_check() {
+        let mut log = Vec::new();
+        for p in [&b"alpha"[..], &[5u8; 40][..], b"omega"] {
+            frame::encode(p, &mut log);
+        }
+        let valid = frame::check(&log).0;
+        assert_eq!(walk_after(&log, valid), Ok(vec![0, 13, 61]));
+        // A payload byte: its checksum.
+        let mut bad = log.clone();
+        bad[20] ^= 1;
+        assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
+        // A length pointing past what was checked, or zero.
+        let mut bad = log.clone();
+        bad[13] = 200;
+        assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
+        let mut bad = log.clone();
+        bad[13] = 0;
+        assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
+        // A shorter length whose frame ends before `valid` but not on a
+        // frame boundary of the check: the next header is out of place.
+        assert!(walk_after(&log, valid - 2).is_err());
+        // The file shrank: a read error, not a panic.
+        assert!(walk_after(&log[..30], valid)
+            .unwrap_err()
+            .starts_with("read:"));
     }
 }

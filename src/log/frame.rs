@@ -174,11 +174,11 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         }
         let next = at + (HEADER + len) as u64;
         if size < next {
-            break ScanEnd::TornTail;
+            break torn_or_damaged(src, at)?;
         }
         if crc32c::crc32c(src.get(at + HEADER as u64, len)?) != crc {
             break if src.zero_from(next)? {
-                ScanEnd::TornTail
+                torn_or_damaged(src, at)?
             } else {
                 ScanEnd::Corrupt {
                     offset: at,
@@ -189,6 +189,40 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         at = next;
     };
     Ok((at, end))
+}
+
+/// What a bad frame at `at` followed by nothing that is clearly data means.
+///
+/// The length field is not covered by the checksum. A damaged length that
+/// points past the end of the file, or over later records into the zeros
+/// ahead, would look like a write cut short, and cutting there would drop
+/// every record after it. A write cut short leaves nothing whole after the
+/// point where it was cut, so if a complete frame with a good checksum
+/// starts anywhere after `at` (before the last non-zero byte), the frame at
+/// `at` is damage. (A random 8 bytes pass as such a frame with a chance of
+/// 2^-32, and a client's appended bytes may hold a well-formed frame: then
+/// a torn tail is refused and the start needs an operator, but no record is
+/// ever dropped.)
+fn torn_or_damaged<S: Source>(src: &mut S, at: u64) -> Result<ScanEnd, S::Error> {
+    let end = src.dirty_end(at)?;
+    let mut p = at + 1;
+    while end.saturating_sub(p) >= HEADER as u64 {
+        let header = src.get(p, HEADER)?;
+        let len = length(header);
+        if len > 0 && len <= MAX_PAYLOAD && (HEADER + len) as u64 <= end - p {
+            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            if crc32c::crc32c(src.get(p + HEADER as u64, len)?) == crc {
+                return Ok(ScanEnd::Corrupt {
+                    offset: at,
+                    reason: format!(
+                        "bad record with a good one after it at offset {p} (a damaged length?)"
+                    ),
+                });
+            }
+        }
+        p += 1;
+    }
+    Ok(ScanEnd::TornTail)
 }
 
 /// Hands each payload of the first `valid` bytes of `src` — a prefix that
@@ -291,6 +325,41 @@ mod tests {
         assert_eq!(scan(&buf).end, ScanEnd::TornTail);
         buf[4000] = 1;
         assert!(matches!(scan(&buf).end, ScanEnd::Corrupt { .. }));
+    }
+
+    #[test]
+    fn a_damaged_length_with_good_records_after_it_is_damage_not_a_torn_tail() {
+        let buf = log_of(&[b"alpha", b"beta", b"gamma", b"delta"]);
+        let second = HEADER + 5;
+        for zeros in [0, 64] {
+            // Past the end of the file.
+            let mut bad = buf.clone();
+            bad[second + 3] = 0x01;
+            bad.resize(buf.len() + zeros, 0);
+            let s = scan(&bad);
+            assert_eq!(s.valid_len, second as u64);
+            assert!(
+                matches!(&s.end, ScanEnd::Corrupt { offset, .. } if *offset == second as u64),
+                "{:?}",
+                s.end
+            );
+            // Over the later records into the zeros ahead.
+            let mut bad = buf.clone();
+            bad.resize(buf.len() + zeros, 0);
+            let over = (bad.len() - second - HEADER) as u32;
+            bad[second..second + 4].copy_from_slice(&over.to_le_bytes());
+            assert!(
+                matches!(scan(&bad).end, ScanEnd::Corrupt { .. }),
+                "zeros {zeros}"
+            );
+        }
+        // The last record's length damaged: nothing good after it, so it
+        // cannot be told from a torn write (and nothing after it is lost).
+        let last = buf.len() - HEADER - 5;
+        let mut bad = buf.clone();
+        bad[last + 3] = 0x01;
+        bad.resize(buf.len() + 64, 0);
+        assert_eq!(scan(&bad).end, ScanEnd::TornTail);
     }
 
     #[test]

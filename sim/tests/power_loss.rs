@@ -74,20 +74,36 @@ fn sequence(disk: &SimDisk, acked: &mut Vec<u64>) -> Result<(), LogError> {
     Ok(())
 }
 
+/// The test records' numbers, in order.
+fn numbers(records: &[Record]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| match &r.changes[0] {
+            Change::Ended { fence, .. } => fence.0,
+            other => panic!("not a test record: {other:?}"),
+        })
+        .collect()
+}
+
+/// A disk whose process ran the sequence and was killed after `at`
+/// changes (what it wrote stays, synced or not), with the records
+/// acknowledged before the kill.
+fn killed_after(at: u64) -> (SimDisk, Vec<u64>) {
+    let disk = SimDisk::default();
+    disk.power_fails_at(at);
+    let mut acked = Vec::new();
+    let _ = sequence(&disk, &mut acked);
+    disk.process_killed();
+    (disk, acked)
+}
+
 /// Recovers `disk` and checks that every record of `acked` is there once,
 /// folded into the snapshot or replayed after it; `what` names the case.
 fn check(disk: &SimDisk, acked: &[u64], what: &str) {
     let recovered = Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default)
         .unwrap_or_else(|e| panic!("{what}: recovery refused: {e}"));
     let folded = recovered.snapshot.last_fence.0;
-    let replayed: Vec<u64> = recovered
-        .records
-        .iter()
-        .map(|r| match &r.changes[0] {
-            Change::Ended { fence, .. } => fence.0,
-            other => panic!("not a test record: {other:?}"),
-        })
-        .collect();
+    let replayed = numbers(&recovered.records);
     assert!(
         replayed.windows(2).all(|w| w[0] < w[1]) && replayed.iter().all(|f| *f > folded),
         "{what}: folded {folded}, replayed {replayed:?}: a record twice"
@@ -152,24 +168,15 @@ fn a_power_failure_during_the_recovery_after_a_kill_loses_nothing() {
     let mut rng = SimRng::new(11);
     let mut lost_names = 0;
     for at in 0..=changes {
-        let killed = SimDisk::default();
-        killed.power_fails_at(at);
-        let mut acked = Vec::new();
-        let _ = sequence(&killed, &mut acked);
-        // How many changes the first recovery after the kill makes.
-        let probe = SimDisk::default();
-        probe.power_fails_at(at);
-        let _ = sequence(&probe, &mut Vec::new());
-        probe.process_killed();
+        // What was acknowledged before the kill, and how many changes the
+        // first recovery after it makes.
+        let (probe, acked) = killed_after(at);
         let before = probe.changes();
         let _ = Wal::recover_with(Box::new(probe.dir("state")), PREALLOC, Snapshot::default);
         let recovery_changes = probe.changes() - before;
         for again in 0..=recovery_changes {
             for _ in 0..4 {
-                let disk = SimDisk::default();
-                disk.power_fails_at(at);
-                let _ = sequence(&disk, &mut Vec::new());
-                disk.process_killed();
+                let (disk, _) = killed_after(at);
                 disk.power_fails_at(disk.changes() + again);
                 let _ = Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default);
                 let loss = disk.crash(&mut rng, 0.5);
@@ -203,22 +210,11 @@ fn what_a_recovery_after_a_kill_hands_on_survives_a_later_power_failure() {
     let mut unsynced_replayed = 0;
     for at in 0..=changes {
         for _ in 0..8 {
-            let disk = SimDisk::default();
-            disk.power_fails_at(at);
-            let mut acked = Vec::new();
-            let _ = sequence(&disk, &mut acked);
-            disk.process_killed();
+            let (disk, acked) = killed_after(at);
             let recovered =
                 Wal::recover_with(Box::new(disk.dir("state")), PREALLOC, Snapshot::default)
                     .unwrap_or_else(|e| panic!("killed after {at} changes: recovery refused: {e}"));
-            let mut served: Vec<u64> = recovered
-                .records
-                .iter()
-                .map(|r| match &r.changes[0] {
-                    Change::Ended { fence, .. } => fence.0,
-                    other => panic!("not a test record: {other:?}"),
-                })
-                .collect();
+            let mut served = numbers(&recovered.records);
             unsynced_replayed += served.iter().filter(|n| !acked.contains(n)).count();
             served.extend(&acked);
             drop(recovered);

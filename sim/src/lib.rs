@@ -84,7 +84,8 @@ pub struct Faults {
     /// crash lost.
     pub dir_changes_lost: u64,
     /// Tier 1: power failures in the middle of a step's storage changes
-    /// (a log sync, a snapshot's write, a recovery).
+    /// (a log sync, a snapshot's write, a recovery). Tier 2: power cuts
+    /// that struck while the server recovered.
     pub power_cuts_in_step: u64,
     /// Tier 1: server crashes that were a `kill -9` (the disk kept its
     /// unsynced writes) rather than a power loss.
@@ -149,8 +150,14 @@ impl Faults {
         } else {
             (self.drops.to_string(), String::new())
         };
+        // Tier 2's kills are its "server restarts without power loss".
+        let kills = if is_tier2 {
+            String::new()
+        } else {
+            format!(", of which {} kill -9 without power loss", self.kills)
+        };
         format!(
-            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {} (of which kill -9 without power loss {}, between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, power cut inside a log sync, snapshot write or recovery {}, while a snapshot was written {}) | snapshots {}{tier2}",
+            "faults: drops {drops} | duplicates {} | reorders {} | partitions {} ({} packets cut) | client pauses past lease {} | client crashes {} | server crashes {}{kills} (between log write and fsync {}, between fsync and reply {}, losing unsynced bytes {}, torn writes {}, unsynced directory changes lost {}, power cut inside a log sync, snapshot write or recovery {}, while a snapshot was written {}) | snapshots {}{tier2}",
             self.duplicates,
             self.reorders,
             self.partitions,
@@ -158,7 +165,6 @@ impl Faults {
             self.client_pauses,
             self.client_crashes,
             self.server_crashes,
-            self.kills,
             self.crash_before_fsync,
             self.crash_before_reply,
             self.crash_unsynced_lost,

@@ -479,9 +479,14 @@ impl Driver {
             self.violations.push(format!("a host failed at {now}: {e}"));
             return false;
         }
-        let fired = self.shared.with(|s| s.disk.fired.take());
+        let (fired, in_recovery) = self
+            .shared
+            .with(|s| (s.disk.fired.take(), s.disk.fired_in_recovery));
         if let Some(cut) = fired {
             self.faults(|f| match cut {
+                // Recovery syncs the log too: a cut aimed at a log sync
+                // can strike there.
+                _ if in_recovery => f.power_cuts_in_step += 1,
                 Cut::BeforeFsync => f.crash_before_fsync += 1,
                 Cut::BeforeReply => f.crash_before_reply += 1,
             });

@@ -66,6 +66,7 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
     let clock = Clock::start();
     let dirs = TurmoilDir::open(DATA_DIR, shared.clone())
         .and_then(|data| Ok((data, TurmoilDir::open(STATE_DIR, shared.clone())?)));
+    shared.with(|s| s.disk.recovering = true);
     let recovered = dirs
         .map_err(dlm::server::ServerError::from)
         .and_then(|(data, state)| {
@@ -78,6 +79,7 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
                 plants(plant),
             )
         });
+    shared.with(|s| s.disk.recovering = false);
     let mut recovered = match recovered {
         Ok(recovered) => recovered,
         Err(e) => {

@@ -48,6 +48,11 @@ pub(crate) struct DiskState {
     pub armed: Option<Cut>,
     /// A power cut that struck; the driver cuts the power after this step.
     pub fired: Option<Cut>,
+    /// Set while the server recovers: a cut that strikes then is a power
+    /// cut during recovery, whatever it was aimed at.
+    pub recovering: bool,
+    /// The cut in `fired` struck during recovery.
+    pub fired_in_recovery: bool,
     /// After a cut the disk refuses everything until the next boot.
     dead: bool,
     /// Planted bug: fsyncs of the log do nothing, so replies leave before
@@ -268,6 +273,7 @@ impl DirFile for TurmoilFile {
                 self.shared.with(|s| {
                     s.disk.dead = true;
                     s.disk.fired = Some(cut);
+                    s.disk.fired_in_recovery = s.disk.recovering;
                     // The power is off: the host's network falls silent too.
                     s.crashing.insert(SERVER_HOST.to_owned());
                 });

@@ -298,7 +298,7 @@ impl World {
         let Some(flight) = node.flight.take() else {
             return;
         };
-        self.arm_power_cut();
+        self.arm_power_cut(false);
         let Some(node) = self.server.node.as_mut() else {
             return;
         };
@@ -388,7 +388,7 @@ impl World {
         let Some(write) = node.snapshot_write.take() else {
             return;
         };
-        self.arm_power_cut();
+        self.arm_power_cut(false);
         let written = write.run();
         if self.power_cut_happened() {
             return;
@@ -406,10 +406,17 @@ impl World {
     }
 
     /// With a small chance (while crashes are on), the power fails after a
-    /// random few of the storage changes the coming step makes.
-    fn arm_power_cut(&mut self) {
+    /// random few of the storage changes the coming step makes; for a `long`
+    /// step (a start: a new directory's first makes a hundred data files,
+    /// then syncs their directory), half the time after up to 240.
+    fn arm_power_cut(&mut self, long: bool) {
         if !self.healed && self.scenario.crashes_per_s > 0.0 && self.rng.chance(0.02) {
-            let after = self.rng.between(0, 12);
+            let most = if long && self.rng.chance(0.5) {
+                240
+            } else {
+                12
+            };
+            let after = self.rng.between(0, most);
             self.disk.power_fails_at(self.disk.changes() + after);
         }
     }
@@ -417,19 +424,32 @@ impl World {
     /// After a step's storage changes: if the power failed among them, the
     /// server is down from that instant (nothing the step did after it left
     /// the machine, and the step sends nothing). Otherwise the failure set
-    /// for the step, if any, is taken back.
+    /// for the step, if any, is taken back. With the scenario's share of
+    /// kills, the instant is a `kill -9` instead: the process stops there,
+    /// and the disk keeps what the step wrote up to it, synced or not.
     fn power_cut_happened(&mut self) -> bool {
         if !self.disk.power_failed() {
             self.disk.disarm_power_failure();
             return false;
         }
         self.faults.power_cuts_in_step += 1;
-        self.log(|| "power cut in the middle of a step".to_owned());
-        if self.server.node.is_some() {
-            self.server_crash();
-        } else {
+        let kill = self.rng.chance(self.scenario.kills);
+        self.log(|| {
+            let what = if kill { "kill -9" } else { "power cut" };
+            format!("{what} in the middle of a step")
+        });
+        match (self.server.node.is_some(), kill) {
+            (true, true) => self.server_kill(),
+            (true, false) => self.server_crash(),
+            (false, true) => {
+                // During recovery: it starts again later, on what it wrote.
+                self.faults.kills += 1;
+                self.disk.process_killed();
+                let down = self.rng.between(10, 1_500);
+                self.at(self.now + down, Event::ServerRestart);
+            }
             // During recovery: the machine goes down again before serving.
-            self.power_loss_while_down();
+            (false, false) => self.power_loss_while_down(),
         }
         true
     }
@@ -549,7 +569,7 @@ impl World {
         }
         let seed = self.rng.seed32();
         let plants = self.plants();
-        self.arm_power_cut();
+        self.arm_power_cut(true);
         let recovered = recover(
             &config(),
             Box::new(self.disk.dir("data")),

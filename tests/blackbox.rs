@@ -273,14 +273,17 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing(wire: Wire) {
     );
 }
 
-fn log_files(server: &ServerProcess) -> Vec<std::path::PathBuf> {
+/// The newest log segment that holds records (a server also keeps the next
+/// generation's segment zero-filled ahead).
+fn data_log(server: &ServerProcess) -> std::path::PathBuf {
     let mut logs: Vec<_> = std::fs::read_dir(server.data_dir().join("state"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("log-"))
+        .filter(|p| !dlm::log::frame::all_zero(&std::fs::read(p).unwrap()))
         .collect();
     logs.sort();
-    logs
+    logs.pop().expect("a log segment with records")
 }
 
 async fn a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset(wire: Wire) {
@@ -292,7 +295,7 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_naming_file_and_offset(w
         c1.release(&grant).await.unwrap();
     }
     server.kill9();
-    let log = log_files(&server).pop().unwrap();
+    let log = data_log(&server);
     let mut bytes = std::fs::read(&log).unwrap();
     bytes[12] ^= 0xff; // inside the first record's payload
     std::fs::write(&log, &bytes).unwrap();
@@ -312,7 +315,7 @@ async fn a_torn_last_record_is_dropped_and_nothing_acknowledged_is_lost(wire: Wi
     server.kill9();
     // A write the crash cut short: a header promising 100 bytes, 10 present,
     // right after the last good record (zeros of the preallocated log follow).
-    let log = log_files(&server).pop().unwrap();
+    let log = data_log(&server);
     let mut bytes = std::fs::read(&log).unwrap();
     let end = dlm::log::frame::scan(&bytes).valid_len as usize;
     assert!(

@@ -160,11 +160,10 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         let len = length(header);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len == 0 {
-            // The end marker, but data follows: not a prefix of a write.
-            break ScanEnd::Corrupt {
-                offset: at,
-                reason: "data after the end of the log".to_owned(),
-            };
+            // The end marker, but data follows: damage, or the leftovers of
+            // a torn tail whose zeroing a crash interrupted (the zeros went
+            // down in another order than they were written).
+            break torn_or_damaged(src, at)?;
         }
         if len > MAX_PAYLOAD {
             break ScanEnd::Corrupt {
@@ -191,25 +190,47 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
     Ok((at, end))
 }
 
-/// What a bad frame at `at` followed by nothing that is clearly data means.
+/// What a bad frame at `at` (a bad checksum, a length running past the end
+/// of the file, or a zero length with data after it) means: a write cut
+/// short, or damage.
 ///
 /// The length field is not covered by the checksum. A damaged length that
 /// points past the end of the file, or over later records into the zeros
 /// ahead, would look like a write cut short, and cutting there would drop
-/// every record after it. A write cut short leaves nothing whole after the
-/// point where it was cut, so if a complete frame with a good checksum
-/// starts anywhere after `at` (before the last non-zero byte), the frame at
-/// `at` is damage. (A random 8 bytes pass as such a frame with a chance of
-/// 2^-32, and a client's appended bytes may hold a well-formed frame: then
-/// a torn tail is refused and the start needs an operator, but no record is
-/// ever dropped.)
+/// every record after it. A write cut short (or its zeroing, interrupted)
+/// leaves nothing whole after the point where it was cut, so if a complete
+/// frame with a good checksum starts anywhere after `at`, the frame at `at`
+/// is damage. A candidate may end up to [`SLACK`] bytes past the last
+/// non-zero byte: records often end in zero bytes.
+///
+/// A torn tail is refused when 8 bytes inside it pass as a frame: random
+/// bytes with a chance of 2^-32, but a client's appended bytes may hold a
+/// well-formed frame on purpose. The start then needs an operator; no
+/// record is ever dropped.
+///
+/// Every byte position is a candidate, and each whose length fits costs a
+/// checksum over that length. The checksums are bounded in total (the
+/// region's length 16 times, plus 256 MiB); past the bound (bytes that make
+/// many long plausible lengths) the frame is refused as damage too, rather
+/// than a start taking minutes or a record being dropped unseen.
 fn torn_or_damaged<S: Source>(src: &mut S, at: u64) -> Result<ScanEnd, S::Error> {
-    let end = src.dirty_end(at)?;
+    let dirty = src.dirty_end(at)?;
+    let end = dirty.saturating_add(SLACK).min(src.size());
+    let mut budget = (end - at).saturating_mul(16).saturating_add(256 << 20);
     let mut p = at + 1;
-    while end.saturating_sub(p) >= HEADER as u64 {
+    while dirty.saturating_sub(p) >= 1 && end - p >= HEADER as u64 {
         let header = src.get(p, HEADER)?;
         let len = length(header);
         if len > 0 && len <= MAX_PAYLOAD && (HEADER + len) as u64 <= end - p {
+            let Some(left) = budget.checked_sub(len as u64) else {
+                return Ok(ScanEnd::Corrupt {
+                    offset: at,
+                    reason: "a bad record, followed by too much that could be records to tell a \
+                             torn write from damage"
+                        .to_owned(),
+                });
+            };
+            budget = left;
             let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
             if crc32c::crc32c(src.get(p + HEADER as u64, len)?) == crc {
                 return Ok(ScanEnd::Corrupt {
@@ -224,6 +245,10 @@ fn torn_or_damaged<S: Source>(src: &mut S, at: u64) -> Result<ScanEnd, S::Error>
     }
     Ok(ScanEnd::TornTail)
 }
+
+/// How far past the last non-zero byte a frame found after a bad one may
+/// end (its last bytes may be zeros).
+const SLACK: u64 = 4096;
 
 /// Hands each payload of the first `valid` bytes of `src` — a prefix that
 /// [`check_source`] accepted — to `each` with its offset. The frames are
@@ -360,6 +385,62 @@ mod tests {
         bad[last + 3] = 0x01;
         bad.resize(buf.len() + 64, 0);
         assert_eq!(scan(&bad).end, ScanEnd::TornTail);
+    }
+
+    #[test]
+    fn the_search_after_a_bad_frame_is_bounded() {
+        // After a torn frame, a megabyte in which every fourth position
+        // reads as a 16 KiB frame (and every fourth as a 64-byte one): a
+        // quarter of a million checksums of 16 KiB without the bound.
+        let mut buf = log_of(&[b"alpha"]);
+        let torn = buf.len();
+        buf.extend_from_slice(&(100u32 << 20).to_le_bytes());
+        buf.extend_from_slice(&[1, 2, 3, 4]);
+        for _ in 0..(1 << 18) {
+            buf.extend_from_slice(&[0x40, 0, 0, 0]);
+        }
+        let s = scan(&buf);
+        assert_eq!(s.valid_len, torn as u64);
+        assert!(
+            matches!(&s.end, ScanEnd::Corrupt { offset, reason }
+                if *offset == torn as u64 && reason.contains("too much")),
+            "{:?}",
+            s.end
+        );
+    }
+
+    #[test]
+    fn a_damaged_length_before_a_last_record_that_ends_in_zeros_is_damage() {
+        let buf = log_of(&[b"alpha", b"beta", b"done\0\0"]);
+        let second = HEADER + 5;
+        let mut bad = buf.clone();
+        bad[second + 3] = 0x01;
+        bad.resize(buf.len() + 4096, 0);
+        assert!(matches!(scan(&bad).end, ScanEnd::Corrupt { .. }));
+    }
+
+    #[test]
+    fn a_torn_tail_whose_zeroing_was_cut_short_is_still_a_torn_tail() {
+        // A torn record's bytes, then a crash while recovery zeroed them:
+        // some of the zeros reached the disk (the header's among them), some
+        // did not.
+        let payload: Vec<u8> = (1..=200u8).collect();
+        let buf = log_of(&[b"alpha", &payload]);
+        let second = HEADER + 5;
+        let torn = &buf[..second + HEADER + 120];
+        for zeroed in [0..4, 0..8, 0..60, 8..60, 30..90] {
+            let mut left = torn.to_vec();
+            for i in zeroed.clone() {
+                left[second + i] = 0;
+            }
+            left.resize(torn.len() + 300, 0);
+            let s = scan(&left);
+            assert_eq!(
+                (s.valid_len, &s.end),
+                (second as u64, &ScanEnd::TornTail),
+                "zeroed {zeroed:?}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::storage::DirFile;
 /// How much of a segment is read at once.
 pub const CHUNK: usize = 8 << 20;
 
+/// How far before the asked offset a refilled window starts.
+const BACK: u64 = 4096;
+
 /// A segment read through a window of its bytes.
 pub struct SegmentReader {
     file: Box<dyn DirFile>,
@@ -48,21 +51,30 @@ impl SegmentReader {
         })
     }
 
-    /// Makes the window start at `at` and hold at least `len` bytes (fewer
-    /// only at the end of the file).
+    /// Makes the window hold at least `len` bytes from `at` (fewer only at
+    /// the end of the file), and up to [`BACK`] bytes before it: a reader
+    /// that steps back a little after a long read (as the search for good
+    /// frames after a bad one does: a header, then a payload, then the next
+    /// byte's header) finds it in the window instead of reading again.
     fn fill(&mut self, at: u64, len: usize) -> io::Result<()> {
-        let want = len.max(self.chunk) as u64;
-        let n = want.min(self.size.saturating_sub(at)) as usize;
+        let from = at.saturating_sub(BACK);
+        let want = (at - from) + len.max(self.chunk) as u64;
+        let n = want.min(self.size.saturating_sub(from)) as usize;
         // Only growth is zero-filled; the read overwrites the rest.
         self.window.resize(n, 0);
-        let read = self.file.read_at(at, &mut self.window)?;
+        let read = self.file.read_at(from, &mut self.window);
+        let read = read.inspect_err(|_| self.window.clear())?;
         if read < n {
+            self.window.clear();
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("file ended at {} while recovery read it", at + read as u64),
+                format!(
+                    "file ended at {} while recovery read it",
+                    from + read as u64
+                ),
             ));
         }
-        self.start = at;
+        self.start = from;
         Ok(())
     }
 
@@ -254,7 +266,7 @@ mod tests {
         assert_eq!(walk_after(&log, valid), Ok(vec![0, 13, 61]));
         // A payload byte: its checksum.
         let mut bad = log.clone();
-        bad[20] ^= 1;
+        bad[30] ^= 1;
         assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
         // A length pointing past what was checked, or zero.
         let mut bad = log.clone();
@@ -263,9 +275,10 @@ mod tests {
         let mut bad = log.clone();
         bad[13] = 0;
         assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
-        // A shorter length whose frame ends before `valid` but not on a
-        // frame boundary of the check: the next header is out of place.
-        assert!(walk_after(&log, valid - 2).is_err());
+        // The walk must end exactly at `valid`: a frame running past it, or
+        // too few bytes left for a header.
+        assert_eq!(walk_after(&log, valid - 2), Err("changed at 61".to_owned()));
+        assert_eq!(walk_after(&log, 64), Err("changed at 61".to_owned()));
         // The file shrank: a read error, not a panic.
         assert!(walk_after(&log[..30], valid)
             .unwrap_err()

@@ -249,7 +249,19 @@ impl SimDisk {
                 .zip(&file.durable)
                 .position(|(a, b)| a != b)
                 .unwrap_or(file.current.len().min(file.durable.len()));
-            let changed_end = file.current.len();
+            // Where the changed bytes end: a grown file's new end, or past
+            // the last byte that differs (a rewrite inside a preallocated
+            // log changes a few blocks, not the zeros after them, so a cut
+            // drawn over the whole file would mostly keep every change).
+            let changed_end = if file.current.len() > file.durable.len() {
+                file.current.len()
+            } else {
+                file.current
+                    .iter()
+                    .zip(&file.durable)
+                    .rposition(|(a, b)| a != b)
+                    .map_or(first, |i| i + 1)
+            };
             let grew_or_same = file.current.len() >= file.durable.len();
             if grew_or_same && changed_end > first + 1 && rng.chance(torn) {
                 let keep = first + rng.between(1, (changed_end - first - 1) as u64) as usize;

@@ -308,9 +308,14 @@ impl World {
                 failure = Some(e.to_string());
             }
         }
-        node.synced = Some(flight);
+        // A cut inside the sync is counted as that, not also as a crash
+        // between the fsync and the replies: the flight becomes `synced`
+        // only once the step is whole.
         if self.power_cut_happened() {
             return;
+        }
+        if let Some(node) = self.server.node.as_mut() {
+            node.synced = Some(flight);
         }
         if let Some(e) = failure {
             self.history
@@ -443,6 +448,7 @@ impl World {
             (true, false) => self.server_crash(),
             (false, true) => {
                 // During recovery: it starts again later, on what it wrote.
+                self.faults.server_crashes += 1;
                 self.faults.kills += 1;
                 self.disk.process_killed();
                 let down = self.rng.between(10, 1_500);
@@ -551,6 +557,7 @@ impl World {
     /// The power failed while the server was recovering: the disk loses
     /// what was not durable, and the server starts again later.
     fn power_loss_while_down(&mut self) {
+        self.faults.server_crashes += 1;
         let loss = self.lose_power();
         self.log(|| {
             format!(

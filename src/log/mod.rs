@@ -248,9 +248,11 @@ impl Wal {
     /// torn tail may be) before any record is handed on, so damage anywhere
     /// in the log stops recovery before anything is replayed. Only a record
     /// that passes its checksum but does not decode (a log written by a
-    /// newer format, say), or an error of `each`, stops it after the
-    /// records before it were handed on: every one of those is committed,
-    /// and the caller refuses to start on the error. Leftover `.tmp` files
+    /// newer format, say), a segment that changed between the two reads, a
+    /// read error, or an error of `each`, stops it after the records before
+    /// it were handed on: every one of those is committed (and synced before
+    /// the first was handed on), and the caller refuses to start on the
+    /// error. Leftover `.tmp` files
     /// and older generations' files are removed first (a new directory gets
     /// its first snapshot and segment before `start`); the segments are only
     /// changed (torn bytes zeroed, unused ones removed, space preallocated)

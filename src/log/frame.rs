@@ -58,6 +58,11 @@ fn length(header: &[u8]) -> usize {
     u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize
 }
 
+/// The payload checksum in a frame header.
+fn checksum(header: &[u8]) -> u32 {
+    u32::from_le_bytes([header[4], header[5], header[6], header[7]])
+}
+
 /// The payloads of `valid`, with their offsets: a prefix that [`check`]
 /// (or [`scan`]) accepted (its `valid_len` bytes), walked by its lengths
 /// alone (the checksums were checked then).
@@ -158,7 +163,7 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         }
         let header = src.get(at, HEADER)?;
         let len = length(header);
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let crc = checksum(header);
         if len == 0 {
             // The end marker, but data follows: damage, or the leftovers of
             // a torn tail whose zeroing a crash interrupted (the zeros went
@@ -231,7 +236,7 @@ fn torn_or_damaged<S: Source>(src: &mut S, at: u64) -> Result<ScanEnd, S::Error>
                 });
             };
             budget = left;
-            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let crc = checksum(header);
             if crc32c::crc32c(src.get(p + HEADER as u64, len)?) == crc {
                 return Ok(ScanEnd::Corrupt {
                     offset: at,
@@ -274,7 +279,7 @@ pub fn each_payload<S: Source, E>(
         }
         let header = src.get(at, HEADER).map_err(&read_error)?;
         let len = length(header) as u64;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let crc = checksum(header);
         if len == 0 || len > valid - at - HEADER as u64 {
             return Err(changed(at));
         }

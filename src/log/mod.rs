@@ -173,6 +173,54 @@ fn open_segment(dir: &dyn Dir, name: &str) -> Result<Option<SegmentReader>, LogE
     }
 }
 
+/// What checking one segment found (all zero for a missing one).
+#[derive(Default)]
+struct CheckedSegment {
+    /// Where its good records end.
+    valid: u64,
+    /// Where its non-zero bytes end (past `valid` only after a torn tail).
+    dirty_end: u64,
+    size: u64,
+    /// The bytes of the block holding `valid`, up to `valid`.
+    tail: Vec<u8>,
+}
+
+/// Reads segment `name` in chunks and checks its frames (the records are
+/// walked again later, so memory holds a chunk, not the log). Damage is an
+/// error; a torn tail is reported in the [`ScanEnd`].
+fn check_segment(dir: &dyn Dir, name: &str) -> Result<(CheckedSegment, ScanEnd), LogError> {
+    let Some(mut segment) = open_segment(dir, name)? else {
+        return Ok((CheckedSegment::default(), ScanEnd::Clean));
+    };
+    let read_err = |e| io_err(dir, name)(e);
+    let (valid, end) = frame::check_source(&mut segment).map_err(read_err)?;
+    if let ScanEnd::Corrupt { offset, reason } = end {
+        return Err(LogError::Corrupt {
+            file: dir.describe(name),
+            offset,
+            reason,
+        });
+    }
+    // After a clean end only zeros follow the data.
+    let dirty_end = if end == ScanEnd::Clean {
+        valid
+    } else {
+        segment.dirty_end(valid).map_err(read_err)?
+    };
+    let floor = block_floor(valid);
+    let tail = segment
+        .get(floor, (valid - floor) as usize)
+        .map_err(read_err)?
+        .to_vec();
+    let checked = CheckedSegment {
+        valid,
+        dirty_end,
+        size: segment.size(),
+        tail,
+    };
+    Ok((checked, end))
+}
+
 fn generation_of(name: &str, prefix: &str) -> Option<u64> {
     let digits = name.strip_prefix(prefix)?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
@@ -366,10 +414,8 @@ impl Wal {
         // segments after it can only be ones zero-filled ahead and never
         // used (the log moves to a new segment only after syncing the old).
         let mut torn: Option<(String, u64)> = None;
-        // The segment the log goes on in: its generation, end of its data,
-        // the bytes of its tail block, its size, and where its non-zero
-        // bytes end.
-        let mut current: Option<(u64, u64, Vec<u8>, u64, u64)> = None;
+        // The segment the log goes on in, with its generation.
+        let mut current: Option<(u64, CheckedSegment)> = None;
         // Segments after `current` with no data (generation, size): the
         // next generation's is kept as zero-filled ahead, others removed.
         let mut unused = Vec::new();
@@ -378,38 +424,9 @@ impl Wal {
         let mut checked = Vec::new();
         for g in &segments {
             let name = log_name(*g);
-            let read_err = |e| io_err(dir.as_ref(), &name)(e);
-            // Read in chunks, checked only: the records are walked again in
-            // the second pass, so memory holds a chunk, not the log.
-            let (valid, end, dirty_end, size, tail_bytes) = match open_segment(dir.as_ref(), &name)?
-            {
-                None => (0, ScanEnd::Clean, 0, 0, Vec::new()),
-                Some(mut segment) => {
-                    let (valid, end) = frame::check_source(&mut segment).map_err(read_err)?;
-                    if let ScanEnd::Corrupt { offset, reason } = end {
-                        return Err(LogError::Corrupt {
-                            file: dir.describe(&name),
-                            offset,
-                            reason,
-                        }
-                        .into());
-                    }
-                    // After a clean end only zeros follow the data.
-                    let dirty_end = if end == ScanEnd::Clean {
-                        valid
-                    } else {
-                        segment.dirty_end(valid).map_err(read_err)?
-                    };
-                    let floor = block_floor(valid);
-                    let tail = segment
-                        .get(floor, (valid - floor) as usize)
-                        .map_err(read_err)?
-                        .to_vec();
-                    (valid, end, dirty_end, segment.size(), tail)
-                }
-            };
-            if current.is_some() && valid == 0 && dirty_end == 0 {
-                unused.push((*g, size));
+            let (seg, end) = check_segment(dir.as_ref(), &name)?;
+            if current.is_some() && seg.valid == 0 && seg.dirty_end == 0 {
+                unused.push((*g, seg.size));
                 continue;
             }
             if let Some((file, offset)) = torn.take() {
@@ -423,13 +440,13 @@ impl Wal {
             unused.clear();
             // (Damage was refused when the segment was checked.)
             if end == ScanEnd::TornTail {
-                torn = Some((dir.describe(&name), valid));
-                torn_bytes = dirty_end - valid;
+                torn = Some((dir.describe(&name), seg.valid));
+                torn_bytes = seg.dirty_end - seg.valid;
             }
-            current = Some((*g, valid, tail_bytes, size, dirty_end));
-            if valid > 0 {
-                checked.push((name, valid));
+            if seg.valid > 0 {
+                checked.push((name, seg.valid));
             }
+            current = Some((*g, seg));
         }
         // What is read here may never have been synced: a process killed
         // between a log write and its fsync leaves the record in the page
@@ -472,8 +489,15 @@ impl Wal {
                 Ok(())
             })?;
         }
-        let (last, valid, tail, size, dirty_end) =
-            current.unwrap_or((generation, 0, Vec::new(), 0, 0));
+        let (
+            last,
+            CheckedSegment {
+                valid,
+                dirty_end,
+                size,
+                tail,
+            },
+        ) = current.unwrap_or((generation, CheckedSegment::default()));
         // All zeros, so safe to write into whatever a crash left of its
         // zero-filling (a shorter file only means less space ahead).
         let mut ahead = None;

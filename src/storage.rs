@@ -101,13 +101,24 @@ pub struct FsDir {
 pub const LOCK_FILE: &str = "LOCK";
 
 impl FsDir {
-    /// Opens (creating if needed) the directory at `path`.
+    /// Opens (creating if needed) the directory at `path`, and makes its
+    /// name durable: every ancestor is fsynced, so a directory this start
+    /// (or an earlier one that died before the sync) created cannot vanish
+    /// in a power failure together with everything written into it.
     ///
     /// # Errors
-    /// I/O errors creating the directory.
+    /// I/O errors creating the directory or syncing an ancestor.
     pub fn open(path: impl AsRef<Path>) -> io::Result<FsDir> {
         let path = path.as_ref().to_path_buf();
         fs::create_dir_all(&path)?;
+        let absolute = fs::canonicalize(&path)?;
+        sync_ancestors(&absolute, |dir| match File::open(dir) {
+            Ok(handle) => handle.sync_all().map(|()| true),
+            // An ancestor this process may not read (`/home` of another
+            // user) was not made by it either: nothing of ours to persist.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(false),
+            Err(e) => Err(e),
+        })?;
         Ok(FsDir { path, _lock: None })
     }
 
@@ -209,6 +220,28 @@ impl Dir for FsDir {
     fn describe(&self, name: &str) -> String {
         self.path.join(name).display().to_string()
     }
+}
+
+/// Calls `sync` on `dir` and on each of its ancestors, deepest first: a
+/// directory's name lives in its parent, so a new directory is durable only
+/// once every directory from it up to one that already was durable has been
+/// synced. Which ones are new cannot be told after a crash (an earlier start
+/// may have created them and died before syncing), so all are synced; a
+/// directory with nothing unsynced costs little. `sync` answers whether it
+/// could sync (false: not allowed to open it).
+///
+/// # Errors
+/// The first error of `sync`.
+fn sync_ancestors(dir: &Path, mut sync: impl FnMut(&Path) -> io::Result<bool>) -> io::Result<()> {
+    for ancestor in dir.ancestors() {
+        if ancestor.as_os_str().is_empty() {
+            break;
+        }
+        if !sync(ancestor)? {
+            tracing::debug!(dir = %ancestor.display(), "not allowed to open; not synced");
+        }
+    }
+    Ok(())
 }
 
 /// `flock(LOCK_EX | LOCK_NB)`: advisory, whole-file, released when the
@@ -326,5 +359,56 @@ impl DirFile for FsFile {
     fn sync_data(&mut self) -> io::Result<()> {
         // One fdatasync covers both descriptors: they share the inode.
         self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ancestor_is_synced_deepest_first() {
+        let mut seen = Vec::new();
+        sync_ancestors(Path::new("/srv/dlm/data/state"), |dir| {
+            seen.push(dir.to_path_buf());
+            Ok(true)
+        })
+        .unwrap();
+        let want: Vec<PathBuf> = [
+            "/srv/dlm/data/state",
+            "/srv/dlm/data",
+            "/srv/dlm",
+            "/srv",
+            "/",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn a_failed_sync_stops_the_open() {
+        let mut calls = 0;
+        let result = sync_ancestors(Path::new("/a/b/c"), |dir| {
+            calls += 1;
+            if dir == Path::new("/a/b") {
+                Err(io::Error::other("EIO"))
+            } else {
+                Ok(true)
+            }
+        });
+        assert_eq!(result.unwrap_err().to_string(), "EIO");
+        assert_eq!(calls, 2, "nothing is synced after the failure");
+    }
+
+    #[test]
+    fn opening_creates_nested_directories_and_reopens_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let nested = tmp.path().join("new").join("data").join("state");
+        let dir = FsDir::open(&nested).unwrap();
+        assert!(nested.is_dir());
+        assert!(dir.list().unwrap().is_empty());
+        FsDir::open(&nested).unwrap();
     }
 }

@@ -485,6 +485,14 @@ impl Core {
     }
 
     fn call(&mut self, call: CallId, request_id: RequestId, request: Request, step: &mut Step) {
+        // Before the dedup table: an oversized id or name must not be
+        // remembered (nor echoed into a remembered refusal), or the table's
+        // bound in answers would be no bound in bytes.
+        if let Err(reason) = check_arguments(&request_id, &request) {
+            step.replies
+                .push((call, Reply::refused(RefusalCode::InvalidArgument, reason)));
+            return;
+        }
         let kind = request.kind();
         let client = request.client().unwrap_or_default();
         let dedup = !request_id.is_empty() && kind != RequestKind::Status && !self.plants.dedup_off;
@@ -573,9 +581,6 @@ impl Core {
         lease: Option<Millis>,
         step: &mut Step,
     ) -> Option<Reply> {
-        if let Err(reason) = validate_lock_name(&lock) {
-            return Some(Reply::refused(RefusalCode::InvalidArgument, reason));
-        }
         let lease = match self.lease_arg(lease) {
             Ok(lease) => lease,
             Err(refusal) => return Some(refusal),
@@ -1032,6 +1037,29 @@ impl Core {
             locks,
             last_fence: self.last_fence,
         }
+    }
+}
+
+/// Longest request id accepted, in bytes (a UUID is 36).
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// The checks that depend on a request's arguments alone: its request id's
+/// length, and the lock name it gives.
+///
+/// # Errors
+/// A one-line reason, for an `InvalidArgument` refusal.
+fn check_arguments(request_id: &str, request: &Request) -> Result<(), String> {
+    if request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(format!(
+            "request id is {} bytes; at most {MAX_REQUEST_ID_BYTES}",
+            request_id.len()
+        ));
+    }
+    match request {
+        Request::Acquire { lock, .. }
+        | Request::Release { lock, .. }
+        | Request::Renew { lock, .. } => validate_lock_name(lock),
+        _ => Ok(()),
     }
 }
 

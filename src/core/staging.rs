@@ -13,8 +13,23 @@ use serde::{Deserialize, Serialize};
 pub const FILE_COUNT: usize = 100;
 
 /// A validated data file number, `0..FILE_COUNT`.
+/// Decoding checks the range too: a record or snapshot read from disk
+/// cannot name a file that is not there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u8")]
 pub struct FileIndex(u8);
+
+impl TryFrom<u8> for FileIndex {
+    type Error = String;
+
+    fn try_from(n: u8) -> Result<FileIndex, String> {
+        if usize::from(n) < FILE_COUNT {
+            Ok(FileIndex(n))
+        } else {
+            Err(format!("file index {n} is not below {FILE_COUNT}"))
+        }
+    }
+}
 
 impl FileIndex {
     /// Parses a file name of the exact form `file_N`, N in 0..100 without
@@ -74,8 +89,20 @@ pub struct FileWrite {
 }
 
 /// Committed length of every data file: where the next commit lands.
+/// Decoding checks that there is one length per file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<u64>")]
 pub struct FileLengths(Vec<u64>);
+
+impl TryFrom<Vec<u64>> for FileLengths {
+    type Error = String;
+
+    fn try_from(lengths: Vec<u64>) -> Result<FileLengths, String> {
+        let count = lengths.len();
+        FileLengths::from_vec(lengths)
+            .ok_or_else(|| format!("{count} file lengths; expected {FILE_COUNT}"))
+    }
+}
 
 impl Default for FileLengths {
     fn default() -> Self {
@@ -160,5 +187,26 @@ mod tests {
             vec![0, 2]
         );
         assert_eq!(lengths.get(f), 3);
+    }
+
+    #[test]
+    fn decoding_refuses_a_file_index_or_lengths_that_cannot_be() {
+        let good = postcard::to_allocvec(&FileIndex::parse("file_99").unwrap()).unwrap();
+        assert_eq!(
+            good,
+            postcard::to_allocvec(&99u8).unwrap(),
+            "the encoding is a u8"
+        );
+        assert_eq!(postcard::from_bytes::<FileIndex>(&good).unwrap().get(), 99);
+        let bad = postcard::to_allocvec(&100u8).unwrap();
+        assert!(postcard::from_bytes::<FileIndex>(&bad).is_err());
+
+        let lengths = postcard::to_allocvec(&FileLengths::default()).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<FileLengths>(&lengths).unwrap(),
+            FileLengths::default()
+        );
+        let short = postcard::to_allocvec(&vec![0u64; FILE_COUNT - 1]).unwrap();
+        assert!(postcard::from_bytes::<FileLengths>(&short).is_err());
     }
 }

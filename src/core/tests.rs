@@ -967,6 +967,37 @@ fn idempotent_append_shows_content_once() {
 }
 
 #[test]
+fn oversized_request_ids_and_lock_names_are_refused_and_never_remembered() {
+    let mut h = Harness::new();
+    let grant = h.grant("a", acquire(1));
+    let snapshot = h.core.snapshot();
+    let long_id = "i".repeat(super::MAX_REQUEST_ID_BYTES + 1);
+    let long_lock = "l".repeat(300);
+    for (request_id, request) in [
+        (long_id.as_str(), acquire(2)),
+        (long_id.as_str(), release(1, &grant.token)),
+        (long_id.as_str(), renew(1, &grant.token)),
+        (long_id.as_str(), append(1, "file_0", "z", &grant.token)),
+        (long_id.as_str(), close(1)),
+        ("r", release_lock(1, &long_lock, &grant.token)),
+        ("n", renew_lock(1, &long_lock, &grant.token, None)),
+        ("q", acquire_lock(2, &long_lock, None, None)),
+    ] {
+        let mark = h.records.len();
+        let call = h.call(request_id, request.clone());
+        assert_eq!(h.refusal(call), RefusalCode::InvalidArgument, "{request:?}");
+        assert_eq!(h.records.len(), mark, "nothing logged: {request:?}");
+    }
+    assert_eq!(h.core.snapshot(), snapshot, "nothing remembered or changed");
+    // The longest id accepted still works, and is remembered.
+    let longest = "i".repeat(super::MAX_REQUEST_ID_BYTES);
+    let first = h.call(&longest, renew(1, &grant.token));
+    let again = h.call(&longest, renew(1, &grant.token));
+    assert_eq!(h.reply(first), h.reply(again));
+    assert!(matches!(h.reply(first), Some(Reply::Renewed { .. })));
+}
+
+#[test]
 fn idempotent_request_id_reused_for_another_operation_is_refused() {
     let mut h = Harness::new();
     h.done("x", init(1));

@@ -136,6 +136,14 @@ impl History {
                     fence.0
                 )),
             },
+            Change::LeaseSet { lock, fence, .. } => {
+                if self.current.get(lock).map(|(_, f)| *f) != Some(fence.0) {
+                    self.violations.push(format!(
+                        "server set the lease of grant fence {} of lock {lock:?} at {now}, which is not current",
+                        fence.0
+                    ));
+                }
+            }
             Change::Staged { .. } | Change::Answered { .. } => {}
         }
     }

@@ -335,6 +335,19 @@ impl Core {
                     grant.staged.push(StagedAppend { file, content });
                 }
                 Change::Answered(answer) => self.dedup.answer(answer),
+                Change::LeaseSet { lock, fence, lease } => {
+                    let not_current = || ReplayError::NotCurrent {
+                        lock: lock.clone(),
+                        fence,
+                    };
+                    let grant = self
+                        .locks
+                        .get_mut(&lock)
+                        .and_then(|s| s.holder.as_mut())
+                        .filter(|g| g.fence == fence)
+                        .ok_or_else(not_current)?;
+                    grant.lease = lease;
+                }
             }
         }
         Ok(writes)
@@ -538,7 +551,7 @@ impl Core {
                 lock,
                 token,
                 lease,
-            } => Some(self.renew(client, &lock, &token, lease)),
+            } => Some(self.renew(client, &lock, &token, lease, step)),
             Request::Append {
                 client,
                 file,
@@ -597,12 +610,12 @@ impl Core {
         match &mut state.holder {
             Some(grant) if grant.client == client => {
                 // Re-acquire by the holder: the same grant, with a renewed
-                // lease (like a renew, it changes nothing durable).
+                // lease (like a renew: durable only if its length changed).
                 let old = grant.deadline;
                 let lease = lease.unwrap_or(grant.lease);
+                set_lease(&lock, grant, lease, step);
                 grant.deadline = now.plus(lease);
-                let mut info = grant.info(&lock);
-                info.lease = lease;
+                let info = grant.info(&lock);
                 let new = grant.deadline;
                 self.timers.disarm(old, &Timer::Lease(lock.clone()));
                 self.timers.arm(new, Timer::Lease(lock));
@@ -906,7 +919,14 @@ impl Core {
         Reply::Done
     }
 
-    fn renew(&mut self, client: ClientId, lock: &str, token: &str, lease: Option<Millis>) -> Reply {
+    fn renew(
+        &mut self,
+        client: ClientId,
+        lock: &str,
+        token: &str,
+        lease: Option<Millis>,
+        step: &mut Step,
+    ) -> Reply {
         let lease = match self.lease_arg(lease) {
             Ok(lease) => lease,
             Err(refusal) => return refusal,
@@ -920,6 +940,7 @@ impl Core {
         };
         let old = grant.deadline;
         let lease = lease.unwrap_or(grant.lease);
+        set_lease(lock, grant, lease, step);
         grant.deadline = now.plus(lease);
         let new = grant.deadline;
         self.timers.disarm(old, &Timer::Lease(lock.to_owned()));
@@ -1037,6 +1058,20 @@ impl Core {
             locks,
             last_fence: self.last_fence,
         }
+    }
+}
+
+/// Makes `lease` the length of `grant`'s leases from now on, logging it if
+/// it changed: the holder was told this length, so a restart (which gives
+/// every grant a fresh lease of its length) must not give it a shorter one.
+fn set_lease(lock: &str, grant: &mut Grant, lease: Millis, step: &mut Step) {
+    if grant.lease != lease {
+        grant.lease = lease;
+        step.changes.push(Change::LeaseSet {
+            lock: lock.to_owned(),
+            fence: grant.fence,
+            lease,
+        });
     }
 }
 

@@ -42,6 +42,15 @@ pub enum Change {
     /// so this encodes exactly as the struct variant it replaced, with the
     /// fields client, request id, kind, reply).
     Answered(Arc<AnswerSnapshot>),
+    /// The holder of grant `fence` of `lock` asked for a lease of another
+    /// length (a renew or a re-acquire): a restart gives the grant a fresh
+    /// lease of this length, not the first one. (Added after the others, so
+    /// logs written before it still decode.)
+    LeaseSet {
+        lock: LockName,
+        fence: Fence,
+        lease: Millis,
+    },
 }
 
 /// The durable effect of one input: made durable before any reply that follows it.

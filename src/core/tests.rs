@@ -967,6 +967,69 @@ fn idempotent_append_shows_content_once() {
 }
 
 #[test]
+fn a_lease_length_set_by_renew_or_re_acquire_is_what_a_restart_gives() {
+    let mut h = Harness::new();
+    let grant = h.grant("a", acquire(1));
+    assert_eq!(grant.lease, Millis(LEASE));
+
+    // A renew to the same length changes nothing durable.
+    let mark = h.records.len();
+    let same = h.call("", renew_lock(1, DEFAULT_LOCK, &grant.token, Some(LEASE)));
+    assert_eq!(
+        h.reply(same),
+        Some(Reply::Renewed {
+            lease: Millis(LEASE)
+        })
+    );
+    assert_eq!(h.records.len(), mark);
+
+    // A longer one is logged, and later renews without a length keep it.
+    let longer = h.call("", renew_lock(1, DEFAULT_LOCK, &grant.token, Some(50_000)));
+    assert_eq!(
+        h.reply(longer),
+        Some(Reply::Renewed {
+            lease: Millis(50_000)
+        })
+    );
+    assert!(h.changes_since(mark).iter().any(|c| matches!(
+        c,
+        Change::LeaseSet {
+            lease: Millis(50_000),
+            ..
+        }
+    )));
+    let plain = h.call("", renew(1, &grant.token));
+    assert_eq!(
+        h.reply(plain),
+        Some(Reply::Renewed {
+            lease: Millis(50_000)
+        })
+    );
+
+    // A restart, from the log or from a snapshot, gives the length last
+    // told, not the first one.
+    h.advance(20_000);
+    for recovered in [h.recovered_from_records(), h.recovered_from_snapshot()] {
+        let mut recovered = recovered;
+        assert_eq!(recovered.view("").unwrap().lease_left, Millis(50_000));
+        recovered.advance(LEASE + 1);
+        assert_eq!(
+            recovered.holder(""),
+            Some(1),
+            "still held past the first length"
+        );
+    }
+
+    // A re-acquire by the holder with a shorter length sets it too.
+    let again = h.call("", acquire_lock(1, DEFAULT_LOCK, None, Some(2_000)));
+    assert_eq!(h.granted(again).lease, Millis(2_000));
+    let mut recovered = h.recovered_from_records();
+    assert_eq!(recovered.view("").unwrap().lease_left, Millis(2_000));
+    recovered.advance(2_001);
+    assert_eq!(recovered.holder(""), None, "the shorter lease ran out");
+}
+
+#[test]
 fn oversized_request_ids_and_lock_names_are_refused_and_never_remembered() {
     let mut h = Harness::new();
     let grant = h.grant("a", acquire(1));

@@ -551,6 +551,70 @@ wait"#;
     }
 }
 
+fn hold_stopped_by_sigterm_leaves_nothing_of_its_command_running(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    let marks = tempfile::tempdir().expect("temp dir");
+    let pid_file = marks.path().join("pid");
+    // A shell with no trap dies on SIGTERM; its background job would run on
+    // without the lock unless the whole process group is told.
+    let script = r#"sleep 1000 >/dev/null 2>&1 &
+echo $! > "$1.tmp" && mv "$1.tmp" "$1"
+wait"#;
+    let mut held = cli.spawn(
+        "hold",
+        &[
+            "--client-id",
+            "3",
+            "--lock",
+            "g",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            pid_file.to_str().expect("utf-8 path"),
+        ],
+    );
+    // Bounded polling for the file, not a synchronisation sleep.
+    let deadline = Instant::now() + PROCESS_LIMIT;
+    let job: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(!held.has_exited(), "dlm hold exited early");
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    held.signal(libc::SIGTERM);
+    held.finish(PROCESS_LIMIT).expect_code(128 + libc::SIGTERM);
+    // The background job is gone (or a zombie waiting for its reaper): it
+    // got the signal with its group.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                Some(state != 'Z' && state != 'X')
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + PROCESS_LIMIT;
+    while alive(job) {
+        assert!(
+            Instant::now() < deadline,
+            "the command's background job {job} still runs after dlm hold released"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(row) = cli.lock_row("g") {
+        assert_eq!(row[1], "-", "lock g is still held: {row:?}");
+    }
+}
+
 fn hold_stopped_by_sigterm_while_waiting_never_runs_its_command(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
@@ -730,6 +794,7 @@ over_every_wire!(
     hold_runs_a_command_under_a_lock_and_passes_its_exit_status,
     hold_of_the_default_lock_lets_a_nested_append_use_its_token,
     hold_passes_sigterm_on_to_its_command_and_releases_after_it,
+    hold_stopped_by_sigterm_leaves_nothing_of_its_command_running,
     hold_stopped_by_sigterm_while_waiting_never_runs_its_command,
     bad_requests_fail_with_one_line_and_change_nothing,
     status_lists_the_holder_and_a_queued_waiter,

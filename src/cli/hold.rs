@@ -10,11 +10,20 @@
 //! exit and then releases, as on any exit: it never dies on them and leaves
 //! the command running on without the lease being renewed. Before the
 //! command runs they stop the connect or the acquire instead (exit 128 +
-//! the signal); a lock granted meanwhile runs out with its lease. Once the
-//! command runs, a Ctrl-C (SIGINT) reaches it from the terminal already;
-//! `dlm hold` survives it and waits (before that, Ctrl-C ends `dlm hold`).
-//! Not covered: a signal while releasing at the end, and one sent to the
-//! whole process group reaches the command twice.
+//! the signal); a lock granted meanwhile runs out with its lease.
+//!
+//! Process groups: run from a terminal's foreground (interactive), the
+//! command shares `dlm hold`'s process group, so that it can read the
+//! terminal and Ctrl-C reaches it and everything it started; `dlm hold`
+//! survives that Ctrl-C and waits (before the command runs, Ctrl-C ends
+//! `dlm hold`). Otherwise (a supervisor, a script, a service) the command
+//! gets a process group of its own: SIGTERM, SIGHUP and SIGINT are passed
+//! on to that whole group, a lost lease kills the whole group, and when the
+//! command exits, whatever it left running in its group is killed before
+//! the release, since it would run on without the lock (`sh -c 'job; …'`
+//! killed by a signal leaves `job` behind). A process that leaves the group
+//! (`setsid`) escapes this. Not covered: a signal while releasing at the
+//! end.
 
 use std::process::ExitStatus;
 
@@ -51,13 +60,18 @@ pub async fn hold(args: HoldArgs) -> i32 {
         Ok(guard) => guard,
         Err(e) => return fail(Failure::client(&e, &lock)),
     };
-    let spawned = tokio::process::Command::new(&args.command[0])
+    let own_group = !in_terminal_foreground();
+    let mut command = tokio::process::Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env("DLM_LOCK", &lock)
         .env("DLM_TOKEN", guard.token())
         .env("DLM_FENCING_TOKEN", guard.fence().to_string())
-        .envs(args.connect.env())
-        .spawn();
+        .envs(args.connect.env());
+    if own_group {
+        command.process_group(0);
+    }
+    let spawned = command.spawn();
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -73,22 +87,34 @@ pub async fn hold(args: HoldArgs) -> i32 {
             return code;
         }
     };
+    let target = Target {
+        pid: child.id().and_then(|pid| i32::try_from(pid).ok()),
+        group: own_group,
+    };
     let mut lost = guard.lease_lost();
-    // The terminal sends Ctrl-C to CMD as well: survive it and wait for CMD,
-    // so that the lock is released after CMD is done.
+    // Survive Ctrl-C and wait for CMD, so that the lock is released after
+    // CMD is done: in the terminal's foreground, the terminal sent it to CMD
+    // as well; otherwise CMD is told here.
     let mut interrupts = signal(SignalKind::interrupt()).ok();
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
             () = became_true(&mut lost) => {
                 say(format_args!("dlm: the lease of lock {lock:?} was lost; stopping {program}"));
-                let _ = child.kill().await;
+                target.signal(libc::SIGKILL);
+                let _ = child.wait().await;
+                target.kill_leftovers();
                 return EXIT_LOST;
             }
-            () = interrupted(&mut interrupts) => {}
-            signal = terminations.next() => pass_on(&child, signal),
+            () = interrupted(&mut interrupts) => {
+                if own_group {
+                    target.signal(libc::SIGINT);
+                }
+            }
+            signal = terminations.next() => target.signal(signal),
         }
     };
+    target.kill_leftovers();
     let code = match status {
         Ok(status) => exit_code(status),
         Err(e) => {
@@ -165,14 +191,38 @@ impl Terminations {
     }
 }
 
-/// Sends `signal` to the command (if it is still running).
-fn pass_on(child: &tokio::process::Child, signal: i32) {
-    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-        // SAFETY: kill(2) takes plain integers; the pid is our child's, not
-        // yet reaped (`id` is `None` once it has been), so it cannot be
-        // another process's.
+/// True when this process is in the foreground of the terminal on its
+/// standard input (run interactively from a shell).
+fn in_terminal_foreground() -> bool {
+    // SAFETY: isatty, tcgetpgrp and getpgrp take and return plain integers.
+    unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+/// Where signals for the command go: its process, or its whole process
+/// group (whose id is its pid) when it has one of its own.
+struct Target {
+    pid: Option<i32>,
+    group: bool,
+}
+
+impl Target {
+    /// Sends `signal` to the command, or to its whole group.
+    fn signal(&self, signal: i32) {
+        let Some(pid) = self.pid else { return };
+        let to = if self.group { -pid } else { pid };
+        // SAFETY: kill(2) takes plain integers. The pid is our child's; it
+        // is signalled only before it is reaped, except as a group id,
+        // which stays taken while any member of the group lives.
         unsafe {
-            libc::kill(pid, signal);
+            libc::kill(to, signal);
+        }
+    }
+
+    /// After the command exited: kills what it left running in its own
+    /// group (nothing to do when it shares ours).
+    fn kill_leftovers(&self) {
+        if self.group {
+            self.signal(libc::SIGKILL);
         }
     }
 }

@@ -347,7 +347,7 @@ pub async fn run(command: ClientCommand) -> i32 {
     match result {
         Ok(()) => EXIT_OK,
         Err(failure) => {
-            eprintln!("dlm: {}", failure.message);
+            say(format_args!("dlm: {}", failure.message));
             failure.code
         }
     }
@@ -469,7 +469,7 @@ async fn acquire(args: AcquireArgs) -> Result<(), Failure> {
             dir.display()
         )));
     }
-    println!("acquired lock {lock:?} fence {}", grant.fence);
+    tell(format_args!("acquired lock {lock:?} fence {}", grant.fence));
     Ok(())
 }
 
@@ -487,7 +487,7 @@ async fn release(args: ReleaseArgs) -> Result<(), Failure> {
         forget(&dir, client_id, &lock, &token);
     }
     result.map_err(|e| Failure::client(&e, &lock))?;
-    println!("released lock {lock:?}");
+    tell(format_args!("released lock {lock:?}"));
     Ok(())
 }
 
@@ -496,7 +496,9 @@ fn forget(dir: &Path, client_id: i32, lock: &str, token: &str) {
     if let Ok(Some(saved)) = state::load(dir, client_id, lock) {
         if saved.token == token {
             if let Err(e) = state::remove(dir, client_id, lock) {
-                eprintln!("dlm: warning: cannot remove the stale grant file: {e}");
+                say(format_args!(
+                    "dlm: warning: cannot remove the stale grant file: {e}"
+                ));
             }
         }
     }
@@ -530,10 +532,15 @@ async fn renew(args: RenewArgs) -> Result<(), Failure> {
     if let Some(saved) = saved {
         let updated = SavedGrant { lease, ..saved };
         if let Err(e) = state::save(&dir, &updated) {
-            eprintln!("dlm: warning: cannot update the grant file: {e}");
+            say(format_args!(
+                "dlm: warning: cannot update the grant file: {e}"
+            ));
         }
     }
-    println!("renewed lock {lock:?} lease {} ms", lease.as_millis());
+    tell(format_args!(
+        "renewed lock {lock:?} lease {} ms",
+        lease.as_millis()
+    ));
     Ok(())
 }
 
@@ -575,8 +582,29 @@ async fn cat(args: CatArgs) -> Result<(), Failure> {
 async fn status(args: StatusArgs) -> Result<(), Failure> {
     let client = connect(&args.connect, false).await?;
     let report = client.status().await.map_err(|e| Failure::client(&e, ""))?;
-    print!("{}", table::status_table(&report));
+    tell_raw(&table::status_table(&report));
     Ok(())
+}
+
+/// Writes one line to stderr, ignoring failure: a closed stderr (a hung-up
+/// terminal, a closed pipe) must not turn a finished command into a panic
+/// (`eprintln!` panics on a write error).
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Writes one line to stdout, ignoring failure (see [`say`]): the command
+/// has done its work, and its exit code says so.
+fn tell(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Writes `text` to stdout as it is, ignoring failure (see [`tell`]).
+fn tell_raw(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }
 
 #[cfg(test)]

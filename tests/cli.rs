@@ -615,6 +615,36 @@ wait"#;
     }
 }
 
+fn a_closed_stdout_does_not_turn_a_done_acquire_into_a_crash(wire: Wire) {
+    use std::os::unix::io::FromRawFd;
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    // A pipe whose reading end is closed: every write to it fails (EPIPE).
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two descriptors, which are owned from here on.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just made and are owned by nobody else.
+    let (reader, writer) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    let status = cli
+        .command("acquire", &["--client-id", "5", "--lock", "p"])
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("dlm runs");
+    assert_eq!(status.code(), Some(0), "the lock was acquired: {status:?}");
+    let row = cli.lock_row("p").expect("p is held");
+    assert_eq!(row[1], "5", "{row:?}");
+    cli.run("release", &["--client-id", "5", "--lock", "p"])
+        .ok();
+}
+
 fn hold_stopped_by_sigterm_while_waiting_never_runs_its_command(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
@@ -795,6 +825,7 @@ over_every_wire!(
     hold_of_the_default_lock_lets_a_nested_append_use_its_token,
     hold_passes_sigterm_on_to_its_command_and_releases_after_it,
     hold_stopped_by_sigterm_leaves_nothing_of_its_command_running,
+    a_closed_stdout_does_not_turn_a_done_acquire_into_a_crash,
     hold_stopped_by_sigterm_while_waiting_never_runs_its_command,
     bad_requests_fail_with_one_line_and_change_nothing,
     status_lists_the_holder_and_a_queued_waiter,

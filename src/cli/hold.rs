@@ -30,7 +30,7 @@ use std::process::ExitStatus;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
-use super::{connect, options, Failure, HoldArgs, EXIT_FAILED, EXIT_LOST, EXIT_OK};
+use super::{connect, options, say, Failure, HoldArgs, EXIT_FAILED, EXIT_LOST, EXIT_OK};
 
 /// Runs `dlm hold`; returns the exit status.
 pub async fn hold(args: HoldArgs) -> i32 {
@@ -142,13 +142,6 @@ pub async fn hold(args: HoldArgs) -> i32 {
 fn fail(failure: Failure) -> i32 {
     say(format_args!("dlm: {}", failure.message));
     failure.code
-}
-
-/// Writes one line to stderr, ignoring failure: after a hang-up the
-/// terminal is gone and `eprintln!` would panic on the write error.
-fn say(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Resolves once `flag` is true; never if its sender goes away first.

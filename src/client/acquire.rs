@@ -40,6 +40,16 @@ impl AttemptPlan {
 /// forever). A waiting attempt lasts up to `wait_attempt_timeout`, or the
 /// remaining wait plus one ordinary attempt's time for the answer to come
 /// back, whichever is shorter.
+/// The longest lease a reply is taken at its word for (ten years): longer
+/// is no different for a client, and an absurd value from a server must not
+/// overflow the deadlines computed from it.
+const LONGEST_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The lease a server's reply gives, in milliseconds, capped.
+pub(crate) fn lease_of_reply(ms: u64) -> Duration {
+    Duration::from_millis(ms).min(LONGEST_LEASE)
+}
+
 pub(crate) fn plan_attempt(timing: &Timing, remaining_wait: Option<Duration>) -> AttemptPlan {
     let longest = timing.wait_attempt_timeout.max(timing.attempt_timeout);
     match remaining_wait {
@@ -89,9 +99,11 @@ impl Acquired {
 ///
 /// The caller's wait is counted from `started`, when its acquire began (a
 /// fresh acquire after a late grant ran out goes on with the same wait). A
-/// finite wait gives up after the wait or the retry budget, whichever is
-/// longer (once the wait is over, attempts only collect a grant made
-/// meanwhile); an infinite wait never gives up.
+/// finite wait gives up after the wait plus the retry budget or one
+/// attempt's timeout, whichever is longer: once the wait is over, attempts
+/// only collect the server's answer (a grant made meanwhile, or that the
+/// wait ran out), which arrives after the wait. An infinite wait (or one too
+/// long to count) never gives up.
 pub(crate) async fn acquire(
     servers: &Servers,
     timing: &Timing,
@@ -101,8 +113,12 @@ pub(crate) async fn acquire(
     started: Instant,
 ) -> Result<Acquired, Error> {
     let request_id = timing.entropy.request_id();
-    let wait_until = opts.wait.map(|wait| started + wait);
-    let budget = opts.wait.map(|wait| wait.max(timing.retry_budget));
+    let wait = opts
+        .wait
+        .filter(|wait| started.checked_add(*wait).is_some());
+    let wait_until = wait.map(|wait| started + wait);
+    let budget =
+        wait.map(|wait| wait.saturating_add(timing.retry_budget.max(timing.attempt_timeout)));
     let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, budget);
     let mut first_sent = None;
     loop {
@@ -126,7 +142,7 @@ pub(crate) async fn acquire(
                     lock: lock.to_owned(),
                     token: reply.token,
                     fence: reply.fencing_token,
-                    lease: Duration::from_millis(reply.lease_ms),
+                    lease: lease_of_reply(reply.lease_ms),
                 },
                 lease_from,
             })),

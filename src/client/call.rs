@@ -274,7 +274,8 @@ impl<'a> Retrier<'a> {
             op,
             request_id,
             started,
-            give_up: budget.map(|b| started + b),
+            // A budget too long to count is no limit.
+            give_up: budget.and_then(|b| started.checked_add(b)),
             attempts: 0,
             last_failure: String::new(),
         }
@@ -319,7 +320,10 @@ impl<'a> Retrier<'a> {
         }
         let delay = self.backoff.next_delay();
         if let Some(give_up) = self.give_up {
-            if Instant::now() + delay >= give_up {
+            if Instant::now()
+                .checked_add(delay)
+                .is_none_or(|at| at >= give_up)
+            {
                 return Some(Err(self.exhausted()));
             }
         }

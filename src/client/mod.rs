@@ -388,7 +388,7 @@ impl Client {
         let reply: proto::LeaseResponse = self
             .call("renew", &request_id, Call::RenewLease(args))
             .await?;
-        Ok(Duration::from_millis(reply.lease_ms))
+        Ok(acquire::lease_of_reply(reply.lease_ms))
     }
 
     /// Appends `content` to `file` (`file_0` … `file_99`) under `grant`,

@@ -33,6 +33,9 @@ struct Script {
     hang_acquires: u32,
     /// Acquires of new request ids whose first attempt is left unanswered.
     hang_first_attempts: u32,
+    /// Acquires are answered only after their wait, as a server does when
+    /// the lock stays held.
+    answer_after_wait: bool,
     /// Request ids seen by acquire calls.
     acquire_ids: Vec<String>,
     /// Status of acquire replies.
@@ -99,7 +102,7 @@ impl LockService for Scripted {
         let mut seen = Scripted::seen("acquire", &args.request_id, "");
         seen.wait_ms = args.wait_timeout_ms;
         self.record(seen)?;
-        let (hang, status, n, lease_ms) = {
+        let (hang, status, n, lease_ms, after_wait) = {
             let mut script = self.script.lock().unwrap();
             let new_id = !script.acquire_ids.contains(&args.request_id);
             if new_id {
@@ -129,10 +132,15 @@ impl LockService for Scripted {
                 script.acquire,
                 n + 1,
                 script.granted.get(n).map_or(lease_ms, |g| g.1),
+                script.answer_after_wait,
             )
         };
         if hang {
             std::future::pending::<()>().await;
+        }
+        if after_wait {
+            let wait = args.wait_timeout_ms.unwrap_or(u64::MAX);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
         Ok(Response::new(proto::LockResponse {
             status: status as i32,
@@ -255,6 +263,7 @@ impl Server {
                 fail_next: 0,
                 hang_acquires: 0,
                 hang_first_attempts: 0,
+                answer_after_wait: false,
                 acquire_ids: Vec::new(),
                 acquire: Status::Ok,
                 renew: Status::Ok,
@@ -527,6 +536,41 @@ async fn a_wait_that_ends_in_lock_held_is_a_wait_timeout() {
         .acquire("x", AcquireOptions::wait_for(Duration::from_millis(5)))
         .await;
     assert_eq!(result, Err(Error::WaitTimedOut));
+}
+
+#[tokio::test]
+async fn a_wait_longer_than_the_retry_budget_still_ends_in_a_wait_timeout() {
+    let server = Server::start().await;
+    {
+        let mut script = server.script();
+        script.acquire = Status::LockHeld;
+        script.answer_after_wait = true;
+    }
+    let client = quick(1)
+        .retry_budget(Duration::from_millis(50))
+        .endpoint(&server.addr)
+        .build()
+        .unwrap();
+    let result = client
+        .acquire("x", AcquireOptions::wait_for(Duration::from_millis(200)))
+        .await;
+    assert_eq!(result, Err(Error::WaitTimedOut));
+}
+
+#[tokio::test]
+async fn waits_and_budgets_too_long_to_count_are_no_limit_rather_than_a_panic() {
+    let server = Server::start().await;
+    let client = quick(1)
+        .retry_budget(Duration::MAX)
+        .endpoint(&server.addr)
+        .build()
+        .unwrap();
+    let grant = client
+        .acquire("x", AcquireOptions::wait_for(Duration::MAX))
+        .await
+        .unwrap();
+    assert_eq!(grant.token, "t-1");
+    assert_eq!(server.calls("acquire")[0].wait_ms, None, "waits forever");
 }
 
 #[tokio::test]

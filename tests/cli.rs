@@ -231,6 +231,25 @@ impl Cli {
         Running::spawn(self.command(subcommand, args))
     }
 
+    /// `dlm hold --client-id 3 --lock LOCK -- sh -c SCRIPT sh FILE` in the
+    /// background: the script gets FILE as `$1`.
+    fn hold_sh(&self, lock: &str, script: &str, file: &Path) -> Running {
+        let file = file.to_str().expect("utf-8 path");
+        let args = [
+            "--client-id",
+            "3",
+            "--lock",
+            lock,
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            file,
+        ];
+        self.spawn("hold", &args)
+    }
+
     /// `dlm cat FILE`, which must succeed.
     #[track_caller]
     fn cat(&self, file: &str) -> String {
@@ -509,6 +528,21 @@ fn hold_runs_a_command_under_a_lock_and_passes_its_exit_status(wire: Wire) {
         .ok();
 }
 
+/// Waits (bounded polling, not a synchronisation sleep) until the command
+/// under `held` has made `file` (whole: made by a rename), and returns its
+/// content.
+fn until_file(held: &mut Running, file: &Path) -> String {
+    let deadline = Instant::now() + PROCESS_LIMIT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            return text;
+        }
+        assert!(!held.has_exited(), "dlm hold exited early");
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn hold_passes_sigterm_on_to_its_command_and_releases_after_it(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
@@ -520,28 +554,8 @@ fn hold_passes_sigterm_on_to_its_command_and_releases_after_it(wire: Wire) {
 touch "$1"
 sleep 60 &
 wait"#;
-    let mut held = cli.spawn(
-        "hold",
-        &[
-            "--client-id",
-            "3",
-            "--lock",
-            "t",
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            ready.to_str().expect("utf-8 path"),
-        ],
-    );
-    // Bounded polling for the file, not a synchronisation sleep.
-    let deadline = Instant::now() + PROCESS_LIMIT;
-    while !ready.exists() {
-        assert!(!held.has_exited(), "dlm hold exited early");
-        assert!(Instant::now() < deadline, "the command never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut held = cli.hold_sh("t", script, &ready);
+    until_file(&mut held, &ready);
     held.signal(libc::SIGTERM);
     let out = held.finish(PROCESS_LIMIT).expect_code(7);
     assert_eq!(out.stdout.trim(), "got-term", "{out:#?}");
@@ -561,34 +575,11 @@ fn hold_stopped_by_sigterm_leaves_nothing_of_its_command_running(wire: Wire) {
     let script = r#"sleep 1000 >/dev/null 2>&1 &
 echo $! > "$1.tmp" && mv "$1.tmp" "$1"
 wait"#;
-    let mut held = cli.spawn(
-        "hold",
-        &[
-            "--client-id",
-            "3",
-            "--lock",
-            "g",
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            pid_file.to_str().expect("utf-8 path"),
-        ],
-    );
-    // Bounded polling for the file, not a synchronisation sleep.
-    let deadline = Instant::now() + PROCESS_LIMIT;
-    let job: i32 = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-        {
-            break pid;
-        }
-        assert!(!held.has_exited(), "dlm hold exited early");
-        assert!(Instant::now() < deadline, "the command never started");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let mut held = cli.hold_sh("g", script, &pid_file);
+    let job: i32 = until_file(&mut held, &pid_file)
+        .trim()
+        .parse()
+        .expect("a pid in the file");
     held.signal(libc::SIGTERM);
     held.finish(PROCESS_LIMIT).expect_code(128 + libc::SIGTERM);
     // The background job is gone (or a zombie waiting for its reaper): it

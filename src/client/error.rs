@@ -141,9 +141,13 @@ pub(crate) fn classify(status: &tonic::Status) -> AttemptError {
         Code::InvalidArgument | Code::OutOfRange => {
             AttemptError::Refused(Error::BadRequest(status.message().to_owned()))
         }
-        Code::PermissionDenied | Code::Unauthenticated => {
-            AttemptError::Refused(Error::PermissionDenied)
-        }
+        // Not dlm's PERMISSION_DENIED status (that travels in the reply, and
+        // means the grant is another client's): a gRPC-level refusal comes
+        // from something in front of the service (a proxy, an auth layer)
+        // and says nothing about the grant.
+        Code::PermissionDenied | Code::Unauthenticated => AttemptError::Refused(Error::Server(
+            format!("refused before reaching the lock service ({reason})"),
+        )),
         Code::Unimplemented => AttemptError::Refused(Error::Server(format!(
             "the server does not implement this call ({reason})"
         ))),
@@ -212,10 +216,18 @@ mod tests {
             classify(&tonic::Status::invalid_argument("bad name")),
             AttemptError::Refused(Error::BadRequest("bad name".into()))
         );
-        assert_eq!(
-            classify(&tonic::Status::permission_denied("no")),
-            AttemptError::Refused(Error::PermissionDenied)
-        );
+        for refusal in [
+            tonic::Status::permission_denied("no"),
+            tonic::Status::unauthenticated("who"),
+        ] {
+            match classify(&refusal) {
+                AttemptError::Refused(error) => {
+                    assert!(!error.is_lease_gone(), "{error:?}");
+                    assert!(matches!(error, Error::Server(_)), "{error:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         assert!(matches!(
             classify(&tonic::Status::internal("bug")),
             AttemptError::Refused(Error::Server(_))

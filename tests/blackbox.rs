@@ -107,6 +107,43 @@ async fn kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append(wire: Wi
     );
 }
 
+async fn sigterm_with_a_waiter_queued_stops_at_once_and_keeps_the_grant(wire: Wire) {
+    let mut server = ServerProcess::start_over(wire, &[]);
+    let c1 = client(&server, 1);
+    // The waiter waits on one call, as the original clients do (the
+    // library would otherwise give an attempt up after 10 s, which ends a
+    // drain that waits for it).
+    let c2 = server
+        .client_builder(2)
+        .wait_attempt_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let lease = AcquireOptions::default().lease(Duration::from_secs(600));
+    let grant = c1.acquire("x", lease).await.unwrap();
+    let waiter = tokio::spawn({
+        let c2 = c2.clone();
+        async move { c2.acquire("x", AcquireOptions::default()).await }
+    });
+    until_waiters(&c1, "x", 1).await;
+    server.signal(libc::SIGTERM);
+    // Bounded polling for the exit, not a synchronisation sleep; the
+    // runtime keeps serving the clients' side of the connections meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.exited().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server still drains 20 s after SIGTERM with a waiter queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    waiter.abort();
+    server.try_restart().expect("server restarts");
+    // The holder's grant survived the graceful stop, as it survives a crash.
+    let c1 = client(&server, 1);
+    c1.renew(&grant, None).await.unwrap();
+    c1.release(&grant).await.unwrap();
+}
+
 async fn six_clients_queued_on_one_lock_are_granted_in_order(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let holder = client(&server, 100);
@@ -494,6 +531,7 @@ over_every_wire!(
     acquire_two_appends_release_reads_aa,
     kill9_with_the_lock_free_keeps_contents,
     kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append,
+    sigterm_with_a_waiter_queued_stops_at_once_and_keeps_the_grant,
     six_clients_queued_on_one_lock_are_granted_in_order,
     a_client_that_stops_renewing_loses_the_lock_to_the_next_waiter,
     a_guard_keeps_its_lease_alive_and_releases,

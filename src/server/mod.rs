@@ -567,6 +567,7 @@ pub async fn serve_bound(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let engine = node.handle().engine;
     let stop = async {
         tokio::select! {
             _ = shutdown => {},
@@ -574,6 +575,12 @@ pub async fn serve_bound(
             () = stopped(stop_rx.clone()) => {},
         }
         let _ = stop_tx.send(true);
+        // Before the transports drain: a waiting call ends now ("shutting
+        // down"; its client retries after the restart) instead of holding
+        // gRPC's graceful drain open until it is granted, while the timer,
+        // left running, expired the leases of holders that could no longer
+        // renew. A crash keeps those grants; so does a graceful stop.
+        engine.stop();
     };
     let Bound {
         grpc,

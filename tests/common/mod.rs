@@ -371,6 +371,14 @@ impl ServerProcess {
         send_signal(self.child.as_ref().expect("the server runs"), signal);
     }
 
+    /// The server's exit status if it has exited by itself (it is then
+    /// gone), `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

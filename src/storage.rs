@@ -112,8 +112,8 @@ impl FsDir {
         let path = path.as_ref().to_path_buf();
         fs::create_dir_all(&path)?;
         let absolute = fs::canonicalize(&path)?;
-        sync_ancestors(&absolute, |dir| match File::open(dir) {
-            Ok(handle) => handle.sync_all().map(|()| true),
+        sync_ancestors(&absolute, |dir| match sync_dir(dir) {
+            Ok(()) => Ok(true),
             // An ancestor this process may not read (`/home` of another
             // user) was not made by it either: nothing of ours to persist.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(false),
@@ -214,12 +214,17 @@ impl Dir for FsDir {
     }
 
     fn sync(&self) -> io::Result<()> {
-        File::open(&self.path)?.sync_all()
+        sync_dir(&self.path)
     }
 
     fn describe(&self, name: &str) -> String {
         self.path.join(name).display().to_string()
     }
+}
+
+/// Makes the names in directory `path` durable (fsync of the directory).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
 }
 
 /// Calls `sync` on `dir` and on each of its ancestors, deepest first: a

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dlm_bin, ServerProcess, Wire};
+use common::{dlm_bin, Relay, ServerProcess, Wire};
 use dlm::client::{AcquireOptions, Client, Error};
 
 fn client(server: &ServerProcess, id: i32) -> Client {
@@ -256,6 +256,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing(wire: Wire) {
     }
     let r = c1.append(&grant, "file_1", vec![b'x'; 2000]).await;
     assert!(matches!(r, Err(Error::BadRequest(_))), "oversize: {r:?}");
+    // Past the transport's own limit (gRPC: 4 MiB here, refused before the
+    // message is buffered whole; QUIC: the append limit plus the envelope).
+    let r = c1.append(&grant, "file_1", vec![b'x'; 5 << 20]).await;
+    assert!(matches!(r, Err(Error::BadRequest(_))), "5 MiB: {r:?}");
     let r = c1.append_token("garbage", "file_1", "X").await;
     assert!(matches!(r, Err(Error::LeaseLost)), "garbage token: {r:?}");
     let r = c2.release_token("", "garbage").await;
@@ -527,8 +531,88 @@ async fn a_client_killed_in_the_middle_of_an_acquire_loses_its_locks_by_their_le
     c2.release(&b2).await.unwrap();
 }
 
+/// A waiting client falls silent (its host lost power; a partition): no
+/// FIN, no reset, no QUIC close. The server's keepalive notices within
+/// `--keepalive-ms` + `--keepalive-timeout-ms` and cuts its call off, so the
+/// waiter is detached (its place kept for a retry) instead of waiting on a
+/// dead connection, to be granted a lock nobody would use or release.
+async fn a_waiter_whose_client_falls_silent_is_cut_off_by_keepalive(wire: Wire) {
+    let server = ServerProcess::start_over(
+        wire,
+        &["--keepalive-ms", "200", "--keepalive-timeout-ms", "300"],
+    );
+    let holder = client(&server, 1);
+    let long = AcquireOptions::default().lease(Duration::from_secs(600));
+    let grant = holder.acquire("x", long).await.unwrap();
+    let relay = Relay::start(wire, server.client_addr()).await;
+    // One call that waits as long as it takes: only the server can end it.
+    let silent = Client::builder(2)
+        .endpoint(relay.addr())
+        .transport(server.transport())
+        .wait_attempt_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let waiter = tokio::spawn(async move { silent.acquire("x", AcquireOptions::default()).await });
+    until_waiters(&holder, "x", 1).await;
+    relay.cut();
+    // Bounded polling for the event, not a synchronisation sleep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = holder.status().await.expect("status");
+        let lock = status.locks.iter().find(|l| l.name == "x").expect("x");
+        if lock.waiters.iter().all(|w| w.detached) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent client's waiter is still attached 60 s after it fell silent: {lock:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waiter.abort();
+    holder.release(&grant).await.unwrap();
+}
+
+/// `--max-connections 1`: a second client's connection is refused (gRPC
+/// closes it on accept, QUIC refuses the handshake) while the first is
+/// served, and is served once the first has gone.
+async fn connections_past_max_connections_are_refused_until_one_closes(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &["--max-connections", "1"]);
+    let first = client(&server, 1);
+    first
+        .status()
+        .await
+        .expect("the first connection is served");
+    let second = server
+        .client_builder(2)
+        .retry_budget(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let refused = second.status().await;
+    assert!(
+        refused.is_err(),
+        "a second connection was served past --max-connections 1"
+    );
+    first
+        .status()
+        .await
+        .expect("the first connection is still served");
+    drop(first);
+    // Bounded polling for the slot to come free, not a synchronisation sleep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = second.status().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot is still taken 30 s after the first client went: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 over_every_wire!(
     acquire_two_appends_release_reads_aa,
+    connections_past_max_connections_are_refused_until_one_closes,
+    a_waiter_whose_client_falls_silent_is_cut_off_by_keepalive,
     kill9_with_the_lock_free_keeps_contents,
     kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append,
     sigterm_with_a_waiter_queued_stops_at_once_and_keeps_the_grant,

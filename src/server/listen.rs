@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use tokio::net::TcpListener;
 
 use super::{ServerConfig, ServerError, STATE_DIR};
-use crate::transport::quic;
 use crate::transport::tls::{self, DevCerts, ServerTls, TLS_DIR};
+use crate::transport::{grpc, quic};
 
 /// File in the TLS directory holding the secret of QUIC's stateless resets.
 const QUIC_RESET_SECRET: &str = "quic-reset.key";
@@ -32,6 +32,8 @@ pub struct Bound {
     pub grpc: TcpListener,
     /// TLS for gRPC (`--tls`); `None` serves plain text.
     pub grpc_tls: Option<ServerTls>,
+    /// What gRPC accepts from a peer, and how it watches quiet ones.
+    pub grpc_limits: grpc::Limits,
     /// The QUIC endpoint (`--listen-quic`), configured with its TLS. A
     /// caller may build one over any [`quinn::AsyncUdpSocket`] instead.
     pub quic: Option<quinn::Endpoint>,
@@ -47,11 +49,21 @@ pub struct Bound {
 impl Bound {
     /// A plain-text gRPC server on `grpc` and nothing else.
     pub fn grpc_only(grpc: TcpListener, config: &ServerConfig) -> Bound {
+        let grpc_limits = grpc::Limits {
+            max_connections: config.max_connections,
+            keepalive: config.keepalive(),
+            ..grpc::Limits::for_max_append(config.max_append_bytes)
+        };
+        let quic_limits = quic::server::Limits {
+            max_connections: config.max_connections,
+            ..quic::server::Limits::for_max_append(config.max_append_bytes)
+        };
         Bound {
             grpc,
             grpc_tls: None,
+            grpc_limits,
             quic: None,
-            quic_limits: quic::server::Limits::for_max_append(config.max_append_bytes),
+            quic_limits,
             dev_ca: None,
             client_ca: None,
         }
@@ -66,6 +78,7 @@ impl Bound {
     /// [`ServerError::Tls`] or [`ServerError::Config`] when the certificates
     /// cannot be made, read or used together.
     pub async fn bind(config: &ServerConfig) -> Result<Bound, ServerError> {
+        check_limits(config)?;
         let mut config = config.clone();
         let quic_by_transport =
             config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
@@ -99,6 +112,7 @@ impl Bound {
             None => None,
         };
         let mut bound = Bound::grpc_only(grpc, config);
+        bound.grpc_limits.max_connections = fit_descriptors(bound.grpc_limits.max_connections);
         if !wants_tls {
             return Ok(bound);
         }
@@ -108,7 +122,7 @@ impl Bound {
             let endpoint = quic::server_endpoint(
                 socket,
                 quic::endpoint_config(&secret),
-                quic::server_config(&tls)?,
+                quic::server_config(&tls, config.keepalive())?,
             )
             .map_err(|e| listen_error(addr, e))?;
             bound.quic = Some(endpoint);
@@ -160,6 +174,78 @@ impl Bound {
     }
 }
 
+/// File descriptors kept for the log, snapshots, data files and listeners.
+#[cfg(unix)]
+const RESERVED_DESCRIPTORS: libc::rlim_t = 256;
+
+/// The gRPC connection cap that the process's descriptor limit allows:
+/// raises the soft `RLIMIT_NOFILE` towards the hard one first (as Go's
+/// runtime does at start), then lowers the cap, with a warning, if the
+/// limit is still short. Past the limit, accepting a connection would not
+/// fail: opening the next log segment would, and stop the server.
+#[cfg(unix)]
+fn fit_descriptors(max_connections: usize) -> usize {
+    let wanted = libc::rlim_t::try_from(max_connections)
+        .unwrap_or(libc::rlim_t::MAX)
+        .saturating_add(RESERVED_DESCRIPTORS);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return max_connections;
+    }
+    if limit.rlim_cur < wanted {
+        let raised = libc::rlimit {
+            rlim_cur: wanted.min(limit.rlim_max),
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given and nothing else.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    if limit.rlim_cur >= wanted {
+        return max_connections;
+    }
+    let fits = limit.rlim_cur.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    tracing::warn!(
+        max_connections,
+        descriptor_limit = limit.rlim_cur,
+        serving = fits,
+        "the open-file limit (ulimit -n) is below --max-connections plus {RESERVED_DESCRIPTORS}; \
+         serving fewer gRPC connections"
+    );
+    usize::try_from(fits).unwrap_or(max_connections)
+}
+
+#[cfg(not(unix))]
+fn fit_descriptors(max_connections: usize) -> usize {
+    max_connections
+}
+
+/// Refuses connection limits and keepalive times that cannot work.
+fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
+    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+    if config.max_connections == 0 {
+        return Err(ServerError::Config(
+            "--max-connections 0 would refuse every client".into(),
+        ));
+    }
+    for (flag, ms) in [
+        ("--keepalive-ms", config.keepalive_ms),
+        ("--keepalive-timeout-ms", config.keepalive_timeout_ms),
+    ] {
+        if ms == 0 || ms > DAY_MS {
+            return Err(ServerError::Config(format!(
+                "{flag} must be between 1 and {DAY_MS} (a day), got {ms}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn listen_error(addr: SocketAddr, source: io::Error) -> ServerError {
     ServerError::Listen { addr, source }
 }
@@ -183,5 +269,40 @@ fn server_tls(config: &ServerConfig) -> Result<(ServerTls, Option<PathBuf>), Ser
             Ok((tls, Some(certs.ca_cert)))
         }
         _ => Err(ServerError::Config("--cert and --key go together".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_and_keepalive_times_that_cannot_work_are_refused() {
+        let good = ServerConfig::new("unused");
+        assert!(check_limits(&good).is_ok());
+        let mut none = good.clone();
+        none.max_connections = 0;
+        let mut zero = good.clone();
+        zero.keepalive_ms = 0;
+        let mut huge = good.clone();
+        huge.keepalive_timeout_ms = u64::MAX;
+        for bad in [none, zero, huge] {
+            assert!(
+                matches!(check_limits(&bad), Err(ServerError::Config(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_request_limit_follows_the_largest_append() {
+        use crate::transport::grpc::Limits;
+        assert_eq!(Limits::for_max_append(1 << 20).max_request_bytes, 4 << 20);
+        let big = Limits::for_max_append(100 << 20).max_request_bytes;
+        assert!(big > 100 << 20 && big < 101 << 20, "{big}");
+        assert_eq!(
+            Limits::for_max_append(usize::MAX).max_request_bytes,
+            usize::MAX
+        );
     }
 }

@@ -104,6 +104,19 @@ pub struct ServerConfig {
     /// durable.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub log_prealloc: u64,
+    /// Most client connections at once, per transport. Past it, gRPC closes
+    /// a new connection at once and QUIC refuses it in the handshake.
+    #[arg(long, default_value_t = crate::transport::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Ping a client connection after this many milliseconds without
+    /// hearing from it (HTTP/2 pings for gRPC, QUIC pings).
+    #[arg(long, default_value_t = 10_000)]
+    pub keepalive_ms: u64,
+    /// Close a connection whose client stays silent this many milliseconds
+    /// after the ping: its calls are cut off, and a waiting acquire is
+    /// detached instead of being granted a lock nobody would release.
+    #[arg(long, default_value_t = 20_000)]
+    pub keepalive_timeout_ms: u64,
 }
 
 /// A size in bytes: `4096`, `8KiB`, `64MiB` (K/M/G, with or without `iB`).
@@ -151,6 +164,18 @@ impl ServerConfig {
             dedup_capacity: 100_000,
             snapshot_every: 100_000,
             log_prealloc: crate::log::DEFAULT_PREALLOC,
+            max_connections: crate::transport::MAX_CONNECTIONS,
+            keepalive_ms: 10_000,
+            keepalive_timeout_ms: 20_000,
+        }
+    }
+
+    /// How connections are watched (`--keepalive-ms`,
+    /// `--keepalive-timeout-ms`).
+    pub fn keepalive(&self) -> crate::transport::Keepalive {
+        crate::transport::Keepalive {
+            interval: Duration::from_millis(self.keepalive_ms),
+            timeout: Duration::from_millis(self.keepalive_timeout_ms),
         }
     }
 
@@ -585,6 +610,7 @@ pub async fn serve_bound(
     let Bound {
         grpc,
         grpc_tls,
+        grpc_limits,
         quic,
         quic_limits,
         ..
@@ -594,6 +620,7 @@ pub async fn serve_bound(
             grpc,
             node.handle(),
             grpc_tls.as_ref(),
+            grpc_limits,
             stopped(stop_rx.clone()),
         )
         .await;

@@ -8,7 +8,40 @@
 //!   (`proto/QUIC.md`); always TLS 1.3.
 //! - [`tls`]: certificates (the development CA) and TLS configurations.
 
+use std::time::Duration;
+
 pub mod calls;
 pub mod grpc;
 pub mod quic;
 pub mod tls;
+
+/// How a server watches its quiet peers (`--keepalive-ms`,
+/// `--keepalive-timeout-ms`): after `interval` without hearing from a
+/// client it pings, and a connection still silent `timeout` later is
+/// closed. Closing is what cuts a vanished client's calls off: its waiting
+/// acquire is detached (its place kept for a retry) instead of being granted
+/// a lock nobody will use or release. gRPC sends HTTP/2 pings and waits
+/// `timeout` for their answer; QUIC pings after `interval` and closes after
+/// `interval + timeout` of silence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Keepalive {
+    /// 10 s, then 20 s: a dead client is noticed within 30 s.
+    pub const DEFAULT: Keepalive = Keepalive {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(20),
+    };
+
+    /// The longest silence a connection survives.
+    pub fn idle_limit(self) -> Duration {
+        self.interval.saturating_add(self.timeout)
+    }
+}
+
+/// Most connections a server keeps at once, per transport, by default
+/// (`--max-connections`).
+pub const MAX_CONNECTIONS: usize = 4096;

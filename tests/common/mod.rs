@@ -448,3 +448,139 @@ pub fn send_signal(child: &Child, signal: i32) {
     // the pid is still its own.
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
 }
+
+/// A relay between one client and a server that can fall silent: after
+/// [`Relay::cut`] it forwards nothing in either direction and closes
+/// nothing, which is how a client whose host lost power, or that a
+/// partition cut off, looks to the server: a connection that just goes
+/// quiet, with no FIN, reset or QUIC close. TCP for the gRPC wires, UDP for
+/// QUIC. Its tasks end when it is dropped.
+pub struct Relay {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// A relay on 127.0.0.1 to `server` (the address the wire's clients use).
+    pub async fn start(wire: Wire, server: &str) -> Relay {
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server: std::net::SocketAddr = server.parse().expect("server address");
+        let (addr, task) = match wire {
+            Wire::Quic => {
+                let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                back.connect(server).await.unwrap();
+                let addr = front.local_addr().unwrap();
+                (addr, tokio::spawn(relay_udp(front, back, cut.clone())))
+            }
+            Wire::Grpc | Wire::GrpcTls => {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                (addr, tokio::spawn(relay_tcp(listener, server, cut.clone())))
+            }
+        };
+        Relay {
+            addr: addr.to_string(),
+            cut,
+            task,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// From now on nothing passes, and every socket stays open.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn is_cut(cut: &std::sync::atomic::AtomicBool) -> bool {
+    cut.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+async fn relay_udp(
+    front: tokio::net::UdpSocket,
+    back: tokio::net::UdpSocket,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut client = None;
+    let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+    loop {
+        tokio::select! {
+            Ok((n, from)) = front.recv_from(&mut up) => {
+                client = Some(from);
+                if !is_cut(&cut) {
+                    let _ = back.send(&up[..n]).await;
+                }
+            }
+            Ok(n) = back.recv(&mut down) => {
+                if let (Some(to), false) = (client, is_cut(&cut)) {
+                    let _ = front.send_to(&down[..n], to).await;
+                }
+            }
+        }
+    }
+}
+
+async fn relay_tcp(
+    listener: tokio::net::TcpListener,
+    server: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut pipes = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            Ok((front, _)) = listener.accept() => {
+                let cut = cut.clone();
+                pipes.spawn(async move {
+                    if is_cut(&cut) {
+                        // Held open, never answered.
+                        std::future::pending::<()>().await;
+                    }
+                    let Ok(back) = tokio::net::TcpStream::connect(server).await else { return };
+                    let (front_read, front_write) = front.into_split();
+                    let (back_read, back_write) = back.into_split();
+                    tokio::join!(
+                        pipe(front_read, back_write, cut.clone()),
+                        pipe(back_read, front_write, cut),
+                    );
+                });
+            }
+            Some(_) = pipes.join_next(), if !pipes.is_empty() => {}
+        }
+    }
+}
+
+/// Copies `from` to `to` until either ends; once cut, reads and drops
+/// everything and never closes `to`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        if is_cut(&cut) {
+            // Whatever happens on this side, the other sees nothing.
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            continue;
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

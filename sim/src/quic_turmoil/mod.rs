@@ -247,7 +247,8 @@ impl SimQuic {
     /// `seed` and the simulation's wall clock.
     pub fn server_config(&self, seed: u64) -> quinn::ServerConfig {
         let mut config =
-            quic::server_config(&self.server_tls()).expect("the simulation's TLS is usable");
+            quic::server_config(&self.server_tls(), dlm::transport::Keepalive::DEFAULT)
+                .expect("the simulation's TLS is usable");
         let key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[])
             .extract(&seeded::<64>(seed ^ 0x70ce_4e11));
         config

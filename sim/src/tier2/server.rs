@@ -155,8 +155,12 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
         }
     };
     let failed = node.failed();
+    // As the production server: its request limit and keepalive pings.
+    let limits = dlm::transport::grpc::Limits::for_max_append(config.max_append_bytes);
     let served = tonic::transport::Server::builder()
-        .add_service(GrpcService::new(node.handle()).into_server())
+        .http2_keepalive_interval(Some(limits.keepalive.interval))
+        .http2_keepalive_timeout(Some(limits.keepalive.timeout))
+        .add_service(GrpcService::new(node.handle()).into_server(limits.max_request_bytes))
         .serve_with_incoming_shutdown(incoming, failed)
         .await;
     let stopped = node.shutdown().await;

@@ -32,6 +32,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
 use super::tls::{ServerTls, TlsError};
+use super::Keepalive;
 
 /// The ALPN protocol name both sides offer; a peer without it is refused
 /// during the handshake.
@@ -40,14 +41,6 @@ pub const ALPN: &[u8] = b"dlm/1";
 /// Most streams (calls) one connection may have open at once. A peer that
 /// opens more waits for QUIC stream credit: nothing more is accepted.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-
-/// Most connections the server keeps at once; more are refused.
-pub const MAX_CONNECTIONS: usize = 4096;
-
-/// The server closes a connection on which nothing was received for this
-/// long (or for a client's shorter [`CLIENT_IDLE_TIMEOUT`]: the two sides
-/// use the smaller).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A client closes a connection on which nothing was received for this long,
 /// and the next call connects afresh. A live server answers the client's
@@ -58,11 +51,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// back its backed-off retransmissions would be answered seconds later than
 /// a new connection.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The server sends a ping after this long without hearing from the client,
-/// so a live but quiet client keeps its connection and a dead one is noticed
-/// within [`IDLE_TIMEOUT`].
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// A client sends a ping after this long without hearing from the server
 /// (quinn restarts the timer on every packet received). Besides keeping
@@ -135,16 +123,18 @@ impl ErrorCode {
 
 /// Transport parameters both sides use: the stream limits above, no
 /// unidirectional streams, no datagrams, an idle timeout of `idle` and
-/// pings after `keep_alive` without hearing from the peer ([`IDLE_TIMEOUT`]
-/// and [`KEEP_ALIVE`] for the server, [`CLIENT_IDLE_TIMEOUT`] and
-/// [`CLIENT_KEEP_ALIVE`] for a client).
+/// pings after `keep_alive` without hearing from the peer (the server's
+/// [`Keepalive`], whose idle limit is `interval + timeout`;
+/// [`CLIENT_IDLE_TIMEOUT`] and [`CLIENT_KEEP_ALIVE`] for a client). The
+/// two sides' idle timeouts: the smaller one applies.
 pub fn transport_config(keep_alive: Duration, idle: Duration) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(
-            IdleTimeout::try_from(idle).expect("seconds are a valid idle timeout"),
+            // Past 2^62 ms: as good as no limit.
+            IdleTimeout::try_from(idle).unwrap_or_else(|_| IdleTimeout::from(VarInt::MAX)),
         ))
         .keep_alive_interval(Some(keep_alive))
         .datagram_receive_buffer_size(None);
@@ -152,15 +142,21 @@ pub fn transport_config(keep_alive: Duration, idle: Duration) -> TransportConfig
 }
 
 /// The quinn server configuration for `tls` (TLS 1.3, ALPN [`ALPN`], no
-/// 0-RTT) with [`transport_config`].
+/// 0-RTT) with [`transport_config`] for `keepalive`.
 ///
 /// # Errors
 /// [`TlsError`] when the certificates are unusable.
-pub fn server_config(tls: &ServerTls) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(
+    tls: &ServerTls,
+    keepalive: Keepalive,
+) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = QuicServerConfig::try_from(tls.rustls_config(&[ALPN])?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(KEEP_ALIVE, IDLE_TIMEOUT)));
+    config.transport_config(Arc::new(transport_config(
+        keepalive.interval,
+        keepalive.idle_limit(),
+    )));
     Ok(config)
 }
 

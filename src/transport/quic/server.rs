@@ -20,10 +20,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::frame;
-use super::{ErrorCode, MAX_CONNECTIONS, REQUEST_TIMEOUT};
+use super::{ErrorCode, REQUEST_TIMEOUT};
 use crate::proto::{CallRequest, CallResponse};
 use crate::server::Handle;
 use crate::transport::calls;
+use crate::transport::MAX_CONNECTIONS;
 
 /// What the server accepts from a peer.
 #[derive(Clone, Copy, Debug)]

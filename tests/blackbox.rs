@@ -609,6 +609,51 @@ async fn connections_past_max_connections_are_refused_until_one_closes(wire: Wir
     }
 }
 
+/// A TCP connection that never sends a byte (no TLS handshake, no HTTP/2
+/// preface) is closed once its first call is overdue (`--keepalive-ms` +
+/// `--keepalive-timeout-ms`), so idle sockets cannot hold the connection
+/// slots for ever; clients that call are served throughout.
+async fn a_connection_that_never_calls_is_closed(wire: Wire) {
+    use tokio::io::AsyncReadExt;
+    let server = ServerProcess::start_over(
+        wire,
+        &["--keepalive-ms", "100", "--keepalive-timeout-ms", "100"],
+    );
+    let c1 = client(&server, 1);
+    c1.status().await.expect("a client that calls is served");
+    let mut idle = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    // Whatever the server sends first (HTTP/2 settings in plain text), the
+    // end is EOF or a reset; a server that never closes fails at 60 s.
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never called is still open 60 s later"
+    );
+    c1.status()
+        .await
+        .expect("clients that call are still served");
+}
+
+mod a_connection_that_never_calls_is_closed {
+    #[tokio::test]
+    async fn grpc() {
+        super::a_connection_that_never_calls_is_closed(crate::common::Wire::Grpc).await
+    }
+    #[tokio::test]
+    async fn grpc_tls() {
+        super::a_connection_that_never_calls_is_closed(crate::common::Wire::GrpcTls).await
+    }
+}
+
 over_every_wire!(
     acquire_two_appends_release_reads_aa,
     connections_past_max_connections_are_refused_until_one_closes,

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -18,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
 use super::calls;
@@ -51,7 +52,11 @@ pub struct Limits {
     /// Most connections at once; more are closed as soon as they are
     /// accepted (each holds a file descriptor, and the log needs some).
     pub max_connections: usize,
-    /// How quiet connections are watched.
+    /// How quiet connections are watched. A connection whose first call
+    /// has not come `interval + timeout` after it was accepted is closed
+    /// too: HTTP/2 pings start only once a connection is set up, so without
+    /// this a peer that never finished its TLS handshake or sent its HTTP/2
+    /// preface would hold a connection slot for ever.
     pub keepalive: Keepalive,
 }
 
@@ -114,6 +119,7 @@ pub async fn serve(
         builder = builder.tls_config(tls.tonic_config())?;
     }
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let first_call_within = limits.keepalive.idle_limit();
     let incoming = TcpListenerStream::new(listener).filter_map(move |accepted| {
         let stream = match accepted {
             Ok(stream) => stream,
@@ -132,6 +138,8 @@ pub async fn serve(
         Some(Ok(Slotted {
             stream,
             _slot: slot,
+            first_call: Some(Box::pin(tokio::time::sleep(first_call_within))),
+            called: Arc::new(AtomicBool::new(false)),
         }))
     });
     builder
@@ -141,17 +149,46 @@ pub async fn serve(
 }
 
 /// An accepted connection holding one of the server's connection slots
-/// until tonic drops it.
+/// until tonic drops it, and closed if its first call does not come in time.
 struct Slotted {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// When the first call must have come by; `None` once it has.
+    first_call: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set by the service on each call of this connection.
+    called: Arc<AtomicBool>,
+}
+
+/// What each call learns of its connection (tonic puts it in the request's
+/// extensions): the TCP peer, and the flag that says a call came.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    /// tonic's own TCP information.
+    pub tcp: TcpConnectInfo,
+    called: Arc<AtomicBool>,
 }
 
 impl Connected for Slotted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            tcp: self.stream.connect_info(),
+            called: self.called.clone(),
+        }
+    }
+}
+
+/// Notes that `request`'s connection has made a call (plain or TLS).
+fn mark_called<T>(request: &GrpcRequest<T>) {
+    let extensions = request.extensions();
+    let info = extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<ConnectionInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    });
+    if let Some(info) = info {
+        info.called.store(true, Ordering::Relaxed);
     }
 }
 
@@ -161,6 +198,20 @@ impl AsyncRead for Slotted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(deadline) = this.first_call.as_mut() {
+            if this.called.load(Ordering::Relaxed) {
+                this.first_call = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                // The server always has a read pending on a connection (TLS
+                // handshake, HTTP/2 preface or frames), so the sleep's
+                // wake-up lands here.
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no call on this connection in time",
+                )));
+            }
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -201,6 +252,7 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<ClientInitArgs>,
     ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::client_init(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -209,6 +261,7 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<LockArgs>,
     ) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::lock_acquire(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -217,6 +270,7 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<LockArgs>,
     ) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::lock_release(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -225,6 +279,7 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<FileArgs>,
     ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::file_append(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -233,6 +288,7 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<LeaseArgs>,
     ) -> Result<GrpcResponse<LeaseResponse>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::renew_lease(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -241,6 +297,7 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<ClientInitArgs>,
     ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::client_close(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -249,14 +306,16 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<FileReadArgs>,
     ) -> Result<GrpcResponse<FileReadResponse>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::file_read(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
 
     async fn lock_status(
         &self,
-        _req: GrpcRequest<StatusArgs>,
+        req: GrpcRequest<StatusArgs>,
     ) -> Result<GrpcResponse<StatusResponse>, GrpcStatus> {
+        mark_called(&req);
         let out = calls::lock_status(&self.handle).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }

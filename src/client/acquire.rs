@@ -36,20 +36,30 @@ impl AttemptPlan {
     }
 }
 
-/// Plans the next attempt given the caller's remaining wait (`None`: wait
-/// forever). A waiting attempt lasts up to `wait_attempt_timeout`, or the
-/// remaining wait plus one ordinary attempt's time for the answer to come
-/// back, whichever is shorter.
 /// The longest lease a reply is taken at its word for (ten years): longer
 /// is no different for a client, and an absurd value from a server must not
 /// overflow the deadlines computed from it.
 const LONGEST_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// The lease taken when a reply names none (`lease_ms` 0, which dlm never
+/// sends: the original Go service's messages have no such field). Short on
+/// purpose: a lease presumed shorter than the server's is only renewed more
+/// often than needed (a guard renews every third of it), while one presumed
+/// longer would let a holder trust a grant the server had let go.
+pub(crate) const UNKNOWN_LEASE: Duration = Duration::from_secs(3);
+
 /// The lease a server's reply gives, in milliseconds, capped.
 pub(crate) fn lease_of_reply(ms: u64) -> Duration {
+    if ms == 0 {
+        return UNKNOWN_LEASE;
+    }
     Duration::from_millis(ms).min(LONGEST_LEASE)
 }
 
+/// Plans the next attempt given the caller's remaining wait (`None`: wait
+/// forever). A waiting attempt lasts up to `wait_attempt_timeout`, or the
+/// remaining wait plus one ordinary attempt's time for the answer to come
+/// back, whichever is shorter.
 pub(crate) fn plan_attempt(timing: &Timing, remaining_wait: Option<Duration>) -> AttemptPlan {
     let longest = timing.wait_attempt_timeout.max(timing.attempt_timeout);
     match remaining_wait {

@@ -48,6 +48,9 @@ struct Script {
     /// token `t-n` and fence `6 + n`. A repeated request id gets its grant
     /// again, as from the server's dedup memory.
     granted: Vec<(String, u64)>,
+    /// Replies carry no lease (`lease_ms` 0), as the original Go service's,
+    /// whose messages have no such field.
+    no_lease_field: bool,
 }
 
 struct Scripted {
@@ -127,11 +130,15 @@ impl LockService for Scripted {
                     script.granted.len() - 1
                 }
             };
+            let lease_ms = match script.no_lease_field {
+                true => 0,
+                false => script.granted.get(n).map_or(lease_ms, |g| g.1),
+            };
             (
                 hang,
                 script.acquire,
                 n + 1,
-                script.granted.get(n).map_or(lease_ms, |g| g.1),
+                lease_ms,
                 script.answer_after_wait,
             )
         };
@@ -189,12 +196,16 @@ impl LockService for Scripted {
             let lease = n
                 .and_then(|n| script.granted.get(n.checked_sub(1)?))
                 .map(|g| g.1);
+            let lease = match script.no_lease_field {
+                true => Some(0),
+                false => args.lease_ms.or(lease),
+            };
             (status, lease)
         };
         Ok(Response::new(proto::LeaseResponse {
             status: status as i32,
             error_message: String::new(),
-            lease_ms: args.lease_ms.or(granted_lease).unwrap_or(60),
+            lease_ms: granted_lease.unwrap_or(60),
         }))
     }
 
@@ -269,6 +280,7 @@ impl Server {
                 renew: Status::Ok,
                 gone: Vec::new(),
                 granted: Vec::new(),
+                no_lease_field: false,
             }),
             seen: watch::channel(Vec::new()).0,
         });
@@ -611,6 +623,32 @@ async fn status_is_translated_and_an_unheld_lock_has_no_holder() {
     );
     assert_eq!(report.locks[0].staged_appends, 3);
     assert_eq!(report.locks[1].holder, None);
+}
+
+/// The original Go service's replies have no lease field: decoded, it is 0.
+/// A client takes that as a short lease of unknown length (renewed every
+/// second by a guard), not as a grant that has already run out.
+#[tokio::test]
+async fn a_reply_without_a_lease_is_a_short_lease_not_a_lost_one() {
+    let server = Server::start().await;
+    server.script().no_lease_field = true;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let grant = client
+        .acquire("", AcquireOptions::default())
+        .await
+        .expect("a grant with no lease field is a grant");
+    assert_eq!(grant.lease, Duration::from_secs(3));
+    assert_eq!(
+        client.renew(&grant, None).await.unwrap(),
+        Duration::from_secs(3)
+    );
+    let guard = client
+        .lock("x", AcquireOptions::default())
+        .await
+        .expect("a guard");
+    server.wait_for_calls("renew", 2).await;
+    assert!(!guard.is_lease_lost());
+    guard.release().await.unwrap();
 }
 
 #[tokio::test]

@@ -31,6 +31,27 @@ fn connector(server: &ServerProcess) -> QuicConnector {
     QuicConnector::new(server.client_addr(), None, config, None).unwrap()
 }
 
+/// A name can resolve to an address nothing answers on before the one the
+/// server is on (`localhost` to `::1` first, the server on 127.0.0.1): the
+/// connector tries the next address alongside and calls through it, instead
+/// of failing after a whole idle timeout on the first.
+#[tokio::test]
+async fn a_dead_first_address_does_not_stop_the_connection() {
+    let server = ServerProcess::start_over(Wire::Quic, &[]);
+    // Bound and never read: datagrams to it vanish, as to a host that is
+    // down (no ICMP refusal to end the handshake early).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let live: std::net::SocketAddr = server.client_addr().parse().unwrap();
+    let connector = connector(&server).resolving_to(vec![silent.local_addr().unwrap(), live]);
+    let connection = connector
+        .connection()
+        .await
+        .expect("connected through the live address");
+    assert_eq!(connection.remote_address(), live);
+    let response = connector.call(&status_request()).await.unwrap();
+    assert!(is_ok_status(&response), "{response:?}");
+}
+
 fn status_request() -> CallRequest {
     CallRequest {
         call: Some(Call::LockStatus(StatusArgs {})),

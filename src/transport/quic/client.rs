@@ -10,7 +10,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::{ConnectError, Connection, ConnectionError, Endpoint, RecvStream, WriteError};
 
 use super::frame::{self, FrameError};
@@ -83,6 +85,10 @@ impl From<FrameError> for CallError {
     }
 }
 
+/// How long a handshake goes unanswered before the next resolved address is
+/// tried alongside it ([`QuicConnector::connect_first`]).
+const STAGGER: Duration = Duration::from_millis(250);
+
 /// The host part of `host:port` or `[v6]:port`, the name the server's
 /// certificate must carry by default.
 pub fn host_of(addr: &str) -> Option<&str> {
@@ -99,6 +105,8 @@ pub fn host_of(addr: &str) -> Option<&str> {
 pub struct QuicConnector {
     /// The address as given (`host:port`), resolved at each connect.
     addr: String,
+    /// Addresses to use instead of resolving `addr` (tests).
+    resolved: Option<Vec<SocketAddr>>,
     /// The name the server's certificate must carry.
     server_name: String,
     /// TLS and transport settings of every connection.
@@ -127,6 +135,7 @@ impl QuicConnector {
             .ok_or_else(|| CallError::BadAddress(format!("{addr:?} is not HOST:PORT")))?;
         Ok(QuicConnector {
             addr: addr.to_owned(),
+            resolved: None,
             server_name: server_name.unwrap_or(host).to_owned(),
             config,
             endpoint: Mutex::new(endpoint),
@@ -137,6 +146,16 @@ impl QuicConnector {
     /// The address as given.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Uses `addrs` as what the address resolves to (tests: a name that
+    /// resolves to a dead address first, as `localhost` can to `::1` when
+    /// the server listens on 127.0.0.1).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn resolving_to(mut self, addrs: Vec<SocketAddr>) -> QuicConnector {
+        self.resolved = Some(addrs);
+        self
     }
 
     /// The current connection, or a new one.
@@ -151,8 +170,74 @@ impl QuicConnector {
             }
         }
         *slot = None;
-        let addr = self.resolve().await?;
-        let endpoint = self.endpoint_for(addr)?;
+        let addrs = self.resolve().await?;
+        let endpoint = self.endpoint_for(&addrs)?;
+        let connection = self.connect_first(&endpoint, &addrs).await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Connects to whichever of `addrs` answers first, as a browser does
+    /// ("happy eyeballs"): a handshake starts with the first address, the
+    /// next one starts when a handshake fails or after [`STAGGER`] without
+    /// an answer, and the first to complete wins (the others are dropped).
+    /// A name that resolves to an address nothing listens on (`localhost`
+    /// to `::1` first, the server on 127.0.0.1) costs a quarter of a second,
+    /// not a whole idle timeout and a failed call.
+    async fn connect_first(
+        &self,
+        endpoint: &Endpoint,
+        addrs: &[SocketAddr],
+    ) -> Result<Connection, CallError> {
+        let mut handshakes = FuturesUnordered::new();
+        let mut next = addrs.iter();
+        let mut failure = None;
+        loop {
+            if handshakes.is_empty() {
+                match next.next() {
+                    Some(addr) => handshakes.push(self.handshake(endpoint, *addr)?),
+                    None => {
+                        return Err(failure.unwrap_or_else(|| {
+                            CallError::Connection(format!("{} resolves to nothing", self.addr))
+                        }))
+                    }
+                }
+            }
+            let more = !next.as_slice().is_empty();
+            // `biased`: a fixed order, so that a simulation replays.
+            tokio::select! {
+                biased;
+                Some(done) = handshakes.next() => match done {
+                    Ok(connection) => return Ok(connection),
+                    Err(e) => {
+                        // A TLS refusal says more than another address's
+                        // silence.
+                        if !matches!(
+                            (&failure, &e),
+                            (Some(CallError::Tls(_)), CallError::Connection(_))
+                        ) {
+                            failure = Some(e);
+                        }
+                        if let Some(addr) = next.next() {
+                            handshakes.push(self.handshake(endpoint, *addr)?);
+                        }
+                    }
+                },
+                () = tokio::time::sleep(STAGGER), if more => {
+                    if let Some(addr) = next.next() {
+                        handshakes.push(self.handshake(endpoint, *addr)?);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a handshake with `addr`.
+    fn handshake(
+        &self,
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+    ) -> Result<impl std::future::Future<Output = Result<Connection, CallError>>, CallError> {
         let connecting = endpoint
             .connect_with(self.config.clone(), addr, &self.server_name)
             .map_err(|e| match e {
@@ -160,30 +245,44 @@ impl QuicConnector {
                     CallError::BadAddress(format!("{name:?} is not a valid server name"))
                 }
                 other => CallError::Connection(other.to_string()),
-            })?;
-        let connection = connecting.await?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+            });
+        Ok(async move { Ok(connecting?.await?) })
     }
 
-    async fn resolve(&self) -> Result<SocketAddr, CallError> {
-        if let Ok(addr) = self.addr.parse() {
-            return Ok(addr);
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, CallError> {
+        if let Some(addrs) = &self.resolved {
+            return Ok(addrs.clone());
         }
-        let mut addrs = tokio::net::lookup_host(&self.addr)
+        if let Ok(addr) = self.addr.parse() {
+            return Ok(vec![addr]);
+        }
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        let found = tokio::net::lookup_host(&self.addr)
             .await
             .map_err(|e| CallError::Connection(format!("resolving {}: {e}", self.addr)))?;
-        addrs
-            .next()
-            .ok_or_else(|| CallError::Connection(format!("{} resolves to nothing", self.addr)))
+        for addr in found {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(CallError::Connection(format!(
+                "{} resolves to nothing",
+                self.addr
+            )));
+        }
+        Ok(addrs)
     }
 
-    fn endpoint_for(&self, addr: SocketAddr) -> Result<Endpoint, CallError> {
+    /// The caller's endpoint, or one bound on first use: on `[::]` (which
+    /// also reaches IPv4 addresses) when any of `addrs` is IPv6, else on
+    /// `0.0.0.0`.
+    fn endpoint_for(&self, addrs: &[SocketAddr]) -> Result<Endpoint, CallError> {
         let mut slot = self.endpoint.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(endpoint) = slot.as_ref() {
             return Ok(endpoint.clone());
         }
-        let local: SocketAddr = if addr.is_ipv4() {
+        let local: SocketAddr = if addrs.iter().all(SocketAddr::is_ipv4) {
             ([0, 0, 0, 0], 0).into()
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()

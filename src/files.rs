@@ -7,13 +7,14 @@
 //! Must not: decide what is committed — the core does.
 
 use std::io;
+use std::sync::Arc;
 
 use crate::core::staging::{FileIndex, FileLengths, FileWrite, FILE_COUNT};
 use crate::storage::{Dir, DirFile};
 
 /// The open data files.
 pub struct DataFiles {
-    dir: Box<dyn Dir>,
+    dir: Arc<dyn Dir>,
     handles: Vec<Box<dyn DirFile>>,
     /// Files written since the last sync.
     dirty: Vec<bool>,
@@ -37,7 +38,7 @@ impl DataFiles {
         }
         dir.sync()?;
         Ok(DataFiles {
-            dir,
+            dir: Arc::from(dir),
             handles,
             dirty: vec![false; FILE_COUNT],
         })
@@ -118,6 +119,44 @@ impl DataFiles {
     pub fn read(&self, file: FileIndex) -> io::Result<Vec<u8>> {
         self.dir.read(&file.name())
     }
+
+    /// The length of one file: every write applied so far, and nothing else
+    /// (the writes go at exact offsets, each file only grows while serving).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn len(&self, file: FileIndex) -> io::Result<u64> {
+        self.handles[file.get()].size()
+    }
+
+    /// The directory, for reading outside the writer: a prefix of `len`
+    /// bytes read after [`DataFiles::len`] said `len` is what the file held
+    /// then, whatever is appended past it meanwhile ([`read_prefix`]).
+    pub fn dir(&self) -> Arc<dyn Dir> {
+        self.dir.clone()
+    }
+}
+
+/// The first `len` bytes of data file `file` in `dir`.
+///
+/// # Errors
+/// I/O errors, or a file shorter than `len` (changed outside dlm).
+pub fn read_prefix(dir: &dyn Dir, file: FileIndex, len: u64) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to read"))?;
+    let handle = dir.open(&file.name(), false)?;
+    let mut bytes = vec![0; len];
+    let mut done = 0;
+    while done < len {
+        let n = handle.read_at(done as u64, &mut bytes[done..])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} is shorter than its committed length", file.name()),
+            ));
+        }
+        done += n;
+    }
+    Ok(bytes)
 }
 
 /// Largest merged write during replay.

@@ -77,6 +77,8 @@ pub(super) enum Wake {
 pub(super) struct Engine {
     pub state: Mutex<State>,
     pub io: Mutex<Io>,
+    /// The data files' directory, for reads outside `io`.
+    pub data: Arc<dyn crate::storage::Dir>,
     pub clock: Clock,
     pub wake: Wake,
     /// The timer task's alarm: the next deadline moved earlier.

@@ -90,7 +90,14 @@ impl Handle {
             return Err(ShuttingDown);
         }
         self.engine.flush_here();
-        match rx.await.map_err(|_| ShuttingDown)? {
+        // The writer says how long the file is once every earlier write is
+        // in it; the bytes are read here, outside the writer (appends only
+        // ever go past that length).
+        let read = rx
+            .await
+            .map_err(|_| ShuttingDown)?
+            .and_then(|len| crate::files::read_prefix(&*self.engine.data, file, len));
+        match read {
             Ok(bytes) => Ok(Ok(bytes)),
             Err(e) => Ok(Err(Reply::refused(
                 RefusalCode::Error,

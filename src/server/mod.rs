@@ -461,7 +461,9 @@ impl Node {
                 (engine::Wake::Task(notify.clone()), WriterEnd::Task(notify))
             }
         };
+        let data = persister.data_dir();
         let engine = Arc::new(engine::Engine {
+            data,
             state: Mutex::new(engine::State {
                 core,
                 observer: recovered.observer,
@@ -659,6 +661,168 @@ mod tests {
         let mut config = ServerConfig::new(dir.to_path_buf());
         config.log_prealloc = 0;
         config
+    }
+
+    /// Reads of `file_7` wait at the gate: `reached` says one has begun, a
+    /// message on `open` lets it go on.
+    struct Gate {
+        reached: std::sync::mpsc::SyncSender<()>,
+        open: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Gate {
+        fn pass(&self, name: &str) {
+            if name == "file_7" {
+                let _ = self.reached.try_send(());
+                let _ = self.open.lock().unwrap().recv();
+            }
+        }
+    }
+
+    struct GatedDir {
+        inner: crate::storage::FsDir,
+        gate: Arc<Gate>,
+    }
+
+    struct GatedFile {
+        inner: Box<dyn crate::storage::DirFile>,
+        name: String,
+        gate: Arc<Gate>,
+    }
+
+    impl crate::storage::Dir for GatedDir {
+        fn list(&self) -> std::io::Result<Vec<String>> {
+            self.inner.list()
+        }
+        fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
+            self.gate.pass(name);
+            self.inner.read(name)
+        }
+        fn open(
+            &self,
+            name: &str,
+            create: bool,
+        ) -> std::io::Result<Box<dyn crate::storage::DirFile>> {
+            Ok(Box::new(GatedFile {
+                inner: self.inner.open(name, create)?,
+                name: name.to_owned(),
+                gate: self.gate.clone(),
+            }))
+        }
+        fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+            self.inner.rename(from, to)
+        }
+        fn remove(&self, name: &str) -> std::io::Result<()> {
+            self.inner.remove(name)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    impl crate::storage::DirFile for GatedFile {
+        fn size(&self) -> std::io::Result<u64> {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.gate.pass(&self.name);
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write_at(offset, data)
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&mut self) -> std::io::Result<()> {
+            self.inner.sync_data()
+        }
+    }
+
+    /// A slow file read (a large file, a cold disk) must not hold up the
+    /// group commits queued behind it: the writer only says how long the
+    /// file is, and the caller reads it outside the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_read_in_progress_does_not_hold_up_commits() {
+        use crate::core::types::Reply;
+        let tmp = tempfile::tempdir().unwrap();
+        let config = small_config(tmp.path());
+        let (reached_tx, reached_rx) = std::sync::mpsc::sync_channel(1);
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        let data = GatedDir {
+            inner: crate::storage::FsDir::open(tmp.path()).unwrap(),
+            gate: Arc::new(Gate {
+                reached: reached_tx,
+                open: std::sync::Mutex::new(open_rx),
+            }),
+        };
+        let state =
+            crate::storage::FsDir::open_exclusive(tmp.path().join(super::STATE_DIR)).unwrap();
+        let clock = super::Clock::start();
+        let recovered = super::recover(
+            &config,
+            Box::new(data),
+            Box::new(state),
+            [7; 32],
+            clock.now(),
+            crate::core::Plants::default(),
+        )
+        .unwrap();
+        let node = Node::start(&config, recovered, clock, super::WriterMode::Thread);
+        let handle = node.handle();
+        // Something in file_7 to read: acquire, append, release.
+        let default = |client| Request::Acquire {
+            client,
+            lock: String::new(),
+            wait: None,
+            lease: None,
+        };
+        let Ok(Reply::Granted(grant)) = handle.call(String::new(), default(2)).await else {
+            panic!("no grant")
+        };
+        let append = Request::Append {
+            client: 2,
+            file: "file_7".to_owned(),
+            content: bytes::Bytes::from_static(b"seven"),
+            token: grant.token.clone(),
+        };
+        assert!(matches!(
+            handle.call(String::new(), append).await,
+            Ok(Reply::Done)
+        ));
+        let release = Request::Release {
+            client: 2,
+            lock: String::new(),
+            token: grant.token,
+        };
+        assert!(matches!(
+            handle.call(String::new(), release).await,
+            Ok(Reply::Done)
+        ));
+        let reader = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.read_file("file_7").await }
+        });
+        tokio::task::spawn_blocking(move || reached_rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .expect("the read reached the file");
+        let acquire = Request::Acquire {
+            client: 1,
+            lock: "x".to_owned(),
+            wait: None,
+            lease: None,
+        };
+        let granted =
+            tokio::time::timeout(Duration::from_secs(60), handle.call(String::new(), acquire))
+                .await
+                .expect("the acquire was held up behind the file read");
+        assert!(matches!(granted, Ok(Reply::Granted(_))), "{granted:?}");
+        open_tx.send(()).unwrap();
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!(read.unwrap(), b"seven");
+        drop(handle);
+        node.shutdown().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

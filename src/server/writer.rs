@@ -42,10 +42,12 @@ pub enum Job {
     Batch(Batch),
     /// Replace the log by this snapshot (the state after every earlier job).
     Snapshot(Box<Snapshot>),
-    /// Read a data file after every earlier write.
+    /// Say how long a data file is after every earlier write: the caller
+    /// reads that much itself, outside the writer ([`crate::files::read_prefix`]),
+    /// so that a large read does not hold up the group commits behind it.
     Read {
         file: FileIndex,
-        reply: oneshot::Sender<io::Result<Vec<u8>>>,
+        reply: oneshot::Sender<io::Result<u64>>,
     },
 }
 
@@ -111,6 +113,11 @@ impl Persister {
             background: false,
             snapshot: None,
         }
+    }
+
+    /// The data directory, for reads outside the writer.
+    pub fn data_dir(&self) -> std::sync::Arc<dyn crate::storage::Dir> {
+        self.files.dir()
     }
 
     /// Writes snapshots on a thread of their own: the group commits that
@@ -230,7 +237,7 @@ impl Persister {
                 }
                 Job::Read { file, reply } => {
                     self.flush(&mut waiting)?;
-                    let _ = reply.send(self.files.read(file));
+                    let _ = reply.send(self.files.len(file));
                 }
             }
         }

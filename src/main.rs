@@ -54,6 +54,15 @@ async fn serve(config: ServerConfig) -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
+    // First: a server refused because another one runs on the directory
+    // must write nothing there (binding makes the development certificates).
+    let directories = match dlm::server::Directories::lock(&config) {
+        Ok(directories) => directories,
+        Err(e) => {
+            eprintln!("dlm: cannot start: {e}");
+            return 1;
+        }
+    };
     let bound = match dlm::server::Bound::bind(&config).await {
         Ok(bound) => bound,
         Err(e) => {
@@ -61,7 +70,7 @@ async fn serve(config: ServerConfig) -> i32 {
             return 1;
         }
     };
-    let node = match dlm::server::Node::start_fs(&config) {
+    let node = match dlm::server::Node::start_in(&config, directories) {
         Ok((node, report)) => {
             tracing::info!(
                 records = report.records_replayed,

@@ -670,3 +670,28 @@ over_every_wire!(
     the_readme_walkthrough_works_from_the_cli,
     a_client_killed_in_the_middle_of_an_acquire_loses_its_locks_by_their_leases,
 );
+
+/// A server refused because another one runs on its directory writes
+/// nothing there: not even the development certificates `--tls` would make
+/// (which another start could then mistake for the running server's).
+#[test]
+fn a_server_refused_for_a_locked_directory_leaves_it_untouched() {
+    let server = ServerProcess::start(&[]);
+    let tls_dir = server.data_dir().join("state/tls");
+    assert!(!tls_dir.exists(), "a plain-text server made certificates");
+    let refused = std::process::Command::new(dlm_bin())
+        .args(["server", "--listen", "127.0.0.1:0", "--tls", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the second server started");
+    assert!(
+        stderr.contains("in use by another dlm server"),
+        "stderr: {stderr}"
+    );
+    assert!(
+        !tls_dir.exists(),
+        "the refused server wrote certificates into the running server's directory"
+    );
+}

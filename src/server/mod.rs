@@ -407,14 +407,47 @@ pub enum WriterMode {
     Task,
 }
 
+/// A server's data directory and its state directory, locked for this
+/// process (`DIR/state/LOCK`). `dlm server` takes them before anything is
+/// written under them (the development certificates and QUIC's secret
+/// included), so that a server refused because another one runs on the
+/// directory leaves it as it was.
+pub struct Directories {
+    data: FsDir,
+    state: FsDir,
+}
+
+impl Directories {
+    /// Opens (creating) `config.data_dir` and locks its state directory.
+    ///
+    /// # Errors
+    /// [`ServerError::Data`] when a directory cannot be made or opened, or
+    /// another server holds the lock.
+    pub fn lock(config: &ServerConfig) -> Result<Directories, ServerError> {
+        let data = FsDir::open(&config.data_dir)?;
+        let state = FsDir::open_exclusive(config.data_dir.join(STATE_DIR))?;
+        Ok(Directories { data, state })
+    }
+}
+
 impl Node {
     /// Recovers from the filesystem under `config.data_dir` and starts.
     ///
     /// # Errors
     /// [`ServerError`] when recovery fails.
     pub fn start_fs(config: &ServerConfig) -> Result<(Node, RecoveryReport), ServerError> {
-        let data = FsDir::open(&config.data_dir)?;
-        let state = FsDir::open_exclusive(config.data_dir.join(STATE_DIR))?;
+        Node::start_in(config, Directories::lock(config)?)
+    }
+
+    /// Recovers from directories already locked and starts.
+    ///
+    /// # Errors
+    /// [`ServerError`] when recovery fails.
+    pub fn start_in(
+        config: &ServerConfig,
+        directories: Directories,
+    ) -> Result<(Node, RecoveryReport), ServerError> {
+        let Directories { data, state } = directories;
         let clock = Clock::start();
         let recovered = recover(
             config,

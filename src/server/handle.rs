@@ -15,6 +15,9 @@ use crate::core::Input;
 use super::engine::Engine;
 use super::writer::Job;
 
+/// Files up to this long are read on the caller's thread.
+const INLINE_READ_BYTES: u64 = 256 << 10;
+
 /// The server is stopping (or stopped after a storage failure).
 #[derive(Debug, thiserror::Error)]
 #[error("the server is shutting down")]
@@ -93,10 +96,19 @@ impl Handle {
         // The writer says how long the file is once every earlier write is
         // in it; the bytes are read here, outside the writer (appends only
         // ever go past that length).
-        let read = rx
-            .await
-            .map_err(|_| ShuttingDown)?
-            .and_then(|len| crate::files::read_prefix(&*self.engine.data, file, len));
+        let read = match rx.await.map_err(|_| ShuttingDown)? {
+            // A large file is read on a blocking thread, not on the
+            // runtime's (a few MiB take milliseconds); a small one, and every
+            // read of the simulation, in line.
+            Ok(len) if len > INLINE_READ_BYTES => {
+                let data = self.engine.data.clone();
+                tokio::task::spawn_blocking(move || crate::files::read_prefix(&*data, file, len))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            }
+            Ok(len) => crate::files::read_prefix(&*self.engine.data, file, len),
+            Err(e) => Err(e),
+        };
         match read {
             Ok(bytes) => Ok(Ok(bytes)),
             Err(e) => Ok(Err(Reply::refused(

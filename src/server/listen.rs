@@ -228,10 +228,14 @@ fn fit_descriptors(max_connections: usize) -> usize {
 /// Refuses connection limits and keepalive times that cannot work.
 fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
-    if config.max_connections == 0 {
-        return Err(ServerError::Config(
-            "--max-connections 0 would refuse every client".into(),
-        ));
+    /// Far past what one process's descriptors allow, and what tokio's
+    /// semaphores can count.
+    const MOST_CONNECTIONS: usize = 1 << 20;
+    if config.max_connections == 0 || config.max_connections > MOST_CONNECTIONS {
+        return Err(ServerError::Config(format!(
+            "--max-connections must be between 1 and {MOST_CONNECTIONS}, got {}",
+            config.max_connections
+        )));
     }
     for (flag, ms) in [
         ("--keepalive-ms", config.keepalive_ms),
@@ -282,11 +286,13 @@ mod tests {
         assert!(check_limits(&good).is_ok());
         let mut none = good.clone();
         none.max_connections = 0;
+        let mut countless = good.clone();
+        countless.max_connections = 3_000_000_000_000_000_000;
         let mut zero = good.clone();
         zero.keepalive_ms = 0;
         let mut huge = good.clone();
         huge.keepalive_timeout_ms = u64::MAX;
-        for bad in [none, zero, huge] {
+        for bad in [none, countless, zero, huge] {
             assert!(
                 matches!(check_limits(&bad), Err(ServerError::Config(_))),
                 "{bad:?}"

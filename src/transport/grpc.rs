@@ -10,7 +10,6 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
 use super::calls;
@@ -46,23 +45,26 @@ const MIN_REQUEST_BYTES: usize = 4 << 20;
 /// What the gRPC server accepts from its peers.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Largest request message; a larger one is refused with
-    /// RESOURCE_EXHAUSTED before it is buffered whole.
+    /// Largest request message; a larger one is refused with OUT_OF_RANGE
+    /// before it is buffered whole.
     pub max_request_bytes: usize,
     /// Most connections at once; more are closed as soon as they are
     /// accepted (each holds a file descriptor, and the log needs some).
     pub max_connections: usize,
-    /// How quiet connections are watched. A connection whose first call
-    /// has not come `interval + timeout` after it was accepted is closed
-    /// too: HTTP/2 pings start only once a connection is set up, so without
-    /// this a peer that never finished its TLS handshake or sent its HTTP/2
-    /// preface would hold a connection slot for ever.
+    /// How quiet connections are watched. A connection is also closed if it
+    /// is not set up `interval + timeout` after it was accepted (its TLS
+    /// handshake, or in plain text the 24 bytes of the HTTP/2 preface):
+    /// HTTP/2 pings start only once a connection is set up, so without this
+    /// a peer that connected and sent nothing would hold a connection slot
+    /// for ever. A client that set up its connection may stay idle as long
+    /// as it answers the pings, as with the original Go server.
     pub keepalive: Keepalive,
 }
 
 impl Limits {
     /// The limits for a server whose largest append is `max_append_bytes`:
-    /// its requests, at most 4 MiB or the append and its envelope.
+    /// its requests may be 4 MiB, or the append and its envelope if that is
+    /// more.
     pub fn for_max_append(max_append_bytes: usize) -> Limits {
         Limits {
             max_request_bytes: max_append_bytes
@@ -115,11 +117,12 @@ pub async fn serve(
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive.interval))
         .http2_keepalive_timeout(Some(limits.keepalive.timeout));
+    let set_up_within = limits.keepalive.idle_limit();
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls.tonic_config())?;
+        builder = builder.tls_config(tls.tonic_config().timeout(set_up_within))?;
     }
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let first_call_within = limits.keepalive.idle_limit();
+    let mut refused: u64 = 0;
     let incoming = TcpListenerStream::new(listener).filter_map(move |accepted| {
         let stream = match accepted {
             Ok(stream) => stream,
@@ -127,7 +130,17 @@ pub async fn serve(
             Err(e) => return Some(Err(e)),
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = ?stream.peer_addr().ok(), "too many gRPC connections; closing");
+            // One line for the first refusal and then one per thousand: a
+            // flood at the cap must not turn into a flood of log lines.
+            refused += 1;
+            let n = refused;
+            if n == 1 || n.is_multiple_of(1000) {
+                tracing::warn!(
+                    peer = ?stream.peer_addr().ok(),
+                    refused = n,
+                    "too many gRPC connections (--max-connections); closing new ones"
+                );
+            }
             return None;
         };
         // tonic's own `tcp_nodelay` does not apply to an incoming stream we
@@ -138,8 +151,8 @@ pub async fn serve(
         Some(Ok(Slotted {
             stream,
             _slot: slot,
-            first_call: Some(Box::pin(tokio::time::sleep(first_call_within))),
-            called: Arc::new(AtomicBool::new(false)),
+            set_up: Some(Box::pin(tokio::time::sleep(set_up_within))),
+            unread_preface: PREFACE_BYTES,
         }))
     });
     builder
@@ -148,47 +161,28 @@ pub async fn serve(
         .await
 }
 
+/// The length of the HTTP/2 client preface (`PRI * HTTP/2.0…`).
+const PREFACE_BYTES: usize = 24;
+
 /// An accepted connection holding one of the server's connection slots
-/// until tonic drops it, and closed if its first call does not come in time.
+/// until tonic drops it, and closed if it is not set up in time: the first
+/// [`PREFACE_BYTES`] bytes must have come (in plain text, the HTTP/2
+/// preface; over TLS, the start of the handshake, which tonic's TLS timeout
+/// then bounds).
 struct Slotted {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
-    /// When the first call must have come by; `None` once it has.
-    first_call: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Set by the service on each call of this connection.
-    called: Arc<AtomicBool>,
-}
-
-/// What each call learns of its connection (tonic puts it in the request's
-/// extensions): the TCP peer, and the flag that says a call came.
-#[derive(Clone, Debug)]
-pub struct ConnectionInfo {
-    /// tonic's own TCP information.
-    pub tcp: TcpConnectInfo,
-    called: Arc<AtomicBool>,
+    /// When the connection must be set up by; `None` once it is.
+    set_up: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes still to read before the connection counts as set up.
+    unread_preface: usize,
 }
 
 impl Connected for Slotted {
-    type ConnectInfo = ConnectionInfo;
+    type ConnectInfo = TcpConnectInfo;
 
-    fn connect_info(&self) -> ConnectionInfo {
-        ConnectionInfo {
-            tcp: self.stream.connect_info(),
-            called: self.called.clone(),
-        }
-    }
-}
-
-/// Notes that `request`'s connection has made a call (plain or TLS).
-fn mark_called<T>(request: &GrpcRequest<T>) {
-    let extensions = request.extensions();
-    let info = extensions.get::<ConnectionInfo>().or_else(|| {
-        extensions
-            .get::<TlsConnectInfo<ConnectionInfo>>()
-            .map(TlsConnectInfo::get_ref)
-    });
-    if let Some(info) = info {
-        info.called.store(true, Ordering::Relaxed);
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
     }
 }
 
@@ -199,20 +193,28 @@ impl AsyncRead for Slotted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(deadline) = this.first_call.as_mut() {
-            if this.called.load(Ordering::Relaxed) {
-                this.first_call = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                // The server always has a read pending on a connection (TLS
-                // handshake, HTTP/2 preface or frames), so the sleep's
-                // wake-up lands here.
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no call on this connection in time",
-                )));
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some(deadline) = this.set_up.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - before;
+                this.unread_preface = this.unread_preface.saturating_sub(got);
+                if this.unread_preface == 0 {
+                    this.set_up = None;
+                }
+                Poll::Ready(Ok(()))
             }
+            // Only when nothing is waiting: bytes already in the socket are
+            // read first. The server always has a read pending here (TLS
+            // handshake or HTTP/2 preface), so the sleep's wake-up lands here.
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
+                io::Error::new(io::ErrorKind::TimedOut, "connection not set up in time"),
+            )),
+            other => other,
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -252,7 +254,6 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<ClientInitArgs>,
     ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::client_init(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -261,7 +262,6 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<LockArgs>,
     ) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::lock_acquire(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -270,7 +270,6 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<LockArgs>,
     ) -> Result<GrpcResponse<LockResponse>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::lock_release(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -279,7 +278,6 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<FileArgs>,
     ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::file_append(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -288,7 +286,6 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<LeaseArgs>,
     ) -> Result<GrpcResponse<LeaseResponse>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::renew_lease(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -297,7 +294,6 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<ClientInitArgs>,
     ) -> Result<GrpcResponse<proto::Response>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::client_close(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
@@ -306,16 +302,14 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<FileReadArgs>,
     ) -> Result<GrpcResponse<FileReadResponse>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::file_read(&self.handle, req.into_inner()).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }
 
     async fn lock_status(
         &self,
-        req: GrpcRequest<StatusArgs>,
+        _req: GrpcRequest<StatusArgs>,
     ) -> Result<GrpcResponse<StatusResponse>, GrpcStatus> {
-        mark_called(&req);
         let out = calls::lock_status(&self.handle).await;
         out.map(GrpcResponse::new).map_err(unavailable)
     }

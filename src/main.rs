@@ -54,8 +54,13 @@ async fn serve(config: ServerConfig) -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
-    // First: a server refused because another one runs on the directory
-    // must write nothing there (binding makes the development certificates).
+    // Flags first, touching nothing; then the directory: a server refused
+    // because another one runs on it must write nothing there (binding
+    // makes the development certificates).
+    if let Err(e) = dlm::server::Bound::check(&config) {
+        eprintln!("dlm: {e}");
+        return 1;
+    }
     let directories = match dlm::server::Directories::lock(&config) {
         Ok(directories) => directories,
         Err(e) => {

@@ -620,8 +620,8 @@ async fn connections_past_max_connections_are_refused_until_one_closes(wire: Wir
     }
 }
 
-/// A TCP connection that never sends a byte (no TLS handshake, no HTTP/2
-/// preface) is closed once it is overdue (`--keepalive-ms` +
+/// A connection that never sends its HTTP/2 preface (in plain text no byte
+/// at all; over TLS, nothing after the handshake) is closed once it is overdue (`--keepalive-ms` +
 /// `--keepalive-timeout-ms`), so idle sockets cannot hold the connection
 /// slots for ever; a client that set its connection up is served, and may
 /// then stay idle, as with the original Go server.
@@ -633,10 +633,22 @@ async fn a_connection_never_set_up_is_closed(wire: Wire) {
     );
     let c1 = client(&server, 1);
     c1.status().await.expect("a client that calls is served");
-    let mut idle = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    // Over TLS the handshake is done, and then nothing: the HTTP/2 preface
+    // never comes.
+    let mut idle: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match wire {
+        Wire::GrpcTls => {
+            let ca = std::fs::read(server.ca().unwrap()).unwrap();
+            let config = dlm::transport::tls::client_rustls_config(&ca, None, &[b"h2"]).unwrap();
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
+        }
+        _ => Box::new(tcp),
+    };
     let mut buf = [0u8; 4096];
-    // Whatever the server sends first (HTTP/2 settings in plain text), the
-    // end is EOF or a reset. The bound is under the defaults' 30 s.
+    // Whatever the server sends first (its HTTP/2 settings), the end is EOF
+    // or a reset. The bound is under the defaults' 30 s.
     let closed = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             match idle.read(&mut buf).await {

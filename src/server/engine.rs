@@ -79,6 +79,12 @@ pub(super) struct Engine {
     pub io: Mutex<Io>,
     /// The data files' directory, for reads outside `io`.
     pub data: Arc<dyn crate::storage::Dir>,
+    /// Reads of data files outside `io` at once (each holds a descriptor
+    /// and the file's bytes).
+    pub reads: tokio::sync::Semaphore,
+    /// Large reads go to a blocking thread (production); the simulation
+    /// reads everything in line, deterministically.
+    pub blocking_reads: bool,
     pub clock: Clock,
     pub wake: Wake,
     /// The timer task's alarm: the next deadline moved earlier.

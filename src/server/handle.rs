@@ -18,6 +18,12 @@ use super::writer::Job;
 /// Files up to this long are read on the caller's thread.
 const INLINE_READ_BYTES: u64 = 256 << 10;
 
+/// Data-file reads in progress at once; more wait their turn.
+pub(super) const MAX_READS: usize = 8;
+
+/// The longest file a read returns: what one gRPC message may carry.
+const MAX_READ_BYTES: u64 = crate::transport::grpc::MAX_MESSAGE_BYTES as u64;
+
 /// The server is stopping (or stopped after a storage failure).
 #[derive(Debug, thiserror::Error)]
 #[error("the server is shutting down")]
@@ -96,18 +102,40 @@ impl Handle {
         // The writer says how long the file is once every earlier write is
         // in it; the bytes are read here, outside the writer (appends only
         // ever go past that length).
-        let read = match rx.await.map_err(|_| ShuttingDown)? {
-            // A large file is read on a blocking thread, not on the
-            // runtime's (a few MiB take milliseconds); a small one, and every
-            // read of the simulation, in line.
-            Ok(len) if len > INLINE_READ_BYTES => {
-                let data = self.engine.data.clone();
-                tokio::task::spawn_blocking(move || crate::files::read_prefix(&*data, file, len))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        let len = match rx.await.map_err(|_| ShuttingDown)? {
+            Ok(len) if len > MAX_READ_BYTES => return Ok(Err(Reply::refused(
+                RefusalCode::Error,
+                format!(
+                    "{name} holds {len} bytes, more than one reply may carry ({MAX_READ_BYTES})"
+                ),
+            ))),
+            Ok(len) => len,
+            Err(e) => {
+                return Ok(Err(Reply::refused(
+                    RefusalCode::Error,
+                    format!("reading {name}: {e}"),
+                )))
             }
-            Ok(len) => crate::files::read_prefix(&*self.engine.data, file, len),
-            Err(e) => Err(e),
+        };
+        // A few reads at once: each holds a descriptor (the log needs some
+        // too) and the file's bytes.
+        let _turn = self
+            .engine
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| ShuttingDown)?;
+        let engine = &*self.engine;
+        let read = if engine.blocking_reads && len > INLINE_READ_BYTES {
+            // A large file is read on a blocking thread, not on the
+            // runtime's (a few MiB take milliseconds).
+            let data = engine.data.clone();
+            tokio::task::spawn_blocking(move || crate::files::read_prefix(&*data, file, len))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        } else {
+            // A small one, and every read of the simulation, in line.
+            crate::files::read_prefix(&*engine.data, file, len)
         };
         match read {
             Ok(bytes) => Ok(Ok(bytes)),

@@ -78,22 +78,11 @@ impl Bound {
     /// [`ServerError::Tls`] or [`ServerError::Config`] when the certificates
     /// cannot be made, read or used together.
     pub async fn bind(config: &ServerConfig) -> Result<Bound, ServerError> {
-        check_limits(config)?;
+        Bound::check(config)?;
         let mut config = config.clone();
         let quic_by_transport =
             config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
         let wants_tls = config.tls || config.listen_quic.is_some() || quic_by_transport;
-        if config.client_ca.is_some() && !config.tls {
-            return Err(ServerError::Config(
-                "--client-ca needs --tls: plain-text gRPC would admit clients without certificates"
-                    .into(),
-            ));
-        }
-        if !wants_tls && (config.cert.is_some() || config.key.is_some()) {
-            return Err(ServerError::Config(
-                "--cert/--key are used by --tls and --listen-quic; neither is given".into(),
-            ));
-        }
         let grpc = TcpListener::bind(config.listen)
             .await
             .map_err(|source| listen_error(config.listen, source))?;
@@ -131,6 +120,31 @@ impl Bound {
         bound.dev_ca = dev_ca;
         bound.client_ca = config.client_ca.clone();
         Ok(bound)
+    }
+
+    /// Refuses flags that cannot work together, touching nothing: `dlm
+    /// server` checks them before it takes (and perhaps creates) the data
+    /// directory. [`Bound::bind`] checks them again.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] naming the flags.
+    pub fn check(config: &ServerConfig) -> Result<(), ServerError> {
+        check_limits(config)?;
+        let quic_by_transport =
+            config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
+        let wants_tls = config.tls || config.listen_quic.is_some() || quic_by_transport;
+        if config.client_ca.is_some() && !config.tls {
+            return Err(ServerError::Config(
+                "--client-ca needs --tls: plain-text gRPC would admit clients without certificates"
+                    .into(),
+            ));
+        }
+        if !wants_tls && (config.cert.is_some() || config.key.is_some()) {
+            return Err(ServerError::Config(
+                "--cert/--key are used by --tls and --listen-quic; neither is given".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The gRPC address.

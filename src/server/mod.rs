@@ -497,6 +497,8 @@ impl Node {
         let data = persister.data_dir();
         let engine = Arc::new(engine::Engine {
             data,
+            reads: tokio::sync::Semaphore::new(handle::MAX_READS),
+            blocking_reads: mode == WriterMode::Thread,
             state: Mutex::new(engine::State {
                 core,
                 observer: recovered.observer,

@@ -13,11 +13,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
@@ -105,72 +107,138 @@ fn unavailable(_: ShuttingDown) -> GrpcStatus {
 /// Serves gRPC on `listener` until `shutdown` resolves; over TLS when `tls`
 /// is given (and with client certificates required when it has a client CA).
 ///
+/// Connections are accepted here rather than by tonic: each takes one of
+/// `limits.max_connections` slots (more are closed at once), and must be
+/// set up within `interval + timeout` of its keepalive (its TLS handshake,
+/// then the 24 bytes of the HTTP/2 preface), or it is closed: HTTP/2 pings
+/// start only once a connection is set up, so without this a peer that
+/// connected and sent nothing would hold its slot for ever. A connection
+/// that is set up may then stay idle as long as it answers the pings.
+///
 /// # Errors
-/// Transport failures, or a TLS configuration tonic refuses.
+/// Transport failures, or TLS material rustls refuses.
 pub async fn serve(
     listener: TcpListener,
     handle: Handle,
     tls: Option<&ServerTls>,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let mut builder = tonic::transport::Server::builder()
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let acceptor = match tls {
+        Some(tls) => Some(TlsAcceptor::from(Arc::new(tls.grpc_rustls_config()?))),
+        None => None,
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let accepting = AbortOnDrop(tokio::task::spawn(accept(listener, acceptor, limits, tx)));
+    let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive.interval))
-        .http2_keepalive_timeout(Some(limits.keepalive.timeout));
-    let set_up_within = limits.keepalive.idle_limit();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls.tonic_config().timeout(set_up_within))?;
+        .http2_keepalive_timeout(Some(limits.keepalive.timeout))
+        .add_service(GrpcService::new(handle).into_server(limits.max_request_bytes))
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
+        .await;
+    drop(accepting);
+    Ok(served?)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// The accept loop: slots, TCP_NODELAY, TLS handshakes (each in a task of
+/// its own, ended with the loop), and the set-up deadline; set-up
+/// connections go to tonic through `to`.
+async fn accept(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    limits: Limits,
+    to: mpsc::Sender<io::Result<Slotted>>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let set_up_within = limits.keepalive.idle_limit();
+    let mut handshakes = tokio::task::JoinSet::new();
     let mut refused: u64 = 0;
-    let incoming = TcpListenerStream::new(listener).filter_map(move |accepted| {
+    loop {
+        // `biased`: a fixed order.
+        let accepted = tokio::select! {
+            biased;
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
         let stream = match accepted {
-            Ok(stream) => stream,
-            // tonic logs it and goes on accepting.
-            Err(e) => return Some(Err(e)),
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, most likely: let some close rather
+                // than spin.
+                tracing::debug!(%error, "accepting a gRPC connection failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // One line for the first refusal and then one per thousand: a
             // flood at the cap must not turn into a flood of log lines.
             refused += 1;
-            let n = refused;
-            if n == 1 || n.is_multiple_of(1000) {
+            if refused == 1 || refused.is_multiple_of(1000) {
                 tracing::warn!(
                     peer = ?stream.peer_addr().ok(),
-                    refused = n,
+                    refused,
                     "too many gRPC connections (--max-connections); closing new ones"
                 );
             }
-            return None;
+            continue;
         };
-        // tonic's own `tcp_nodelay` does not apply to an incoming stream we
-        // hand it, so set it on every accepted socket: with Nagle on, a
-        // reply written right after an HTTP/2 window update waits ~40 ms for
-        // a delayed ACK.
+        // With Nagle on, a reply written right after an HTTP/2 window
+        // update waits ~40 ms for a delayed ACK.
         let _ = stream.set_nodelay(true);
-        Some(Ok(Slotted {
-            stream,
-            _slot: slot,
-            set_up: Some(Box::pin(tokio::time::sleep(set_up_within))),
-            unread_preface: PREFACE_BYTES,
-        }))
-    });
-    builder
-        .add_service(GrpcService::new(handle).into_server(limits.max_request_bytes))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        let mut deadline = Box::pin(tokio::time::sleep(set_up_within));
+        match &acceptor {
+            None => {
+                let conn = Slotted::new(Conn::Plain(stream), slot, deadline);
+                if to.send(Ok(conn)).await.is_err() {
+                    return;
+                }
+            }
+            Some(acceptor) => {
+                let handshake = acceptor.accept(stream);
+                let to = to.clone();
+                handshakes.spawn(async move {
+                    let tls = tokio::select! {
+                        biased;
+                        tls = handshake => tls,
+                        () = &mut deadline => return,
+                    };
+                    match tls {
+                        Ok(tls) => {
+                            let conn = Slotted::new(Conn::Tls(Box::new(tls)), slot, deadline);
+                            let _ = to.send(Ok(conn)).await;
+                        }
+                        Err(error) => tracing::debug!(%error, "TLS handshake failed"),
+                    }
+                });
+            }
+        }
+    }
 }
 
 /// The length of the HTTP/2 client preface (`PRI * HTTP/2.0…`).
 const PREFACE_BYTES: usize = 24;
 
+/// An accepted connection, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
 /// An accepted connection holding one of the server's connection slots
-/// until tonic drops it, and closed if it is not set up in time: the first
-/// [`PREFACE_BYTES`] bytes must have come (in plain text, the HTTP/2
-/// preface; over TLS, the start of the handshake, which tonic's TLS timeout
-/// then bounds).
+/// until tonic drops it, and closed if its first [`PREFACE_BYTES`] bytes
+/// (after TLS: decrypted) have not come by its set-up deadline.
 struct Slotted {
-    stream: TcpStream,
+    conn: Conn,
     _slot: OwnedSemaphorePermit,
     /// When the connection must be set up by; `None` once it is.
     set_up: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -178,11 +246,29 @@ struct Slotted {
     unread_preface: usize,
 }
 
+impl Slotted {
+    fn new(
+        conn: Conn,
+        slot: OwnedSemaphorePermit,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    ) -> Slotted {
+        Slotted {
+            conn,
+            _slot: slot,
+            set_up: Some(deadline),
+            unread_preface: PREFACE_BYTES,
+        }
+    }
+}
+
 impl Connected for Slotted {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        match &self.conn {
+            Conn::Plain(stream) => stream.connect_info(),
+            Conn::Tls(tls) => tls.get_ref().0.connect_info(),
+        }
     }
 }
 
@@ -194,7 +280,10 @@ impl AsyncRead for Slotted {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = match &mut this.conn {
+            Conn::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        };
         let Some(deadline) = this.set_up.as_mut() else {
             return read;
         };
@@ -207,9 +296,9 @@ impl AsyncRead for Slotted {
                 }
                 Poll::Ready(Ok(()))
             }
-            // Only when nothing is waiting: bytes already in the socket are
-            // read first. The server always has a read pending here (TLS
-            // handshake or HTTP/2 preface), so the sleep's wake-up lands here.
+            // Only when nothing is waiting: bytes already here are read
+            // first. hyper always has a read pending while it waits for the
+            // preface, so the sleep's wake-up lands here.
             Poll::Pending if deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
                 io::Error::new(io::ErrorKind::TimedOut, "connection not set up in time"),
             )),
@@ -224,7 +313,10 @@ impl AsyncWrite for Slotted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match &mut self.conn {
+            Conn::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -232,19 +324,31 @@ impl AsyncWrite for Slotted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match &mut self.conn {
+            Conn::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.conn {
+            Conn::Plain(stream) => stream.is_write_vectored(),
+            Conn::Tls(tls) => tls.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        match &mut self.conn {
+            Conn::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        match &mut self.conn {
+            Conn::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

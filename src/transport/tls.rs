@@ -184,8 +184,28 @@ impl ServerTls {
     /// # Errors
     /// [`TlsError`] when the material is unusable.
     pub fn rustls_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        self.rustls_config_for(alpn, &[&rustls::version::TLS13])
+    }
+
+    /// The configuration for gRPC over TLS (`--tls`): ALPN `h2`, TLS 1.3 or
+    /// 1.2, as tonic's own server TLS offered.
+    ///
+    /// # Errors
+    /// [`TlsError`] when the certificates are unusable.
+    pub fn grpc_rustls_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        self.rustls_config_for(
+            &[b"h2"],
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+        )
+    }
+
+    fn rustls_config_for(
+        &self,
+        alpn: &[&[u8]],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<rustls::ServerConfig, TlsError> {
         let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(versions)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match &self.client_ca_pem {
             None => builder.with_no_client_auth(),
@@ -208,17 +228,6 @@ impl ServerTls {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.max_early_data_size = 0;
         Ok(config)
-    }
-
-    /// The same material as tonic's server TLS configuration (gRPC).
-    pub fn tonic_config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
-        match &self.client_ca_pem {
-            Some(pem) => config.client_ca_root(Certificate::from_pem(pem)),
-            None => config,
-        }
     }
 }
 

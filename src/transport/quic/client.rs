@@ -85,6 +85,15 @@ impl From<FrameError> for CallError {
     }
 }
 
+/// How telling a failure to connect is (higher: reported first).
+fn rank(error: &CallError) -> u8 {
+    match error {
+        CallError::BadAddress(_) => 2,
+        CallError::Tls(_) => 1,
+        _ => 0,
+    }
+}
+
 /// How long a handshake goes unanswered before the next resolved address is
 /// tried alongside it ([`QuicConnector::connect_first`]).
 const STAGGER: Duration = Duration::from_millis(250);
@@ -170,8 +179,14 @@ impl QuicConnector {
             }
         }
         *slot = None;
-        let addrs = self.resolve().await?;
+        let mut addrs = self.resolve().await?;
         let endpoint = self.endpoint_for(&addrs)?;
+        // An endpoint that cannot reach IPv6 (a caller's IPv4 one, or ours
+        // where the host has no IPv6) tries only the IPv4 addresses.
+        if endpoint.local_addr().is_ok_and(|a| a.is_ipv4()) && addrs.iter().any(SocketAddr::is_ipv4)
+        {
+            addrs.retain(SocketAddr::is_ipv4);
+        }
         let connection = self.connect_first(&endpoint, &addrs).await?;
         *slot = Some(connection.clone());
         Ok(connection)
@@ -210,12 +225,10 @@ impl QuicConnector {
                 Some(done) = handshakes.next() => match done {
                     Ok(connection) => return Ok(connection),
                     Err(e) => {
-                        // A TLS refusal says more than another address's
-                        // silence.
-                        if !matches!(
-                            (&failure, &e),
-                            (Some(CallError::Tls(_)), CallError::Connection(_))
-                        ) {
+                        // The most telling failure is reported: a bad name
+                        // (never worth a retry), then a TLS refusal, then
+                        // another address's silence.
+                        if failure.as_ref().is_none_or(|f| rank(&e) >= rank(f)) {
                             failure = Some(e);
                         }
                         if let Some(addr) = next.next() {
@@ -282,13 +295,16 @@ impl QuicConnector {
         if let Some(endpoint) = slot.as_ref() {
             return Ok(endpoint.clone());
         }
-        let local: SocketAddr = if addrs.iter().all(SocketAddr::is_ipv4) {
-            ([0, 0, 0, 0], 0).into()
+        let v4: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let endpoint = if addrs.iter().all(SocketAddr::is_ipv4) {
+            Endpoint::client(v4)
         } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let endpoint = Endpoint::client(local)
-            .map_err(|e| CallError::Connection(format!("binding a UDP socket: {e}")))?;
+            // Dual stack where the host has IPv6; IPv4 alone where it has
+            // not (the IPv6 addresses are then left out, see `resolve`).
+            Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+                .or_else(|_| Endpoint::client(v4))
+        }
+        .map_err(|e| CallError::Connection(format!("binding a UDP socket: {e}")))?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
     }

@@ -103,18 +103,14 @@ impl Handle {
         // in it; the bytes are read here, outside the writer (appends only
         // ever go past that length).
         let len = match rx.await.map_err(|_| ShuttingDown)? {
-            Ok(len) if len > MAX_READ_BYTES => return Ok(Err(Reply::refused(
-                RefusalCode::Error,
-                format!(
-                    "{name} holds {len} bytes, more than one reply may carry ({MAX_READ_BYTES})"
-                ),
-            ))),
+            Ok(len) if len > MAX_READ_BYTES => {
+                let reason = format!("{name} holds {len} bytes, more than a reply may carry");
+                return Ok(Err(Reply::refused(RefusalCode::Error, reason)));
+            }
             Ok(len) => len,
             Err(e) => {
-                return Ok(Err(Reply::refused(
-                    RefusalCode::Error,
-                    format!("reading {name}: {e}"),
-                )))
+                let reason = format!("reading {name}: {e}");
+                return Ok(Err(Reply::refused(RefusalCode::Error, reason)));
             }
         };
         // A few reads at once: each holds a descriptor (the log needs some

@@ -667,6 +667,77 @@ async fn a_connection_never_set_up_is_closed(wire: Wire) {
         .expect("clients that call are still served");
 }
 
+/// A client that sets its connection up and then makes no call (a Go
+/// client dialled with `WithBlock` at start-up) keeps it past the set-up
+/// deadline, as with the original Go server: only connections that never
+/// send the HTTP/2 preface are closed.
+async fn a_set_up_connection_may_stay_idle_past_the_deadline(wire: Wire) {
+    use tokio::io::AsyncReadExt;
+    let server = ServerProcess::start_over(
+        wire,
+        &["--keepalive-ms", "100", "--keepalive-timeout-ms", "2000"],
+    );
+    let relay = Relay::start(wire, server.addr()).await;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(match wire {
+        Wire::GrpcTls => format!("https://{}", relay.addr()),
+        _ => format!("http://{}", relay.addr()),
+    })
+    .unwrap();
+    if wire == Wire::GrpcTls {
+        let ca = std::fs::read(server.ca().unwrap()).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("127.0.0.1");
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    // Connected and set up (TLS, preface, settings), and no call.
+    let channel = endpoint.connect().await.expect("connects");
+    // The relay's connection to the server exists before the one below, so
+    // the server accepts it first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while relay.connections() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // A connection accepted after it that never sets up is closed once its
+    // deadline has passed, so the idle one's deadline has passed too.
+    let mut never = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Ok(n) = never.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the never-set-up connection is still open");
+    let mut grpc = dlm::proto::lock_service_client::LockServiceClient::new(channel);
+    grpc.lock_status(dlm::proto::StatusArgs {})
+        .await
+        .expect("the idle connection still serves");
+    assert_eq!(
+        relay.connections(),
+        1,
+        "the server closed the idle, set-up connection (the client had to reconnect)"
+    );
+}
+
+mod a_set_up_connection_may_stay_idle_past_the_deadline {
+    #[tokio::test]
+    async fn grpc() {
+        super::a_set_up_connection_may_stay_idle_past_the_deadline(crate::common::Wire::Grpc).await
+    }
+    #[tokio::test]
+    async fn grpc_tls() {
+        super::a_set_up_connection_may_stay_idle_past_the_deadline(crate::common::Wire::GrpcTls)
+            .await
+    }
+}
+
 mod a_connection_never_set_up_is_closed {
     #[tokio::test]
     async fn grpc() {

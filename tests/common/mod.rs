@@ -458,6 +458,8 @@ pub fn send_signal(child: &Child, signal: i32) {
 pub struct Relay {
     addr: String,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// TCP connections made to the server for clients so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -465,6 +467,7 @@ impl Relay {
     /// A relay on 127.0.0.1 to `server` (the address the wire's clients use).
     pub async fn start(wire: Wire, server: &str) -> Relay {
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let server: std::net::SocketAddr = server.parse().expect("server address");
         let (addr, task) = match wire {
             Wire::Quic => {
@@ -477,12 +480,14 @@ impl Relay {
             Wire::Grpc | Wire::GrpcTls => {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
-                (addr, tokio::spawn(relay_tcp(listener, server, cut.clone())))
+                let relay = relay_tcp(listener, server, cut.clone(), accepted.clone());
+                (addr, tokio::spawn(relay))
             }
         };
         Relay {
             addr: addr.to_string(),
             cut,
+            accepted,
             task,
         }
     }
@@ -490,6 +495,12 @@ impl Relay {
     /// Where clients connect.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// TCP connections made to the server for clients (counted once the
+    /// server's side has accepted them into its backlog).
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// From now on nothing passes, and every socket stays open.
@@ -536,18 +547,21 @@ async fn relay_tcp(
     listener: tokio::net::TcpListener,
     server: std::net::SocketAddr,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut pipes = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             Ok((front, _)) = listener.accept() => {
                 let cut = cut.clone();
+                let accepted = accepted.clone();
                 pipes.spawn(async move {
                     if is_cut(&cut) {
                         // Held open, never answered.
                         std::future::pending::<()>().await;
                     }
                     let Ok(back) = tokio::net::TcpStream::connect(server).await else { return };
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let (front_read, front_write) = front.into_split();
                     let (back_read, back_write) = back.into_split();
                     tokio::join!(

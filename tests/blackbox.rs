@@ -790,3 +790,30 @@ fn a_server_refused_for_a_locked_directory_leaves_it_untouched() {
         "the refused server wrote certificates into the running server's directory"
     );
 }
+
+/// Flags that cannot work are refused before the data directory is
+/// touched: nothing is created for a server that never starts.
+#[test]
+fn bad_server_flags_create_no_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    for flags in [
+        &["--max-connections", "0"][..],
+        &["--keepalive-ms", "0"][..],
+        &["--client-ca", "ca.pem"][..],
+    ] {
+        let out = std::process::Command::new(dlm_bin())
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?} started a server");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("invalid configuration"),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!data.exists(), "{flags:?} created the data directory");
+    }
+}

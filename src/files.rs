@@ -112,10 +112,12 @@ impl DataFiles {
         }
     }
 
-    /// The content of one file.
+    /// The content of one file (tests: the server reads a committed prefix
+    /// with [`read_prefix`]).
     ///
     /// # Errors
     /// I/O errors.
+    #[cfg(test)]
     pub fn read(&self, file: FileIndex) -> io::Result<Vec<u8>> {
         self.dir.read(&file.name())
     }

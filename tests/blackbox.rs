@@ -620,13 +620,27 @@ async fn connections_past_max_connections_are_refused_until_one_closes(wire: Wir
     }
 }
 
+/// Whether the server closes `conn` within `bound`: whatever it sends first
+/// (its HTTP/2 settings) is read and dropped, and the end is EOF or a reset.
+async fn closed_within(conn: &mut (impl tokio::io::AsyncRead + Unpin), bound: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let closed = async {
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(bound, closed).await.is_ok()
+}
+
 /// A connection that never sends its HTTP/2 preface (in plain text no byte
 /// at all; over TLS, nothing after the handshake) is closed once it is overdue (`--keepalive-ms` +
 /// `--keepalive-timeout-ms`), so idle sockets cannot hold the connection
 /// slots for ever; a client that set its connection up is served, and may
 /// then stay idle, as with the original Go server.
 async fn a_connection_never_set_up_is_closed(wire: Wire) {
-    use tokio::io::AsyncReadExt;
     let server = ServerProcess::start_over(
         wire,
         &["--keepalive-ms", "100", "--keepalive-timeout-ms", "2000"],
@@ -646,20 +660,10 @@ async fn a_connection_never_set_up_is_closed(wire: Wire) {
         }
         _ => Box::new(tcp),
     };
-    let mut buf = [0u8; 4096];
-    // Whatever the server sends first (its HTTP/2 settings), the end is EOF
-    // or a reset. The bound is under the defaults' 30 s.
-    let closed = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match idle.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    // The bound is under the defaults' 30 s.
+    let closed = closed_within(&mut idle, Duration::from_secs(15)).await;
     assert!(
-        closed.is_ok(),
+        closed,
         "a connection that never set up is still open 15 s later"
     );
     c1.status()
@@ -672,7 +676,6 @@ async fn a_connection_never_set_up_is_closed(wire: Wire) {
 /// deadline, as with the original Go server: only connections that never
 /// send the HTTP/2 preface are closed.
 async fn a_set_up_connection_may_stay_idle_past_the_deadline(wire: Wire) {
-    use tokio::io::AsyncReadExt;
     let server = ServerProcess::start_over(
         wire,
         &["--keepalive-ms", "100", "--keepalive-timeout-ms", "2000"],
@@ -705,16 +708,8 @@ async fn a_set_up_connection_may_stay_idle_past_the_deadline(wire: Wire) {
     // A connection accepted after it that never sets up is closed once its
     // deadline has passed, so the idle one's deadline has passed too.
     let mut never = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Ok(n) = never.read(&mut buf).await {
-            if n == 0 {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the never-set-up connection is still open");
+    let closed = closed_within(&mut never, Duration::from_secs(15)).await;
+    assert!(closed, "the never-set-up connection is still open");
     let mut grpc = dlm::proto::lock_service_client::LockServiceClient::new(channel);
     grpc.lock_status(dlm::proto::StatusArgs {})
         .await

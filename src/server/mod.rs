@@ -48,6 +48,12 @@ use writer::Persister;
 /// Name of the server's own subdirectory of the data directory.
 pub const STATE_DIR: &str = "state";
 
+/// `--keepalive-ms` and `--keepalive-timeout-ms` by default: [`Keepalive::DEFAULT`].
+///
+/// [`Keepalive::DEFAULT`]: crate::transport::Keepalive::DEFAULT
+const KEEPALIVE_MS: u64 = crate::transport::Keepalive::DEFAULT.interval.as_millis() as u64;
+const KEEPALIVE_TIMEOUT_MS: u64 = crate::transport::Keepalive::DEFAULT.timeout.as_millis() as u64;
+
 /// `dlm server` flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServerConfig {
@@ -110,12 +116,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Ping a client connection after this many milliseconds without
     /// hearing from it (HTTP/2 pings for gRPC, QUIC pings).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = KEEPALIVE_MS)]
     pub keepalive_ms: u64,
     /// Close a connection whose client stays silent this many milliseconds
     /// after the ping: its calls are cut off, and a waiting acquire is
     /// detached instead of being granted a lock nobody would release.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = KEEPALIVE_TIMEOUT_MS)]
     pub keepalive_timeout_ms: u64,
 }
 
@@ -165,8 +171,8 @@ impl ServerConfig {
             snapshot_every: 100_000,
             log_prealloc: crate::log::DEFAULT_PREALLOC,
             max_connections: crate::transport::MAX_CONNECTIONS,
-            keepalive_ms: 10_000,
-            keepalive_timeout_ms: 20_000,
+            keepalive_ms: KEEPALIVE_MS,
+            keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS,
         }
     }
 

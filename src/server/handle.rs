@@ -102,36 +102,13 @@ impl Handle {
         // The writer says how long the file is once every earlier write is
         // in it; the bytes are read here, outside the writer (appends only
         // ever go past that length).
-        let len = match rx.await.map_err(|_| ShuttingDown)? {
+        let read = match rx.await.map_err(|_| ShuttingDown)? {
             Ok(len) if len > MAX_READ_BYTES => {
                 let reason = format!("{name} holds {len} bytes, more than a reply may carry");
                 return Ok(Err(Reply::refused(RefusalCode::Error, reason)));
             }
-            Ok(len) => len,
-            Err(e) => {
-                let reason = format!("reading {name}: {e}");
-                return Ok(Err(Reply::refused(RefusalCode::Error, reason)));
-            }
-        };
-        // A few reads at once: each holds a descriptor (the log needs some
-        // too) and the file's bytes.
-        let _turn = self
-            .engine
-            .reads
-            .acquire()
-            .await
-            .map_err(|_| ShuttingDown)?;
-        let engine = &*self.engine;
-        let read = if engine.blocking_reads && len > INLINE_READ_BYTES {
-            // A large file is read on a blocking thread, not on the
-            // runtime's (a few MiB take milliseconds).
-            let data = engine.data.clone();
-            tokio::task::spawn_blocking(move || crate::files::read_prefix(&*data, file, len))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-        } else {
-            // A small one, and every read of the simulation, in line.
-            crate::files::read_prefix(&*engine.data, file, len)
+            Ok(len) => self.read_prefix(file, len).await?,
+            Err(e) => Err(e),
         };
         match read {
             Ok(bytes) => Ok(Ok(bytes)),
@@ -139,6 +116,35 @@ impl Handle {
                 RefusalCode::Error,
                 format!("reading {name}: {e}"),
             ))),
+        }
+    }
+
+    /// Reads the first `len` bytes of `file`, a few reads at once: each
+    /// holds a descriptor (the log needs some too) and the file's bytes.
+    async fn read_prefix(
+        &self,
+        file: FileIndex,
+        len: u64,
+    ) -> Result<std::io::Result<Vec<u8>>, ShuttingDown> {
+        let _turn = self
+            .engine
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| ShuttingDown)?;
+        let engine = &*self.engine;
+        if engine.blocking_reads && len > INLINE_READ_BYTES {
+            // A large file is read on a blocking thread, not on the
+            // runtime's (a few MiB take milliseconds).
+            let data = engine.data.clone();
+            let read =
+                tokio::task::spawn_blocking(move || crate::files::read_prefix(&*data, file, len));
+            Ok(read
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))))
+        } else {
+            // A small one, and every read of the simulation, in line.
+            Ok(crate::files::read_prefix(&*engine.data, file, len))
         }
     }
 }

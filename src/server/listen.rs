@@ -80,9 +80,7 @@ impl Bound {
     pub async fn bind(config: &ServerConfig) -> Result<Bound, ServerError> {
         Bound::check(config)?;
         let mut config = config.clone();
-        let quic_by_transport =
-            config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
-        let wants_tls = config.tls || config.listen_quic.is_some() || quic_by_transport;
+        let (quic_by_transport, wants_tls) = tls_needs(&config);
         let grpc = TcpListener::bind(config.listen)
             .await
             .map_err(|source| listen_error(config.listen, source))?;
@@ -130,9 +128,7 @@ impl Bound {
     /// [`ServerError::Config`] naming the flags.
     pub fn check(config: &ServerConfig) -> Result<(), ServerError> {
         check_limits(config)?;
-        let quic_by_transport =
-            config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
-        let wants_tls = config.tls || config.listen_quic.is_some() || quic_by_transport;
+        let (_, wants_tls) = tls_needs(config);
         if config.client_ca.is_some() && !config.tls {
             return Err(ServerError::Config(
                 "--client-ca needs --tls: plain-text gRPC would admit clients without certificates"
@@ -237,6 +233,15 @@ fn fit_descriptors(max_connections: usize) -> usize {
 #[cfg(not(unix))]
 fn fit_descriptors(max_connections: usize) -> usize {
     max_connections
+}
+
+/// Whether QUIC is served on the gRPC address (`--transport quic` without
+/// `--listen-quic`), and whether anything needs TLS.
+fn tls_needs(config: &ServerConfig) -> (bool, bool) {
+    let quic_by_transport =
+        config.transport == super::ServerTransport::Quic && config.listen_quic.is_none();
+    let wants_tls = config.tls || config.listen_quic.is_some() || quic_by_transport;
+    (quic_by_transport, wants_tls)
 }
 
 /// Refuses connection limits and keepalive times that cannot work.

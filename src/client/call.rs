@@ -9,7 +9,7 @@
 //! request id (built into the request by the caller), so the server applies
 //! it once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,41 +151,62 @@ impl_reply!(
     proto::StatusResponse => LockStatus;
 );
 
-/// A fresh request id: one per operation, kept across its retries.
-pub(crate) fn new_request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 /// The client's randomness: request ids and backoff jitter. From the
 /// operating system by default; from a seed for a deterministic simulation.
-#[derive(Clone, Debug, Default)]
+///
+/// Request ids are `PREFIX#SEQ`: a random prefix (a UUID) per client and a
+/// number counting up from 1, one per operation, kept across its retries.
+/// The server uses the form to refuse, rather than apply a second time, a
+/// late retry whose answer it has forgotten (`REQUEST_EXPIRED`).
+#[derive(Clone, Debug)]
 pub(crate) struct Entropy {
     /// The seeded source shared by every call, if the client was given a seed.
     seeded: Option<Arc<Mutex<ChaCha8Rng>>>,
+    /// This client's request ids.
+    ids: Arc<IdSequence>,
+}
+
+/// The prefix and the next number of a client's request ids.
+#[derive(Debug)]
+struct IdSequence {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl IdSequence {
+    fn new(prefix: uuid::Uuid) -> Arc<IdSequence> {
+        Arc::new(IdSequence {
+            prefix: prefix.to_string(),
+            next: AtomicU64::new(1),
+        })
+    }
+}
+
+impl Default for Entropy {
+    fn default() -> Entropy {
+        Entropy {
+            seeded: None,
+            ids: IdSequence::new(uuid::Uuid::new_v4()),
+        }
+    }
 }
 
 impl Entropy {
     /// Randomness drawn from `seed` only.
     pub fn seeded(seed: u64) -> Entropy {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut bytes = [0u8; 16];
+        rng.fill_bytes(&mut bytes);
         Entropy {
-            seeded: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))),
+            seeded: Some(Arc::new(Mutex::new(rng))),
+            ids: IdSequence::new(uuid::Builder::from_random_bytes(bytes).into_uuid()),
         }
     }
 
-    /// A fresh request id (a UUID v4, random or drawn from the seed).
+    /// A fresh request id: `PREFIX#SEQ`.
     pub fn request_id(&self) -> String {
-        match &self.seeded {
-            None => new_request_id(),
-            Some(rng) => {
-                let mut bytes = [0u8; 16];
-                rng.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .fill_bytes(&mut bytes);
-                uuid::Builder::from_random_bytes(bytes)
-                    .into_uuid()
-                    .to_string()
-            }
-        }
+        let seq = self.ids.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}#{seq}", self.ids.prefix)
     }
 
     /// The backoff of one operation.

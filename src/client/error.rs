@@ -46,7 +46,9 @@ pub enum Error {
     #[error("bad request: {0}")]
     BadRequest(String),
     /// No server answered within the retry budget (or the wait), or every
-    /// answer was a transport failure. The outcome is unknown: the operation
+    /// answer was a transport failure, or the server had already forgotten
+    /// the answer to the operation's request id when a retry reached it
+    /// (`REQUEST_EXPIRED`). The outcome is unknown: the operation
     /// may or may not have taken effect. Check with `status`, or repeat it
     /// (a repeat is a new operation with a new request id).
     #[error("no server answered: {0}")]
@@ -81,6 +83,7 @@ impl Error {
             Ok(Status::WaitTimeout) => Error::WaitTimedOut,
             Ok(Status::InvalidArgument) => Error::BadRequest(message.to_owned()),
             Ok(Status::SessionClosed) => Error::SessionClosed,
+            Ok(Status::RequestExpired) => Error::Unavailable(message.to_owned()),
             Err(_) => Error::Server(format!("unknown reply status {status}: {message}")),
         };
         Some(error)
@@ -176,6 +179,7 @@ mod tests {
             (Status::WaitTimeout, Error::WaitTimedOut),
             (Status::InvalidArgument, Error::BadRequest("boom".into())),
             (Status::SessionClosed, Error::SessionClosed),
+            (Status::RequestExpired, Error::Unavailable("boom".into())),
         ];
         for (status, expected) in cases {
             assert_eq!(

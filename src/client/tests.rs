@@ -341,7 +341,15 @@ async fn retries_carry_one_request_id_and_new_operations_get_new_ones() {
         .iter()
         .all(|s| s.request_id == inits[0].request_id));
     assert_ne!(inits[3].request_id, inits[0].request_id);
-    assert!(uuid::Uuid::parse_str(&inits[0].request_id).is_ok());
+    // PREFIX#SEQ: one random prefix per client, numbers counting up.
+    let (prefix, first) = inits[0].request_id.rsplit_once('#').unwrap();
+    assert!(uuid::Uuid::parse_str(prefix).is_ok(), "{prefix}");
+    assert_eq!(first, "1");
+    assert_eq!(inits[3].request_id, format!("{prefix}#2"));
+    let other = quick(1).endpoint(&server.addr).build().unwrap();
+    other.init().await.unwrap();
+    let last = server.calls("init").pop().unwrap().request_id;
+    assert!(last.ends_with("#1") && !last.starts_with(prefix), "{last}");
 }
 
 #[tokio::test]

@@ -4,6 +4,16 @@
 //! serving it or the answer it got. Answers are forgotten oldest first once
 //! more than `capacity` are kept; a waiter in flight is never forgotten.
 //! Must not: decide what a request does — it only remembers.
+//!
+//! A forgotten answer must not let its request be applied again when a late
+//! retry comes. Ids of the form `PREFIX#SEQ` (what dlm's client library
+//! sends: one prefix per client instance, SEQ counting up from 1) make that
+//! checkable in bounded memory: evicting the answer of `PREFIX#SEQ` raises
+//! the *floor* of (client, PREFIX) to at least SEQ, and an unknown id at or
+//! below its floor is [`Dedup::expired`]: it may have been applied, so it
+//! must be refused, not served. Floors are kept for at most `capacity`
+//! prefixes, the oldest dropped first. Other ids (the Go clients' UUIDs)
+//! have no floor: for them an evicted answer is forgotten, as before.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -12,7 +22,7 @@ use std::sync::Arc;
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
 
-use super::records::AnswerSnapshot;
+use super::records::{AnswerSnapshot, FloorSnapshot};
 use super::types::ClientId;
 
 /// Numbers a waiter for as long as it is queued.
@@ -67,6 +77,25 @@ pub struct Dedup {
     /// snapshot's list. (Evicting finds its entry by hash and pointer, with
     /// no string hashed or compared.)
     order: VecDeque<(u64, Arc<AnswerSnapshot>)>,
+    /// The floor of each (client, prefix) that had an answer evicted.
+    floors: HashTable<FloorSnapshot>,
+    /// The floors' keys, oldest first, with their hashes: which one goes
+    /// when more than `capacity` are kept, and the snapshot's order.
+    floor_order: VecDeque<(u64, ClientId, Arc<str>)>,
+}
+
+/// `(PREFIX, SEQ)` of a request id `PREFIX#SEQ` (SEQ a decimal number with no
+/// leading zero), or `None` for any other id.
+pub fn sequenced(id: &str) -> Option<(&str, u64)> {
+    let (prefix, seq) = id.rsplit_once('#')?;
+    let canonical = !seq.is_empty()
+        && seq.len() <= 20
+        && seq.bytes().all(|b| b.is_ascii_digit())
+        && (seq == "0" || !seq.starts_with('0'));
+    if prefix.is_empty() || !canonical {
+        return None;
+    }
+    Some((prefix, seq.parse().ok()?))
 }
 
 impl Dedup {
@@ -77,6 +106,8 @@ impl Dedup {
             seen: HashTable::new(),
             hasher: RandomState::new(),
             order: VecDeque::new(),
+            floors: HashTable::new(),
+            floor_order: VecDeque::new(),
         }
     }
 
@@ -102,6 +133,76 @@ impl Dedup {
         self.seen
             .find(hash, |e| e.is(client, request_id))
             .map(|e| &e.seen)
+    }
+
+    /// Whether `(client, request_id)`, which has no entry, may have been
+    /// answered and forgotten: its id is at or below its prefix's floor.
+    pub fn expired(&self, client: ClientId, request_id: &str) -> bool {
+        let Some((prefix, seq)) = sequenced(request_id) else {
+            return false;
+        };
+        let hash = self.hash(client, prefix);
+        self.floors
+            .find(hash, |f| f.client == client && *f.prefix == *prefix)
+            .is_some_and(|f| seq <= f.seq)
+    }
+
+    /// Raises the floor of the prefix of a forgotten answer's id.
+    fn raise_floor(&mut self, client: ClientId, request_id: &Arc<str>) {
+        let Some((prefix, seq)) = sequenced(request_id) else {
+            return;
+        };
+        self.set_floor(client, prefix, seq);
+    }
+
+    fn set_floor(&mut self, client: ClientId, prefix: &str, seq: u64) {
+        let hash = self.hash(client, prefix);
+        let hasher = &self.hasher;
+        match self.floors.entry(
+            hash,
+            |f| f.client == client && *f.prefix == *prefix,
+            |f| hasher.hash_one((f.client, &*f.prefix)),
+        ) {
+            Slot::Occupied(mut slot) => {
+                let floor = slot.get_mut();
+                floor.seq = floor.seq.max(seq);
+            }
+            Slot::Vacant(slot) => {
+                let prefix: Arc<str> = prefix.into();
+                slot.insert(FloorSnapshot {
+                    client,
+                    prefix: prefix.clone(),
+                    seq,
+                });
+                self.floor_order.push_back((hash, client, prefix));
+                while self.floor_order.len() > self.capacity {
+                    let Some((hash, client, prefix)) = self.floor_order.pop_front() else {
+                        break;
+                    };
+                    let mine = |f: &FloorSnapshot| f.client == client && f.prefix == prefix;
+                    if let Ok(slot) = self.floors.find_entry(hash, mine) {
+                        slot.remove();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes back a floor from a snapshot (oldest first, before the answers).
+    pub fn restore_floor(&mut self, floor: &FloorSnapshot) {
+        self.set_floor(floor.client, &floor.prefix, floor.seq);
+    }
+
+    /// Every floor, oldest first.
+    pub fn floors(&self) -> Vec<FloorSnapshot> {
+        self.floor_order
+            .iter()
+            .filter_map(|(hash, client, prefix)| {
+                self.floors
+                    .find(*hash, |f| f.client == *client && f.prefix == *prefix)
+                    .cloned()
+            })
+            .collect()
     }
 
     /// Marks the request as served by a queued waiter.
@@ -188,6 +289,7 @@ impl Dedup {
             if let Ok(slot) = self.seen.find_entry(hash, mine) {
                 slot.remove();
             }
+            self.raise_floor(old.client, &old.request_id);
         }
     }
 
@@ -226,6 +328,70 @@ mod tests {
             kind,
             reply,
         })
+    }
+
+    #[test]
+    fn only_prefix_hash_number_ids_are_sequenced() {
+        assert_eq!(sequenced("abc#12"), Some(("abc", 12)));
+        assert_eq!(sequenced("a#b#0"), Some(("a#b", 0)));
+        assert_eq!(sequenced("a#18446744073709551615"), Some(("a", u64::MAX)));
+        for id in [
+            "",
+            "#1",
+            "abc",
+            "abc#",
+            "abc#01",
+            "abc#1x",
+            "abc#+1",
+            "abc#18446744073709551616",
+            "6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b",
+        ] {
+            assert_eq!(sequenced(id), None, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn an_evicted_answer_raises_its_prefix_floor() {
+        let mut d = Dedup::new(2);
+        d.answer(answer(1, "p#5", RequestKind::Renew, Reply::Done));
+        d.answer(answer(1, "p#3", RequestKind::Renew, Reply::Done));
+        assert!(!d.expired(1, "p#1"), "nothing forgotten yet");
+        d.answer(answer(1, "p#9", RequestKind::Renew, Reply::Done));
+        // p#5 went: everything of p up to 5 that is not remembered may have
+        // been answered.
+        for (id, expired) in [
+            ("p#1", true),
+            ("p#5", true),
+            ("p#6", false),
+            ("p#10", false),
+        ] {
+            assert_eq!(d.expired(1, id), expired, "{id}");
+        }
+        assert!(!d.expired(2, "p#1"), "another client's prefix");
+        assert!(!d.expired(1, "q#1"), "another prefix");
+        d.answer(answer(2, "x", RequestKind::Renew, Reply::Done));
+        assert!(d.expired(1, "p#3"), "the floor only rises");
+        assert_eq!(d.floors().len(), 1, "an id of another form leaves no floor");
+    }
+
+    #[test]
+    fn floors_are_bounded_oldest_first_and_restore_in_order() {
+        let mut d = Dedup::new(2);
+        for client in 1..=5 {
+            d.answer(answer(client, "p#7", RequestKind::Renew, Reply::Done));
+        }
+        // Answers of clients 1..=3 were evicted; floors of clients 2 and 3 kept.
+        assert!(!d.expired(1, "p#7"));
+        assert!(d.expired(2, "p#7"));
+        assert!(d.expired(3, "p#7"));
+        let floors = d.floors();
+        assert_eq!(floors.iter().map(|f| f.client).collect::<Vec<_>>(), [2, 3]);
+        let mut restored = Dedup::new(2);
+        for floor in &floors {
+            restored.restore_floor(floor);
+        }
+        assert_eq!(restored.floors(), floors);
+        assert!(restored.expired(3, "p#6"));
     }
 
     #[test]

@@ -223,6 +223,9 @@ impl Core {
     /// records logged after the snapshot, then call [`Core::resume`].
     pub fn restore(config: CoreConfig, seed: [u8; 32], snapshot: Snapshot) -> Core {
         let mut dedup = Dedup::new(config.dedup_capacity);
+        for floor in &snapshot.floors {
+            dedup.restore_floor(floor);
+        }
         for answer in snapshot.answers {
             dedup.restore(answer);
         }
@@ -409,6 +412,7 @@ impl Core {
             file_lengths: self.files.clone(),
             grants,
             answers: self.dedup.answers(),
+            floors: self.dedup.floors(),
         }
     }
 
@@ -527,6 +531,18 @@ impl Core {
                     } else {
                         step.replies.push((call, reused_request_id()));
                     }
+                    return;
+                }
+                // Answered once, maybe, and forgotten since: serving it
+                // could apply it twice. Refused, and nothing remembered
+                // (the floor only rises, so a retry is refused again).
+                None if self.dedup.expired(client, &request_id) => {
+                    let reason = format!(
+                        "request id {request_id:?} is older than the answers this server \
+                         still remembers: it may or may not have taken effect"
+                    );
+                    step.replies
+                        .push((call, Reply::refused(RefusalCode::RequestExpired, reason)));
                     return;
                 }
                 None => {}

@@ -81,6 +81,15 @@ pub struct AnswerSnapshot {
     pub reply: Reply,
 }
 
+/// The highest sequence number of a request-id prefix whose answer the
+/// dedup table forgot (see `core::dedup`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FloorSnapshot {
+    pub client: ClientId,
+    pub prefix: Arc<str>,
+    pub seq: u64,
+}
+
 /// The whole durable state at one point of the log. Answers are shared with
 /// the core's dedup table (`Arc` is encoded as the value it points to).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +98,42 @@ pub struct Snapshot {
     pub file_lengths: FileLengths,
     pub grants: Vec<GrantSnapshot>,
     pub answers: Vec<Arc<AnswerSnapshot>>,
+    /// Added after the fields above: a snapshot written before it decodes
+    /// with no floors ([`Snapshot::decode`]).
+    pub floors: Vec<FloorSnapshot>,
+}
+
+/// A snapshot as written before floors were kept.
+#[derive(Deserialize)]
+struct SnapshotWithoutFloors {
+    last_fence: Fence,
+    file_lengths: FileLengths,
+    grants: Vec<GrantSnapshot>,
+    answers: Vec<Arc<AnswerSnapshot>>,
+}
+
+impl Snapshot {
+    /// Decodes a snapshot, of this shape or of the one before floors.
+    ///
+    /// # Errors
+    /// The bytes are neither.
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
+        match postcard::from_bytes::<Snapshot>(bytes) {
+            Ok(snapshot) => Ok(snapshot),
+            // The old shape only if it is the whole of the bytes: a new
+            // snapshot cut short inside its floors is not an old one.
+            Err(e) => match postcard::take_from_bytes::<SnapshotWithoutFloors>(bytes) {
+                Ok((old, [])) => Ok(Snapshot {
+                    last_fence: old.last_fence,
+                    file_lengths: old.file_lengths,
+                    grants: old.grants,
+                    answers: old.answers,
+                    floors: Vec::new(),
+                }),
+                Ok(_) | Err(_) => Err(e),
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -170,9 +215,33 @@ mod tests {
             }],
         };
         let bytes = postcard::to_allocvec(&old).unwrap();
-        assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
-        let back: Snapshot = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, new);
+        // The same bytes, then the (empty) floors added since.
+        let mut with_floors = bytes.clone();
+        with_floors.push(0);
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), with_floors);
+        assert_eq!(
+            Snapshot::decode(&bytes).unwrap(),
+            new,
+            "a snapshot written before floors still decodes"
+        );
+        assert_eq!(Snapshot::decode(&with_floors).unwrap(), new);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_floors_and_bad_bytes_do_not_decode() {
+        let snapshot = Snapshot {
+            last_fence: Fence(2),
+            floors: vec![FloorSnapshot {
+                client: 3,
+                prefix: "p".into(),
+                seq: 41,
+            }],
+            ..Snapshot::default()
+        };
+        let bytes = postcard::to_allocvec(&snapshot).unwrap();
+        assert_eq!(Snapshot::decode(&bytes).unwrap(), snapshot);
+        assert!(Snapshot::decode(&bytes[..bytes.len() - 2]).is_err());
+        assert!(Snapshot::decode(&[0xff; 3]).is_err());
     }
 
     #[test]

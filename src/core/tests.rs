@@ -42,6 +42,8 @@ fn config() -> CoreConfig {
 /// A driver of one core, in memory.
 struct Harness {
     core: Core,
+    /// The configuration of this core and of every recovered one.
+    config: CoreConfig,
     /// The virtual time fed to the core.
     now: Time,
     /// The last call id handed out; ids are never reused, not even across a restart.
@@ -64,9 +66,14 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_config(config())
+    }
+
+    fn with_config(config: CoreConfig) -> Harness {
         let files = vec![Vec::new(); FILE_COUNT];
         Harness {
-            core: Core::new(config(), SEED),
+            core: Core::new(config.clone(), SEED),
+            config,
             now: Time::ZERO,
             next_call: 0,
             replies: BTreeMap::new(),
@@ -222,7 +229,7 @@ impl Harness {
     /// the files as they were at the snapshot), then `resume`.
     fn recovered_from_records(&self) -> Harness {
         let restarts = self.restarts + 1;
-        let mut core = Core::restore(config(), seed(restarts), self.base.clone());
+        let mut core = Core::restore(self.config.clone(), seed(restarts), self.base.clone());
         let mut files = self.base_files.clone();
         for record in &self.records {
             let writes = core
@@ -235,6 +242,7 @@ impl Harness {
         core.resume(self.now);
         Harness {
             core,
+            config: self.config.clone(),
             now: self.now,
             next_call: self.next_call,
             replies: BTreeMap::new(),
@@ -251,10 +259,11 @@ impl Harness {
     fn recovered_from_snapshot(&self) -> Harness {
         let restarts = self.restarts + 1;
         let snapshot = self.core.snapshot();
-        let mut core = Core::restore(config(), seed(restarts), snapshot.clone());
+        let mut core = Core::restore(self.config.clone(), seed(restarts), snapshot.clone());
         core.resume(self.now);
         Harness {
             core,
+            config: self.config.clone(),
             now: self.now,
             next_call: self.next_call,
             replies: BTreeMap::new(),
@@ -964,6 +973,47 @@ fn idempotent_append_shows_content_once() {
     assert_eq!(staged, 1);
     h.done("r", release(1, &grant.token));
     assert_eq!(h.file(7), "once");
+}
+
+/// A late retry whose answer the dedup table already forgot is refused as
+/// expired, and not applied again: live, after a restart that replays the
+/// log, and after one from a snapshot. An id of another form is not.
+#[test]
+fn a_retry_whose_answer_was_forgotten_is_refused_not_applied_twice() {
+    let mut h = Harness::with_config(CoreConfig {
+        dedup_capacity: 4,
+        ..config()
+    });
+    let grant = h.grant("c1#1", acquire(1));
+    h.done("c1#2", append(1, "file_3", "once", &grant.token));
+    // Four more answers push the append's out (and the acquire's).
+    for n in 0..4 {
+        h.done(&format!("c2#{n}"), init(2));
+    }
+    let retry = |h: &mut Harness| {
+        let call = h.call("c1#2", append(1, "file_3", "once", &grant.token));
+        h.refusal(call)
+    };
+    assert_eq!(retry(&mut h), RefusalCode::RequestExpired);
+    assert_eq!(retry(&mut h), RefusalCode::RequestExpired, "and again");
+    // The same prefix under another client id is another sequence.
+    h.done("c1#2", init(3));
+    // A newer id of the prefix is served.
+    h.done("c1#3", append(1, "file_3", "twice", &grant.token));
+    for mut restarted in [h.recovered_from_records(), h.recovered_from_snapshot()] {
+        assert_eq!(retry(&mut restarted), RefusalCode::RequestExpired);
+    }
+    h.done("c1#4", release(1, &grant.token));
+    assert_eq!(h.file(3), "oncetwice", "each append exactly once");
+
+    // Ids not of the form PREFIX#SEQ have no floor: nothing to check by.
+    let mut h = Harness::with_config(CoreConfig {
+        dedup_capacity: 1,
+        ..config()
+    });
+    h.done("uuid-a", init(1));
+    h.done("uuid-b", init(1));
+    h.done("uuid-a", init(1));
 }
 
 #[test]

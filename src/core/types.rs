@@ -143,6 +143,9 @@ pub enum RefusalCode {
     InvalidArgument,
     /// The client's session was closed while it waited.
     SessionClosed,
+    /// The request id's answer was forgotten: the outcome is unknown.
+    /// (Added after the others, so logs written before it still decode.)
+    RequestExpired,
 }
 
 /// A refused request: the code and a one-line reason for humans.

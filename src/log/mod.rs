@@ -379,7 +379,7 @@ impl Wal {
         if scan.end != ScanEnd::Clean || scan.frames.len() != 1 {
             return Err(corrupt_snap(scan.valid_len, "snapshot is not one whole record").into());
         }
-        let snapshot: Snapshot = postcard::from_bytes(scan.frames[0].1)
+        let snapshot = Snapshot::decode(scan.frames[0].1)
             .map_err(|e| corrupt_snap(0, &format!("snapshot does not decode: {e}")))?;
 
         // Leftovers of a generation change that a crash interrupted. The

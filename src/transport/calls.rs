@@ -28,6 +28,7 @@ pub fn wire_status(reply: &Reply) -> (proto::Status, String) {
                 RefusalCode::WaitTimeout => proto::Status::WaitTimeout,
                 RefusalCode::InvalidArgument => proto::Status::InvalidArgument,
                 RefusalCode::SessionClosed => proto::Status::SessionClosed,
+                RefusalCode::RequestExpired => proto::Status::RequestExpired,
             };
             (status, refusal.message.clone())
         }

@@ -11,8 +11,8 @@
 //! checkable in bounded memory: evicting the answer of `PREFIX#SEQ` raises
 //! the *floor* of (client, PREFIX) to at least SEQ, and an unknown id at or
 //! below its floor is [`Dedup::expired`]: it may have been applied, so it
-//! must be refused, not served. Floors are kept for at most `capacity`
-//! prefixes, the oldest dropped first. Other ids (the Go clients' UUIDs)
+//! must be refused, not served. At most [`FLOORS_KEPT`] floors (or
+//! `capacity`, if larger) are kept, the least recently raised dropped first. Other ids (the Go clients' UUIDs)
 //! have no floor: for them an evicted answer is forgotten, as before.
 
 use std::collections::VecDeque;
@@ -78,10 +78,31 @@ pub struct Dedup {
     /// no string hashed or compared.)
     order: VecDeque<(u64, Arc<AnswerSnapshot>)>,
     /// The floor of each (client, prefix) that had an answer evicted.
-    floors: HashTable<FloorSnapshot>,
-    /// The floors' keys, oldest first, with their hashes: which one goes
-    /// when more than `capacity` are kept, and the snapshot's order.
-    floor_order: VecDeque<(u64, ClientId, Arc<str>)>,
+    floors: HashTable<Floor>,
+    /// Floors kept at most: `FLOORS_KEPT` or `capacity`, the larger.
+    floor_capacity: usize,
+    /// The floors' keys, least recently raised first, with their hashes and
+    /// the stamp of that raise (a place whose stamp is not its floor's is
+    /// stale): which floor goes first, and the snapshot's order.
+    floor_order: VecDeque<(u64, ClientId, Arc<str>, u64)>,
+    /// Counts raises: the stamp of the latest.
+    floor_stamp: u64,
+}
+
+/// At least this many floors are kept (one per client instance whose answers
+/// were forgotten: ~100 bytes each), whatever the answers' capacity: a
+/// client's floor may be dropped only after this many other instances had a
+/// floor raised since its own last one.
+pub const FLOORS_KEPT: usize = 65_536;
+
+/// The floor of one (client, prefix).
+#[derive(Debug)]
+struct Floor {
+    client: ClientId,
+    prefix: Arc<str>,
+    seq: u64,
+    /// When it was last raised.
+    stamp: u64,
 }
 
 /// `(PREFIX, SEQ)` of a request id `PREFIX#SEQ` (SEQ a decimal number with no
@@ -107,7 +128,9 @@ impl Dedup {
             hasher: RandomState::new(),
             order: VecDeque::new(),
             floors: HashTable::new(),
+            floor_capacity: capacity.max(FLOORS_KEPT),
             floor_order: VecDeque::new(),
+            floor_stamp: 0,
         }
     }
 
@@ -155,10 +178,14 @@ impl Dedup {
         self.set_floor(client, prefix, seq);
     }
 
+    /// Sets the floor of (client, prefix) to at least `seq` and makes it the
+    /// most recently raised; drops the least recently raised beyond the bound.
     fn set_floor(&mut self, client: ClientId, prefix: &str, seq: u64) {
+        self.floor_stamp += 1;
+        let stamp = self.floor_stamp;
         let hash = self.hash(client, prefix);
         let hasher = &self.hasher;
-        match self.floors.entry(
+        let key = match self.floors.entry(
             hash,
             |f| f.client == client && *f.prefix == *prefix,
             |f| hasher.hash_one((f.client, &*f.prefix)),
@@ -166,41 +193,61 @@ impl Dedup {
             Slot::Occupied(mut slot) => {
                 let floor = slot.get_mut();
                 floor.seq = floor.seq.max(seq);
+                floor.stamp = stamp;
+                floor.prefix.clone()
             }
             Slot::Vacant(slot) => {
                 let prefix: Arc<str> = prefix.into();
-                slot.insert(FloorSnapshot {
+                slot.insert(Floor {
                     client,
                     prefix: prefix.clone(),
                     seq,
+                    stamp,
                 });
-                self.floor_order.push_back((hash, client, prefix));
-                while self.floor_order.len() > self.capacity {
-                    let Some((hash, client, prefix)) = self.floor_order.pop_front() else {
-                        break;
-                    };
-                    let mine = |f: &FloorSnapshot| f.client == client && f.prefix == prefix;
-                    if let Ok(slot) = self.floors.find_entry(hash, mine) {
-                        slot.remove();
-                    }
-                }
+                prefix
             }
+        };
+        self.floor_order.push_back((hash, client, key, stamp));
+        while self.floors.len() > self.floor_capacity {
+            let Some((hash, client, prefix, stamp)) = self.floor_order.pop_front() else {
+                break;
+            };
+            let current = |f: &Floor| f.client == client && f.prefix == prefix && f.stamp == stamp;
+            if let Ok(slot) = self.floors.find_entry(hash, current) {
+                slot.remove();
+            }
+        }
+        // Raising a floor leaves its older place in the order stale: sweep
+        // those out once they outnumber the floors.
+        if self.floor_order.len() > 2 * self.floors.len() + 16 {
+            let floors = &self.floors;
+            self.floor_order.retain(|(hash, client, prefix, stamp)| {
+                floors
+                    .find(*hash, |f| f.client == *client && f.prefix == *prefix)
+                    .is_some_and(|f| f.stamp == *stamp)
+            });
         }
     }
 
-    /// Takes back a floor from a snapshot (oldest first, before the answers).
+    /// Takes back a floor from a snapshot (least recently raised first,
+    /// before the answers).
     pub fn restore_floor(&mut self, floor: &FloorSnapshot) {
         self.set_floor(floor.client, &floor.prefix, floor.seq);
     }
 
-    /// Every floor, oldest first.
+    /// Every floor, least recently raised first.
     pub fn floors(&self) -> Vec<FloorSnapshot> {
         self.floor_order
             .iter()
-            .filter_map(|(hash, client, prefix)| {
+            .filter_map(|(hash, client, prefix, stamp)| {
                 self.floors
                     .find(*hash, |f| f.client == *client && f.prefix == *prefix)
-                    .cloned()
+                    .filter(|f| f.stamp == *stamp)
+                    .map(|f| FloorSnapshot {
+                        client: f.client,
+                        prefix: f.prefix.clone(),
+                        seq: f.seq,
+                    })
             })
             .collect()
     }
@@ -375,23 +422,38 @@ mod tests {
     }
 
     #[test]
-    fn floors_are_bounded_oldest_first_and_restore_in_order() {
-        let mut d = Dedup::new(2);
-        for client in 1..=5 {
-            d.answer(answer(client, "p#7", RequestKind::Renew, Reply::Done));
+    fn floors_are_bounded_least_recently_raised_first_and_restore_in_order() {
+        let mut d = Dedup::new(1);
+        d.floor_capacity = 2;
+        // Each answer evicts the one before: floors for clients 1, 2, then
+        // client 1 raised again (so 2 is the least recently raised), then 3.
+        for (client, id) in [(1, "p#3"), (2, "p#7"), (1, "p#5"), (3, "p#1"), (9, "x")] {
+            d.answer(answer(client, id, RequestKind::Renew, Reply::Done));
         }
-        // Answers of clients 1..=3 were evicted; floors of clients 2 and 3 kept.
-        assert!(!d.expired(1, "p#7"));
-        assert!(d.expired(2, "p#7"));
-        assert!(d.expired(3, "p#7"));
+        assert!(d.expired(1, "p#5"), "raised last but one: kept");
+        assert!(d.expired(3, "p#1"));
+        assert!(!d.expired(2, "p#7"), "least recently raised: dropped");
         let floors = d.floors();
-        assert_eq!(floors.iter().map(|f| f.client).collect::<Vec<_>>(), [2, 3]);
-        let mut restored = Dedup::new(2);
+        let order: Vec<_> = floors.iter().map(|f| (f.client, f.seq)).collect();
+        assert_eq!(order, [(1, 5), (3, 1)]);
+        let mut restored = Dedup::new(1);
+        restored.floor_capacity = 2;
         for floor in &floors {
             restored.restore_floor(floor);
         }
         assert_eq!(restored.floors(), floors);
-        assert!(restored.expired(3, "p#6"));
+        // Many raises of one floor leave a short order behind.
+        for n in 0..1000 {
+            d.answer(answer(
+                1,
+                &format!("p#{}", 10 + n),
+                RequestKind::Renew,
+                Reply::Done,
+            ));
+        }
+        assert!(d.floor_order.len() <= 2 * d.floors.len() + 16);
+        assert!(d.expired(1, "p#1008") && !d.expired(1, "p#1009"));
+        assert!(d.expired(3, "p#1"), "still kept: two floors fit");
     }
 
     #[test]

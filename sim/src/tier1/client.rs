@@ -7,7 +7,7 @@
 use bytes::Bytes;
 
 use dlm::core::time::Millis;
-use dlm::core::types::{Reply, Request};
+use dlm::core::types::{RefusalCode, Reply, Request};
 
 use super::{Dir, Event, World};
 use crate::history::{AppendRec, Outcome, TokenOp};
@@ -250,7 +250,9 @@ impl World {
         let now = self.now;
         let client = &mut self.clients[i];
         client.seq += 1;
-        let request_id = format!("{}-{}-{}", client.id, client.incarnation, client.seq);
+        // PREFIX#SEQ, as the client library sends: the server can tell a
+        // late retry whose answer it forgot.
+        let request_id = format!("{}-{}#{}", client.id, client.incarnation, client.seq);
         client.op = Some(Op {
             kind,
             request_id,
@@ -363,6 +365,12 @@ impl World {
     }
 
     fn finish_op(&mut self, i: usize, op: Op, reply: Reply) {
+        if matches!(&reply, Reply::Refused(r) if r.code == RefusalCode::RequestExpired) {
+            // The server forgot this id's answer: the outcome is unknown.
+            self.forget_op(i, op);
+            self.clients[i].idle_until = self.now + self.rng.between(0, 100);
+            return;
+        }
         let now = self.now;
         let id = self.clients[i].id;
         let token = self.clients[i]

@@ -59,6 +59,10 @@ pub struct Scenario {
     /// that are a `kill -9` of the process rather than a power loss: the
     /// disk keeps every write, synced or not, until a later power loss.
     pub kills: f64,
+    /// Answers the server's dedup table keeps: tiny in half the seeds, so
+    /// that late retries find their answers forgotten (and must be refused
+    /// as expired, never applied twice).
+    pub dedup_capacity: usize,
 }
 
 impl Scenario {
@@ -81,6 +85,11 @@ impl Scenario {
             // Drawn last, so that the draws above are those of earlier
             // versions for the same seed.
             kills: rng.fraction(0.7),
+            dedup_capacity: if rng.chance(0.5) {
+                rng.between(1, 64) as usize
+            } else {
+                100_000
+            },
         }
     }
 }

@@ -72,8 +72,9 @@ impl Server {
 /// Snapshot the log after this many records (small, so snapshots happen).
 const SNAPSHOT_EVERY: u64 = 25;
 
-fn config() -> ServerConfig {
+fn config(dedup_capacity: usize) -> ServerConfig {
     let mut config = ServerConfig::new("sim");
+    config.dedup_capacity = dedup_capacity;
     config.lease_ms = 1_000;
     // Two blocks of zeros ahead: every few snapshots' logs grow past it.
     config.log_prealloc = 8192;
@@ -578,7 +579,7 @@ impl World {
         let plants = self.plants();
         self.arm_power_cut(true);
         let recovered = recover(
-            &config(),
+            &config(self.scenario.dedup_capacity),
             Box::new(self.disk.dir("data")),
             Box::new(self.disk.dir("state")),
             seed,

@@ -39,16 +39,20 @@ pub enum Plant {
     StaleAppends,
     /// Grants that survive a restart get no lease (they never run out).
     NoRearm,
+    /// A retry whose answer the dedup table forgot is served again (no
+    /// floors: `REQUEST_EXPIRED` is never sent).
+    FloorsOff,
 }
 
 impl Plant {
     /// Every plant, with its command-line name.
-    pub const ALL: [(&'static str, Plant); 5] = [
+    pub const ALL: [(&'static str, Plant); 6] = [
         ("dedup-off", Plant::DedupOff),
         ("reply-before-fsync", Plant::ReplyBeforeFsync),
         ("lifo-grants", Plant::LifoGrants),
         ("stale-appends", Plant::StaleAppends),
         ("no-rearm", Plant::NoRearm),
+        ("floors-off", Plant::FloorsOff),
     ];
 
     /// The plant named `name`.

@@ -264,6 +264,7 @@ impl World {
         let mut plants = Plants::default();
         match self.plant {
             Some(Plant::DedupOff) => plants.dedup_off = true,
+            Some(Plant::FloorsOff) => plants.floors_off = true,
             Some(Plant::LifoGrants) => plants.lifo_grants = true,
             Some(Plant::StaleAppends) => plants.stale_appends = true,
             Some(Plant::NoRearm) => plants.no_rearm = true,

@@ -260,6 +260,9 @@ pub(crate) struct State {
     pub crashing: BTreeSet<String>,
     pub trace: Tracer,
     pub transport: Transport,
+    /// Answers the server's dedup table keeps: tiny in half the seeds, so
+    /// that late retries find their answers forgotten.
+    pub dedup_capacity: usize,
     /// The certificates, secret and packet log of a QUIC run.
     pub quic: Option<quic::QuicWorld>,
 }
@@ -373,6 +376,15 @@ impl Driver {
             crashing: BTreeSet::new(),
             trace: Tracer::new(trace),
             transport,
+            // From the seed itself, so that the other draws are as before.
+            dedup_capacity: {
+                let mut rng = SimRng::new(seed ^ 0xdedd_0f10);
+                if rng.chance(0.5) {
+                    rng.between(1, 64) as usize
+                } else {
+                    100_000
+                }
+            },
             // From the seed itself, so that a gRPC run draws as before.
             quic: (transport == Transport::Quic).then(|| quic::QuicWorld::new(seed ^ 0x9017_c0de)),
         };

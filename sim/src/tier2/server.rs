@@ -37,6 +37,7 @@ fn plants(plant: Option<Plant>) -> Plants {
     let mut plants = Plants::default();
     match plant {
         Some(Plant::DedupOff) => plants.dedup_off = true,
+        Some(Plant::FloorsOff) => plants.floors_off = true,
         Some(Plant::LifoGrants) => plants.lifo_grants = true,
         Some(Plant::StaleAppends) => plants.stale_appends = true,
         Some(Plant::NoRearm) => plants.no_rearm = true,
@@ -49,7 +50,7 @@ fn plants(plant: Option<Plant>) -> Plants {
 /// One boot of the server, until the host is crashed or bounced.
 pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
     let (torn, lost) = storage::boot(&shared);
-    let (seed, plant, incarnation, transport) = shared.with(|s| {
+    let (seed, plant, incarnation, transport, dedup_capacity) = shared.with(|s| {
         s.server_incarnation += 1;
         s.faults.torn_writes += torn;
         if torn + lost > 0 {
@@ -60,9 +61,11 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
             s.plant,
             s.server_incarnation,
             s.transport,
+            s.dedup_capacity,
         )
     });
-    let config = config();
+    let mut config = config();
+    config.dedup_capacity = dedup_capacity;
     let clock = Clock::start();
     let dirs = TurmoilDir::open(DATA_DIR, shared.clone())
         .and_then(|data| Ok((data, TurmoilDir::open(STATE_DIR, shared.clone())?)));

@@ -99,9 +99,11 @@ pub struct ConnectArgs {
         default_value = "127.0.0.1:50051"
     )]
     servers: Vec<String>,
-    /// Client id to act as; processes with the same id share its grants.
-    #[arg(long, value_name = "N", env = "DLM_CLIENT_ID", default_value_t = 1)]
-    client_id: i32,
+    /// Client id to act as; processes with the same id share its grants
+    /// (an acquire by the holder's id gets the holder's grant) [default: 1;
+    /// `dlm hold`: an id of its own, so that two holds exclude each other]
+    #[arg(long, value_name = "N", env = "DLM_CLIENT_ID")]
+    client_id: Option<i32>,
     /// Give up after this long without an answer from any server
     /// (an acquire keeps trying for its whole wait).
     #[arg(
@@ -170,12 +172,28 @@ impl ConnectArgs {
         })
     }
 
+    /// The client id given, or 1.
+    fn client_id(&self) -> i32 {
+        self.client_id.unwrap_or(1)
+    }
+
+    /// Gives the client an id of its own unless one was given: a random
+    /// one in 2..=i32::MAX (not 1, every other command's default).
+    fn with_own_client_id(mut self) -> ConnectArgs {
+        if self.client_id.is_none() {
+            let [a, b, c, d, ..] = *uuid::Uuid::new_v4().as_bytes();
+            let n = u32::from_le_bytes([a, b, c, d]) % (i32::MAX as u32 - 1);
+            self.client_id = Some(n as i32 + 2);
+        }
+        self
+    }
+
     /// The flags as environment variables, for a child process that runs
     /// `dlm` commands against the same servers (`dlm hold`).
     fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
         let mut env = vec![
             ("DLM_SERVER", self.servers.join(",").into()),
-            ("DLM_CLIENT_ID", self.client_id.to_string().into()),
+            ("DLM_CLIENT_ID", self.client_id().to_string().into()),
             (
                 "DLM_TRANSPORT",
                 match self.transport {
@@ -403,7 +421,7 @@ impl Failure {
 
 /// A client for `connect`, after saying hello if `hello`.
 async fn connect(connect: &ConnectArgs, hello: bool) -> Result<Client, Failure> {
-    let client = Client::builder(connect.client_id)
+    let client = Client::builder(connect.client_id())
         .endpoints(
             connect
                 .servers
@@ -476,7 +494,7 @@ async fn acquire(args: AcquireArgs) -> Result<(), Failure> {
 async fn release(args: ReleaseArgs) -> Result<(), Failure> {
     let lock = args.lock.lock.unwrap_or_default();
     let dir = state_dir(&args.state)?;
-    let client_id = args.connect.client_id;
+    let client_id = args.connect.client_id();
     let token = match args.token {
         Some(token) => token,
         None => saved_grant(&dir, client_id, &lock)?.token,
@@ -507,7 +525,7 @@ fn forget(dir: &Path, client_id: i32, lock: &str, token: &str) {
 async fn renew(args: RenewArgs) -> Result<(), Failure> {
     let lock = args.lock.lock.unwrap_or_default();
     let dir = state_dir(&args.state)?;
-    let client_id = args.connect.client_id;
+    let client_id = args.connect.client_id();
     let saved = match args.token {
         Some(_) => None,
         None => Some(saved_grant(&dir, client_id, &lock)?),
@@ -549,7 +567,7 @@ async fn append(args: AppendArgs) -> Result<(), Failure> {
         Some(token) => token,
         None => {
             let dir = state_dir(&args.state)?;
-            saved_grant(&dir, args.connect.client_id, "")?.token
+            saved_grant(&dir, args.connect.client_id(), "")?.token
         }
     };
     let client = connect(&args.connect, true).await?;
@@ -683,7 +701,7 @@ mod tests {
             panic!()
         };
         assert_eq!(args.lock.lock.as_deref(), Some("x"));
-        assert_eq!(args.connect.client_id, 7);
+        assert_eq!(args.connect.client_id, Some(7));
         assert_eq!(
             options(args.wait_ms, args.lease_ms),
             AcquireOptions::try_once().lease(Duration::from_millis(500))

@@ -682,6 +682,26 @@ echo "inside:[$("$0" cat file_7)]""#;
     assert_eq!(holder, "-", "the default lock was released");
 }
 
+/// `dlm hold` without a client id takes one of its own: a second hold of
+/// the same lock (here nested in the first, its DLM_CLIENT_ID removed) finds
+/// the lock held, instead of being handed the first one's grant as another
+/// process of the same client would be.
+fn two_holds_without_a_client_id_exclude_each_other(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    let script = r#"unset DLM_CLIENT_ID
+"$0" hold --lock h --wait-ms 0 -- true
+echo "inner:$?""#;
+    let held = cli
+        .run(
+            "hold",
+            &["--lock", "h", "--", "sh", "-c", script, dlm_bin()],
+        )
+        .ok();
+    assert_eq!(held.stdout, "inner:3\n", "{held:#?}");
+    assert!(cli.lock_row("h").is_none(), "released at the end");
+}
+
 #[test]
 fn an_unreachable_server_exits_5_with_one_line() {
     let cli = Cli::at(&closed_addr());
@@ -814,6 +834,7 @@ over_every_wire!(
     a_stalled_holder_loses_its_appends_bbaa,
     hold_runs_a_command_under_a_lock_and_passes_its_exit_status,
     hold_of_the_default_lock_lets_a_nested_append_use_its_token,
+    two_holds_without_a_client_id_exclude_each_other,
     hold_passes_sigterm_on_to_its_command_and_releases_after_it,
     hold_stopped_by_sigterm_leaves_nothing_of_its_command_running,
     a_closed_stdout_does_not_turn_a_done_acquire_into_a_crash,

@@ -44,8 +44,11 @@ pub async fn hold(args: HoldArgs) -> i32 {
         ));
         128 + signal
     };
+    // Two holds of one lock must exclude each other: with one shared id,
+    // the second would be handed the first one's grant.
+    let connect_args = args.connect.clone().with_own_client_id();
     let connected = tokio::select! {
-        connected = connect(&args.connect, true) => connected,
+        connected = connect(&connect_args, true) => connected,
         signal = terminations.next() => return stopped(signal),
     };
     let client = match connected {
@@ -67,7 +70,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
         .env("DLM_LOCK", &lock)
         .env("DLM_TOKEN", guard.token())
         .env("DLM_FENCING_TOKEN", guard.fence().to_string())
-        .envs(args.connect.env());
+        .envs(connect_args.env());
     if own_group {
         command.process_group(0);
     }

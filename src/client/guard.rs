@@ -6,6 +6,7 @@
 //! renewals (the grant then runs out at the end of its lease), and
 //! [`LockGuard::release`] releases explicitly.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +31,9 @@ pub struct LockGuard {
     grant: Grant,
     /// Turns `true` when the lease is known or presumed gone.
     lease_lost: watch::Receiver<bool>,
+    /// The latest the server's lease may run out, by this client's clock:
+    /// moved on by every renewal that gets through.
+    expires: Arc<Mutex<Instant>>,
     /// The renewal task; aborted on release and on drop.
     renewal: JoinHandle<()>,
 }
@@ -40,12 +44,12 @@ impl LockGuard {
         let (lost_tx, lease_lost) = watch::channel(false);
         // The server's deadline is no earlier than `lease_from` plus the
         // lease; renewals are scheduled from there.
-        let expires = acquired.lease_from + acquired.grant.lease;
+        let expires = Arc::new(Mutex::new(acquired.lease_from + acquired.grant.lease));
         let first_renewal = acquired.lease_from + renew_interval(acquired.grant.lease);
         let renewal = tokio::spawn(renew_until_lost(
             client.clone(),
             acquired.grant.clone(),
-            expires,
+            expires.clone(),
             first_renewal,
             lost_tx,
         ));
@@ -53,6 +57,7 @@ impl LockGuard {
             client,
             grant: acquired.grant,
             lease_lost,
+            expires,
             renewal,
         }
     }
@@ -85,9 +90,20 @@ impl LockGuard {
         self.lease_lost.clone()
     }
 
-    /// Whether the lease is already known or presumed gone.
+    /// Whether the lease is already known or presumed gone: a renewal was
+    /// refused, or the lease's latest deadline has passed by the clock now,
+    /// even if the renewal task has not run since (a busy or blocked
+    /// runtime, a paused process). Check it right before acting as the
+    /// holder. (The clock is tokio's monotonic one: time a suspended
+    /// machine sleeps is not counted, while the server's lease runs on.)
     pub fn is_lease_lost(&self) -> bool {
-        *self.lease_lost.borrow()
+        *self.lease_lost.borrow() || Instant::now() >= self.expires_at()
+    }
+
+    /// The latest instant at which the server's lease may run out, by this
+    /// client's clock, as of the last renewal that got through.
+    pub fn expires_at(&self) -> Instant {
+        *self.expires.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Appends `content` to `file` under this grant (default lock only);
@@ -129,10 +145,11 @@ pub(crate) fn renew_interval(lease: Duration) -> Duration {
 async fn renew_until_lost(
     client: Client,
     grant: Grant,
-    mut expires: Instant,
+    shared_expires: Arc<Mutex<Instant>>,
     mut next: Instant,
     lost: watch::Sender<bool>,
 ) {
+    let mut expires = *shared_expires.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         tokio::time::sleep_until(next.min(expires)).await;
         let sent = Instant::now();
@@ -142,6 +159,7 @@ async fn renew_until_lost(
         match renewed {
             Ok(Ok(lease)) => {
                 expires = sent + lease;
+                *shared_expires.lock().unwrap_or_else(|e| e.into_inner()) = expires;
                 next = sent + renew_interval(lease);
             }
             Ok(Err(error)) if error.is_lease_gone() => {

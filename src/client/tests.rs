@@ -744,3 +744,43 @@ async fn dropping_the_guard_stops_renewing_without_releasing() {
     assert_eq!(server.calls("renew").len(), renews);
     assert!(server.calls("release").is_empty());
 }
+
+/// A guard whose lease has run out by the clock says so, even when its
+/// renewal task has not had a chance to run (a blocked or busy runtime):
+/// here it is checked before the task is ever polled.
+#[tokio::test(flavor = "current_thread")]
+async fn a_guard_past_its_lease_is_lost_even_if_its_renewal_task_never_ran() {
+    let client = quick(1).endpoint(dead_addr().await).build().unwrap();
+    let lease = Duration::from_millis(300);
+    let grant = Grant {
+        lock: "l".into(),
+        token: "t".into(),
+        fence: 1,
+        lease,
+    };
+    let now = tokio::time::Instant::now();
+    let fresh = LockGuard::start(
+        client.clone(),
+        acquire::Acquired {
+            grant: grant.clone(),
+            lease_from: now,
+        },
+    );
+    assert!(!fresh.is_lease_lost(), "a fresh lease is held");
+    assert_eq!(fresh.expires_at(), now + lease);
+    let stale = LockGuard::start(
+        client,
+        acquire::Acquired {
+            grant,
+            lease_from: now.checked_sub(lease * 2).unwrap(),
+        },
+    );
+    assert!(
+        !*stale.lease_lost().borrow(),
+        "the renewal task has not run yet"
+    );
+    assert!(
+        stale.is_lease_lost(),
+        "but the clock says the lease is over"
+    );
+}

@@ -28,6 +28,30 @@ pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// The payload of a buffer that holds exactly one frame (a snapshot file),
+/// of any length a header can give: [`MAX_PAYLOAD`] bounds the records of a
+/// log, not a snapshot, which may be larger (many held locks, 100,000
+/// remembered answers, staged appends).
+///
+/// # Errors
+/// Why the buffer is not one whole frame.
+pub fn whole(buf: &[u8]) -> Result<&[u8], String> {
+    let Some((header, payload)) = buf.split_at_checked(HEADER) else {
+        return Err(format!("{} bytes, less than a header", buf.len()));
+    };
+    let len = length(header);
+    if len == 0 || len != payload.len() {
+        return Err(format!(
+            "the header gives {len} bytes, and {} follow it",
+            payload.len()
+        ));
+    }
+    if crc32c::crc32c(payload) != checksum(header) {
+        return Err("checksum mismatch".to_owned());
+    }
+    Ok(payload)
+}
+
 /// What scanning a buffer found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Scan<'a> {
@@ -310,6 +334,27 @@ pub fn dirty_end(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_whole_frame_is_one_frame_exactly_whatever_its_length() {
+        let mut one = Vec::new();
+        encode(b"snapshot", &mut one);
+        assert_eq!(whole(&one), Ok(&b"snapshot"[..]));
+        let mut two = one.clone();
+        encode(b"more", &mut two);
+        assert!(whole(&two).is_err(), "two frames");
+        assert!(whole(&one[..one.len() - 1]).is_err(), "cut short");
+        assert!(whole(&one[..5]).is_err(), "no whole header");
+        let mut bad = one.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(whole(&bad), Err("checksum mismatch".to_owned()));
+        assert!(whole(&[0u8; 8]).is_err(), "empty");
+        // No MAX_PAYLOAD here: a header may give any length the buffer has
+        // (checked by the arithmetic, not with 256 MiB in a test).
+        let mut long = vec![0u8; HEADER];
+        long[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(whole(&long).unwrap_err().contains("4294967295 bytes"));
+    }
     use super::*;
 
     fn log_of(payloads: &[&[u8]]) -> Vec<u8> {

@@ -370,16 +370,15 @@ impl Wal {
         let bytes = dir
             .read(&snap_file)
             .map_err(io_err(dir.as_ref(), &snap_file))?;
-        let scan = frame::scan(&bytes);
         let corrupt_snap = |offset, reason: &str| LogError::Corrupt {
             file: dir.describe(&snap_file),
             offset,
             reason: reason.to_owned(),
         };
-        if scan.end != ScanEnd::Clean || scan.frames.len() != 1 {
-            return Err(corrupt_snap(scan.valid_len, "snapshot is not one whole record").into());
-        }
-        let snapshot = Snapshot::decode(scan.frames[0].1)
+        let payload = frame::whole(&bytes).map_err(|reason| {
+            corrupt_snap(0, &format!("snapshot is not one whole record: {reason}"))
+        })?;
+        let snapshot = Snapshot::decode(payload)
             .map_err(|e| corrupt_snap(0, &format!("snapshot does not decode: {e}")))?;
 
         // Leftovers of a generation change that a crash interrupted. The
@@ -861,6 +860,18 @@ fn write_snapshot_file(
     snapshot: &Snapshot,
 ) -> Result<(), LogError> {
     let payload = postcard::to_allocvec(snapshot).unwrap_or_default();
+    // A frame's length is 32 bits: refuse (a storage failure, with every
+    // older generation still in place) rather than write one that cannot
+    // be read back.
+    if payload.is_empty() || u32::try_from(payload.len()).is_err() {
+        return Err(LogError::Io {
+            file: dir.describe(&snap_name(generation)),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a snapshot of {} bytes does not fit a frame", payload.len()),
+            ),
+        });
+    }
     let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER);
     frame::encode(&payload, &mut bytes);
     let tmp = format!("{}.tmp", snap_name(generation));

@@ -82,10 +82,12 @@ impl ClientBuilder {
 
     /// Deadline of one attempt of a call that does not wait, and of
     /// connecting (default 5 s). It is sent to the server as the call's
-    /// deadline as well.
+    /// deadline as well. Kept within 50 ms ..= 1 day: a zero timeout would
+    /// retry without pause, and one past what a gRPC deadline can carry
+    /// would fail every call.
     #[must_use]
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.timing.attempt_timeout = timeout;
+        self.timing.attempt_timeout = attempt_bounds(timeout);
         self
     }
 
@@ -94,7 +96,7 @@ impl ClientBuilder {
     /// place in the queue; a shorter value notices a dead server sooner.
     #[must_use]
     pub fn wait_attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.timing.wait_attempt_timeout = timeout;
+        self.timing.wait_attempt_timeout = attempt_bounds(timeout);
         self
     }
 
@@ -183,4 +185,9 @@ impl ClientBuilder {
             },
         }
     }
+}
+
+/// An attempt's timeout kept within 50 ms ..= 1 day.
+fn attempt_bounds(timeout: Duration) -> Duration {
+    timeout.clamp(super::call::MIN_ATTEMPT, Duration::from_secs(86_400))
 }

@@ -25,7 +25,7 @@ use crate::proto;
 
 /// Shortest deadline given to an attempt, so that an attempt made just
 /// before the budget runs out still has a chance to get through.
-const MIN_ATTEMPT: Duration = Duration::from_millis(50);
+pub(crate) const MIN_ATTEMPT: Duration = Duration::from_millis(50);
 
 /// Timing knobs shared by every call of a client.
 #[derive(Clone, Debug)]

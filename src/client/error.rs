@@ -154,6 +154,14 @@ pub(crate) fn classify(status: &tonic::Status) -> AttemptError {
         Code::Unimplemented => AttemptError::Refused(Error::Server(format!(
             "the server does not implement this call ({reason})"
         ))),
+        // tonic reports an HTTP/2 stream reset or GOAWAY (INTERNAL_ERROR,
+        // PROTOCOL_ERROR, even NO_ERROR; ENHANCE_YOUR_CALM) as these codes
+        // with the HTTP/2 error as their source: the call failed on the way
+        // and may have taken effect, so it is retried with its request id.
+        // A status the server sent has no source.
+        Code::Internal | Code::ResourceExhausted if std::error::Error::source(status).is_some() => {
+            AttemptError::Transport(reason)
+        }
         _ => AttemptError::Refused(Error::Server(reason)),
     }
 }
@@ -236,6 +244,16 @@ mod tests {
             classify(&tonic::Status::internal("bug")),
             AttemptError::Refused(Error::Server(_))
         ));
+        // The same codes made by tonic from an HTTP/2 reset carry it as
+        // their source: a failure on the way, retried.
+        for code in [Code::Internal, Code::ResourceExhausted] {
+            let mut reset = tonic::Status::new(code, "h2 protocol error");
+            reset.set_source(std::sync::Arc::new(std::io::Error::other("stream reset")));
+            assert!(
+                matches!(classify(&reset), AttemptError::Transport(_)),
+                "{code:?}"
+            );
+        }
     }
 
     #[test]

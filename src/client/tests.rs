@@ -784,3 +784,23 @@ async fn a_guard_past_its_lease_is_lost_even_if_its_renewal_task_never_ran() {
         "but the clock says the lease is over"
     );
 }
+
+/// Attempt timeouts are kept within bounds: one too long for a gRPC
+/// deadline ("no timeout") still makes calls, and a zero one does not spin.
+#[tokio::test]
+async fn absurd_attempt_timeouts_are_bounded() {
+    let server = Server::start().await;
+    let client = quick(1)
+        .attempt_timeout(Duration::MAX)
+        .wait_attempt_timeout(Duration::MAX)
+        .endpoint(&server.addr)
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    let client = quick(1)
+        .attempt_timeout(Duration::ZERO)
+        .endpoint(&server.addr)
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+}

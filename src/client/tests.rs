@@ -797,6 +797,10 @@ async fn absurd_attempt_timeouts_are_bounded() {
         .build()
         .unwrap();
     client.init().await.unwrap();
+    client
+        .acquire("x", AcquireOptions::forever())
+        .await
+        .unwrap();
     let client = quick(1)
         .attempt_timeout(Duration::ZERO)
         .endpoint(&server.addr)

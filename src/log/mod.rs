@@ -226,6 +226,9 @@ fn generation_of(name: &str, prefix: &str) -> Option<u64> {
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
         .flatten()
+        // dlm counts generations up from 0, one per snapshot: a name past
+        // 2^63 is none of its files (and `generation + 1` never overflows).
+        .filter(|g: &u64| *g < 1 << 63)
 }
 
 impl Wal {
@@ -902,6 +905,28 @@ mod tests {
 
     fn open(path: &std::path::Path) -> Result<Recovered, LogError> {
         Wal::recover(Box::new(FsDir::open(path).unwrap()), Snapshot::default)
+    }
+
+    /// A name no dlm would write (a generation past 2^63) is not taken for
+    /// one: `generation + 1` must never overflow on what a disk holds.
+    #[test]
+    fn a_file_named_for_the_last_generation_is_none_of_the_logs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.append(&record(1));
+        r.wal.sync().unwrap();
+        drop(r);
+        for name in ["snap-18446744073709551615", "log-18446744073709551615"] {
+            std::fs::write(tmp.path().join(name), b"not dlm's").unwrap();
+        }
+        let mut r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, [record(1)]);
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        assert_eq!(
+            generation_of("snap-09223372036854775807", "snap-"),
+            Some(i64::MAX as u64)
+        );
+        assert_eq!(generation_of("snap-09223372036854775808", "snap-"), None);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! the *floor* of (client, PREFIX) to at least SEQ, and an unknown id at or
 //! below its floor is [`Dedup::expired`]: it may have been applied, so it
 //! must be refused, not served. At most [`FLOORS_KEPT`] floors (or
-//! `capacity`, if larger) are kept, the least recently raised dropped first. Other ids (the Go clients' UUIDs)
+//! `capacity`, if larger) are kept: the oldest goes first, unless it was
+//! raised since it was last looked at (then it goes to the back). Other ids (the Go clients' UUIDs)
 //! have no floor: for them an evicted answer is forgotten, as before.
 
 use std::collections::VecDeque;
@@ -81,18 +82,15 @@ pub struct Dedup {
     floors: HashTable<Floor>,
     /// Floors kept at most: `FLOORS_KEPT` or `capacity`, the larger.
     floor_capacity: usize,
-    /// The floors' keys, least recently raised first, with their hashes and
-    /// the stamp of that raise (a place whose stamp is not its floor's is
-    /// stale): which floor goes first, and the snapshot's order.
-    floor_order: VecDeque<(u64, ClientId, Arc<str>, u64)>,
-    /// Counts raises: the stamp of the latest.
-    floor_stamp: u64,
+    /// The floors' keys with their hashes, in the order they would go
+    /// (the snapshot's order too).
+    floor_order: VecDeque<(u64, ClientId, Arc<str>)>,
 }
 
 /// At least this many floors are kept (one per client instance whose answers
 /// were forgotten: ~100 bytes each), whatever the answers' capacity: a
 /// client's floor may be dropped only after this many other instances had a
-/// floor raised since its own last one.
+/// floor made since its own last raise.
 pub const FLOORS_KEPT: usize = 65_536;
 
 /// The floor of one (client, prefix).
@@ -101,8 +99,8 @@ struct Floor {
     client: ClientId,
     prefix: Arc<str>,
     seq: u64,
-    /// When it was last raised.
-    stamp: u64,
+    /// Raised since it was last put at the back of the order.
+    raised: bool,
 }
 
 /// `(PREFIX, SEQ)` of a request id `PREFIX#SEQ` (SEQ a decimal number with no
@@ -130,7 +128,6 @@ impl Dedup {
             floors: HashTable::new(),
             floor_capacity: capacity.max(FLOORS_KEPT),
             floor_order: VecDeque::new(),
-            floor_stamp: 0,
         }
     }
 
@@ -178,14 +175,14 @@ impl Dedup {
         self.set_floor(client, prefix, seq);
     }
 
-    /// Sets the floor of (client, prefix) to at least `seq` and makes it the
-    /// most recently raised; drops the least recently raised beyond the bound.
+    /// Sets the floor of (client, prefix) to at least `seq`. Beyond the
+    /// bound, floors go in the order they were made, except that one raised
+    /// since it was last looked at gets a second chance (put at the back):
+    /// one raise costs a lookup and no more, and a floor in use stays.
     fn set_floor(&mut self, client: ClientId, prefix: &str, seq: u64) {
-        self.floor_stamp += 1;
-        let stamp = self.floor_stamp;
         let hash = self.hash(client, prefix);
         let hasher = &self.hasher;
-        let key = match self.floors.entry(
+        match self.floors.entry(
             hash,
             |f| f.client == client && *f.prefix == *prefix,
             |f| hasher.hash_one((f.client, &*f.prefix)),
@@ -193,8 +190,8 @@ impl Dedup {
             Slot::Occupied(mut slot) => {
                 let floor = slot.get_mut();
                 floor.seq = floor.seq.max(seq);
-                floor.stamp = stamp;
-                floor.prefix.clone()
+                floor.raised = true;
+                return;
             }
             Slot::Vacant(slot) => {
                 let prefix: Arc<str> = prefix.into();
@@ -202,30 +199,24 @@ impl Dedup {
                     client,
                     prefix: prefix.clone(),
                     seq,
-                    stamp,
+                    raised: false,
                 });
-                prefix
-            }
-        };
-        self.floor_order.push_back((hash, client, key, stamp));
-        while self.floors.len() > self.floor_capacity {
-            let Some((hash, client, prefix, stamp)) = self.floor_order.pop_front() else {
-                break;
-            };
-            let current = |f: &Floor| f.client == client && f.prefix == prefix && f.stamp == stamp;
-            if let Ok(slot) = self.floors.find_entry(hash, current) {
-                slot.remove();
+                self.floor_order.push_back((hash, client, prefix));
             }
         }
-        // Raising a floor leaves its older place in the order stale: sweep
-        // those out once they outnumber the floors.
-        if self.floor_order.len() > 2 * self.floors.len() + 16 {
-            let floors = &self.floors;
-            self.floor_order.retain(|(hash, client, prefix, stamp)| {
-                floors
-                    .find(*hash, |f| f.client == *client && f.prefix == *prefix)
-                    .is_some_and(|f| f.stamp == *stamp)
-            });
+        while self.floors.len() > self.floor_capacity {
+            let Some((hash, client, prefix)) = self.floor_order.pop_front() else {
+                break;
+            };
+            let mine = |f: &Floor| f.client == client && f.prefix == prefix;
+            let Ok(mut slot) = self.floors.find_entry(hash, mine) else {
+                continue;
+            };
+            if std::mem::take(&mut slot.get_mut().raised) {
+                self.floor_order.push_back((hash, client, prefix));
+            } else {
+                slot.remove();
+            }
         }
     }
 
@@ -235,14 +226,13 @@ impl Dedup {
         self.set_floor(floor.client, &floor.prefix, floor.seq);
     }
 
-    /// Every floor, least recently raised first.
+    /// Every floor, in the order they would go.
     pub fn floors(&self) -> Vec<FloorSnapshot> {
         self.floor_order
             .iter()
-            .filter_map(|(hash, client, prefix, stamp)| {
+            .filter_map(|(hash, client, prefix)| {
                 self.floors
                     .find(*hash, |f| f.client == *client && f.prefix == *prefix)
-                    .filter(|f| f.stamp == *stamp)
                     .map(|f| FloorSnapshot {
                         client: f.client,
                         prefix: f.prefix.clone(),
@@ -422,20 +412,20 @@ mod tests {
     }
 
     #[test]
-    fn floors_are_bounded_least_recently_raised_first_and_restore_in_order() {
+    fn floors_are_bounded_oldest_unraised_first_and_restore_in_order() {
         let mut d = Dedup::new(1);
         d.floor_capacity = 2;
         // Each answer evicts the one before: floors for clients 1, 2, then
-        // client 1 raised again (so 2 is the least recently raised), then 3.
+        // client 1 raised again (a second chance), then 3: 2 goes.
         for (client, id) in [(1, "p#3"), (2, "p#7"), (1, "p#5"), (3, "p#1"), (9, "x")] {
             d.answer(answer(client, id, RequestKind::Renew, Reply::Done));
         }
         assert!(d.expired(1, "p#5"), "raised last but one: kept");
         assert!(d.expired(3, "p#1"));
-        assert!(!d.expired(2, "p#7"), "least recently raised: dropped");
+        assert!(!d.expired(2, "p#7"), "oldest not raised since: dropped");
         let floors = d.floors();
         let order: Vec<_> = floors.iter().map(|f| (f.client, f.seq)).collect();
-        assert_eq!(order, [(1, 5), (3, 1)]);
+        assert_eq!(order, [(3, 1), (1, 5)], "1 went to the back");
         let mut restored = Dedup::new(1);
         restored.floor_capacity = 2;
         for floor in &floors {

@@ -159,6 +159,7 @@ impl ClientBuilder {
                 servers,
                 timing: self.timing,
                 closes: std::sync::atomic::AtomicU64::new(0),
+                guards: std::sync::Mutex::default(),
             }),
         })
     }

@@ -31,6 +31,8 @@ pub struct LockGuard {
     grant: Grant,
     /// Turns `true` when the lease is known or presumed gone.
     lease_lost: watch::Receiver<bool>,
+    /// This guard's number in the client's [`Registry`].
+    number: u64,
     /// The latest the server's lease may run out, by this client's clock:
     /// moved on by every renewal that gets through.
     expires: Arc<Mutex<Instant>>,
@@ -42,6 +44,10 @@ impl LockGuard {
     /// Starts renewing the lease of `acquired`.
     pub(crate) fn start(client: Client, acquired: Acquired) -> LockGuard {
         let (lost_tx, lease_lost) = watch::channel(false);
+        let lost_tx = Arc::new(lost_tx);
+        let number = client
+            .guards()
+            .add(acquired.grant.token.clone(), lost_tx.clone());
         // The server's deadline is no earlier than `lease_from` plus the
         // lease; renewals are scheduled from there.
         let expires = Arc::new(Mutex::new(acquired.lease_from + acquired.grant.lease));
@@ -57,6 +63,7 @@ impl LockGuard {
             client,
             grant: acquired.grant,
             lease_lost,
+            number,
             expires,
             renewal,
         }
@@ -83,8 +90,10 @@ impl LockGuard {
     }
 
     /// A receiver that turns `true` once the lease is gone: a renewal was
-    /// refused (token stale, lock not held, session closed), or no renewal
-    /// got through before the lease would have run out. It never turns back.
+    /// refused (token stale, lock not held, session closed), no renewal
+    /// got through before the lease would have run out, or the grant was
+    /// released or the client closed through this client (any clone) by
+    /// other means than this guard. It never turns back.
     /// Wait for it with `rx.wait_for(|lost| *lost).await`.
     pub fn lease_lost(&self) -> watch::Receiver<bool> {
         self.lease_lost.clone()
@@ -132,6 +141,42 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.renewal.abort();
+        self.client.guards().remove(self.number);
+    }
+}
+
+/// A client's live guards: each one's token and loss signal, by number.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    next: u64,
+    live: std::collections::HashMap<u64, (String, Arc<watch::Sender<bool>>)>,
+}
+
+impl Registry {
+    /// Registers a guard of `token`; returns its number.
+    fn add(&mut self, token: String, lost: Arc<watch::Sender<bool>>) -> u64 {
+        self.next += 1;
+        self.live.insert(self.next, (token, lost));
+        self.next
+    }
+
+    fn remove(&mut self, number: u64) {
+        self.live.remove(&number);
+    }
+
+    /// How many guards are live.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Marks lost every guard whose token `which` picks.
+    pub(crate) fn lose(&self, which: impl Fn(&str) -> bool) {
+        for (token, lost) in self.live.values() {
+            if which(token) {
+                lost.send_replace(true);
+            }
+        }
     }
 }
 
@@ -147,11 +192,15 @@ async fn renew_until_lost(
     grant: Grant,
     shared_expires: Arc<Mutex<Instant>>,
     mut next: Instant,
-    lost: watch::Sender<bool>,
+    lost: Arc<watch::Sender<bool>>,
 ) {
     let mut expires = *shared_expires.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         tokio::time::sleep_until(next.min(expires)).await;
+        if *lost.borrow() {
+            // Released or closed through the client: nothing to keep.
+            return;
+        }
         let sent = Instant::now();
         let renewed =
             tokio::time::timeout_at(expires, client.renew_token(&grant.lock, &grant.token, None))

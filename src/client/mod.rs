@@ -92,6 +92,10 @@ struct Inner {
     /// Calls to [`Client::close`] so far: an acquire that sees a close
     /// while it confirms a late grant stops instead of queueing again.
     closes: AtomicU64,
+    /// The live guards' loss signals, by guard number: a release of a
+    /// guard's token, or a close, through any clone of this client ends
+    /// what the guard may rely on, before its next renewal would tell.
+    guards: std::sync::Mutex<guard::Registry>,
 }
 
 /// How to acquire: how long to wait and what lease to ask for.
@@ -186,6 +190,7 @@ impl Client {
     /// variant.
     pub async fn close(&self) -> Result<(), Error> {
         self.inner.closes.fetch_add(1, Ordering::SeqCst);
+        self.guards().lose(|_| true);
         let args = proto::ClientInitArgs {
             client_id: self.inner.client_id,
             request_id: self.inner.timing.entropy.request_id(),
@@ -322,6 +327,11 @@ impl Client {
         Ok(None)
     }
 
+    /// The registry of this client's live guards.
+    pub(crate) fn guards(&self) -> std::sync::MutexGuard<'_, guard::Registry> {
+        self.inner.guards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Releases `grant`. If it guards the default lock, its staged appends
     /// become visible in the files, in order, when this returns `Ok`.
     ///
@@ -340,6 +350,9 @@ impl Client {
     ///
     /// As [`Client::release`].
     pub async fn release_token(&self, lock: &str, token: &str) -> Result<(), Error> {
+        // Whatever the outcome, a guard of this grant can no longer count on
+        // it (an unknown outcome may be a release).
+        self.guards().lose(|held| held == token);
         let args = proto::LockArgs {
             client_id: self.inner.client_id,
             token: token.to_owned(),

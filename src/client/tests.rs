@@ -808,3 +808,26 @@ async fn absurd_attempt_timeouts_are_bounded() {
         .unwrap();
     client.init().await.unwrap();
 }
+
+/// A release of a guard's grant or a close through the client (any clone)
+/// tells the guard at once, not at its next renewal; other guards stay.
+#[tokio::test]
+async fn a_release_or_close_through_the_client_loses_the_guard_at_once() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    let a = client.lock("a", AcquireOptions::forever()).await.unwrap();
+    let b = client.lock("b", AcquireOptions::forever()).await.unwrap();
+    assert!(!a.is_lease_lost() && !b.is_lease_lost());
+    client.clone().release(a.grant()).await.unwrap();
+    assert!(*a.lease_lost().borrow(), "released through the client");
+    assert!(!b.is_lease_lost(), "another grant's guard is untouched");
+    client.close().await.unwrap();
+    assert!(*b.lease_lost().borrow(), "closed");
+    drop(a);
+    drop(b);
+    assert_eq!(
+        client.guards().len(),
+        0,
+        "dropped guards leave the registry"
+    );
+}

@@ -13,8 +13,9 @@
 //! below its floor is [`Dedup::expired`]: it may have been applied, so it
 //! must be refused, not served. At most [`FLOORS_KEPT`] floors (or
 //! `capacity`, if larger) are kept: the oldest goes first, unless it was
-//! raised since it was last looked at (then it goes to the back). Other ids (the Go clients' UUIDs)
-//! have no floor: for them an evicted answer is forgotten, as before.
+//! raised since it was last looked at (then it goes to the back). Other ids
+//! (the Go clients' UUIDs) have no floor: for them an evicted answer is
+//! forgotten, as before.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};

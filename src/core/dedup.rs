@@ -196,11 +196,13 @@ impl Dedup {
             }
             Slot::Vacant(slot) => {
                 let prefix: Arc<str> = prefix.into();
+                // Made by an eviction just now: as recent as a raise (else a
+                // sweep past flagged floors would drop it first).
                 slot.insert(Floor {
                     client,
                     prefix: prefix.clone(),
                     seq,
-                    raised: false,
+                    raised: true,
                 });
                 self.floor_order.push_back((hash, client, prefix));
             }
@@ -227,18 +229,25 @@ impl Dedup {
         self.set_floor(floor.client, &floor.prefix, floor.seq);
     }
 
-    /// Every floor, in the order they would go.
+    /// Every floor, in the order they would go: those not raised since
+    /// they were last looked at, then the others (so that a restore, which
+    /// keeps no flags, drops them in the same order).
     pub fn floors(&self) -> Vec<FloorSnapshot> {
-        self.floor_order
+        let floors: Vec<&Floor> = self
+            .floor_order
             .iter()
             .filter_map(|(hash, client, prefix)| {
                 self.floors
                     .find(*hash, |f| f.client == *client && f.prefix == *prefix)
-                    .map(|f| FloorSnapshot {
-                        client: f.client,
-                        prefix: f.prefix.clone(),
-                        seq: f.seq,
-                    })
+            })
+            .collect();
+        let (raised, rest): (Vec<&Floor>, Vec<&Floor>) = floors.into_iter().partition(|f| f.raised);
+        rest.into_iter()
+            .chain(raised)
+            .map(|f| FloorSnapshot {
+                client: f.client,
+                prefix: f.prefix.clone(),
+                seq: f.seq,
             })
             .collect()
     }
@@ -416,35 +425,40 @@ mod tests {
     fn floors_are_bounded_oldest_unraised_first_and_restore_in_order() {
         let mut d = Dedup::new(1);
         d.floor_capacity = 2;
-        // Each answer evicts the one before: floors for clients 1, 2, then
-        // client 1 raised again (a second chance), then 3: 2 goes.
-        for (client, id) in [(1, "p#3"), (2, "p#7"), (1, "p#5"), (3, "p#1"), (9, "x")] {
-            d.answer(answer(client, id, RequestKind::Renew, Reply::Done));
-        }
-        assert!(d.expired(1, "p#5"), "raised last but one: kept");
-        assert!(d.expired(3, "p#1"));
-        assert!(!d.expired(2, "p#7"), "oldest not raised since: dropped");
-        let floors = d.floors();
-        let order: Vec<_> = floors.iter().map(|f| (f.client, f.seq)).collect();
-        assert_eq!(order, [(3, 1), (1, 5)], "1 went to the back");
+        let clients = |d: &Dedup| d.floors().iter().map(|f| f.client).collect::<Vec<_>>();
+        d.set_floor(1, "p", 3);
+        d.set_floor(2, "p", 7);
+        // All three as recent: one pass clears the flags, the oldest goes.
+        d.set_floor(3, "p", 1);
+        assert!(!d.expired(1, "p#3") && d.expired(2, "p#7") && d.expired(3, "p#1"));
+        // 2 raised since: it stays, and 3, the oldest not raised, goes.
+        d.set_floor(2, "p", 8);
+        d.set_floor(4, "p", 1);
+        assert!(d.expired(2, "p#8") && d.expired(4, "p#1") && !d.expired(3, "p#1"));
+        // The snapshot lists them in the order they would go; a restore
+        // (which keeps no flags) then drops the same one next.
+        assert_eq!(clients(&d), [2, 4]);
         let mut restored = Dedup::new(1);
         restored.floor_capacity = 2;
-        for floor in &floors {
+        for floor in &d.floors() {
             restored.restore_floor(floor);
         }
-        assert_eq!(restored.floors(), floors);
-        // Many raises of one floor leave a short order behind.
+        assert_eq!(restored.floors(), d.floors());
+        d.set_floor(5, "p", 1);
+        restored.set_floor(5, "p", 1);
+        assert_eq!(clients(&d), clients(&restored));
+        assert!(!d.expired(2, "p#8"), "2 went");
+        // Many raises of one floor keep one place for it.
         for n in 0..1000 {
             d.answer(answer(
-                1,
+                5,
                 &format!("p#{}", 10 + n),
                 RequestKind::Renew,
                 Reply::Done,
             ));
         }
-        assert!(d.floor_order.len() <= 2 * d.floors.len() + 16);
-        assert!(d.expired(1, "p#1008") && !d.expired(1, "p#1009"));
-        assert!(d.expired(3, "p#1"), "still kept: two floors fit");
+        assert_eq!(d.floor_order.len(), d.floors.len());
+        assert!(d.expired(5, "p#1008") && !d.expired(5, "p#1009"));
     }
 
     #[test]

@@ -356,7 +356,10 @@ impl World {
         };
         let id = self.clients[i].id;
         self.log(|| format!("c{id} <- {} {reply:?}", op.kind.name()));
-        if self.healed {
+        // An expired refusal is no progress: a server that refused
+        // everything so would otherwise pass the liveness check.
+        let expired = matches!(&reply, Reply::Refused(r) if r.code == RefusalCode::RequestExpired);
+        if self.healed && !expired {
             self.clients[i].ops_since_heal += 1;
         }
         self.finish_op(i, op, reply);

@@ -130,6 +130,9 @@ pub(crate) async fn acquire(
     let budget =
         wait.map(|wait| wait.saturating_add(timing.retry_budget.max(timing.attempt_timeout)));
     let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, budget);
+    // The id sent: `request_id` until the server says it forgot it.
+    let mut current_id = request_id.clone();
+    // Kept across a new id: a grant handed back may be that of the first.
     let mut first_sent = None;
     loop {
         let remaining = wait_until.map(|until| until.saturating_duration_since(Instant::now()));
@@ -138,7 +141,7 @@ pub(crate) async fn acquire(
         let args = proto::LockArgs {
             client_id,
             token: String::new(),
-            request_id: request_id.clone(),
+            request_id: current_id.clone(),
             lock_name: lock.to_owned(),
             wait_timeout_ms: plan.wait_ms,
             lease_ms: opts.lease.map(millis_ceil),
@@ -161,6 +164,13 @@ pub(crate) async fn acquire(
                 Outcome::Done(Err(Error::WaitTimedOut))
             }
             Err(AttemptError::Refused(error)) => Outcome::Done(Err(error)),
+            // The server forgot this id (a place given up, a restart, a
+            // full dedup table): queue again under a new one. The grant,
+            // if one was made meanwhile, comes back to its holder.
+            Err(AttemptError::Expired(reason)) => {
+                current_id = timing.entropy.request_id();
+                Outcome::Failed(reason)
+            }
             Err(AttemptError::TimedOut(reason))
                 if plan.may_wait() && sent.elapsed() >= timeout / 2 =>
             {

@@ -238,6 +238,9 @@ pub(crate) async fn attempt<R: Reply>(
             let reply = R::from_answer(answer).ok_or_else(|| {
                 AttemptError::Refused(Error::Server("the answer of another call".into()))
             })?;
+            if reply.status() == proto::Status::RequestExpired as i32 {
+                return Err(AttemptError::Expired(reply.error_message().to_owned()));
+            }
             match Error::from_reply(reply.status(), reply.error_message()) {
                 None => Ok(reply),
                 Some(refusal) => Err(AttemptError::Refused(refusal)),
@@ -379,11 +382,19 @@ pub(crate) async fn call<R: Reply>(
     call: Call,
 ) -> Result<R, Error> {
     let mut retrier = Retrier::new(servers, timing, op, request_id, Some(timing.retry_budget));
+    let mut call = call;
     loop {
         let (index, conn, timeout) = retrier.next_attempt(timing.attempt_timeout);
         let outcome = match attempt(conn, timeout, call.clone()).await {
             Ok(reply) => Outcome::Done(Ok(reply)),
             Err(AttemptError::Refused(error)) => Outcome::Done(Err(error)),
+            Err(AttemptError::Expired(reason)) => {
+                if renumber(&mut call, timing.entropy.request_id()) {
+                    Outcome::Failed(reason)
+                } else {
+                    Outcome::Done(Err(Error::Unavailable(reason)))
+                }
+            }
             Err(AttemptError::TimedOut(reason) | AttemptError::Transport(reason)) => {
                 Outcome::Failed(reason)
             }
@@ -392,4 +403,18 @@ pub(crate) async fn call<R: Reply>(
             return result;
         }
     }
+}
+
+/// Gives `call` the request id `id` if it may be repeated as a new
+/// operation with the same effect (a hello, a renew, an acquire: an acquire
+/// by the holder gets its grant back); returns false for one that may not
+/// (a release, an append, a close).
+pub(crate) fn renumber(call: &mut Call, id: String) -> bool {
+    match call {
+        Call::ClientInit(args) => args.request_id = id,
+        Call::RenewLease(args) => args.request_id = id,
+        Call::LockAcquire(args) => args.request_id = id,
+        _ => return false,
+    }
+    true
 }

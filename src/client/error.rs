@@ -111,6 +111,11 @@ pub(crate) enum AttemptError {
     /// The server answered and refused, or the failure is not transient.
     /// Do not retry.
     Refused(Error),
+    /// The server had forgotten the answer to this request id
+    /// (`REQUEST_EXPIRED`): the outcome is unknown. An operation that may be
+    /// repeated (a hello, a renew, an acquire) is sent again under a new id;
+    /// any other ends as [`Error::Unavailable`].
+    Expired(String),
 }
 
 /// The TLS error somewhere in `error`'s chain of causes, if any: rustls

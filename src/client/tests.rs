@@ -29,6 +29,9 @@ struct Seen {
 struct Script {
     /// Calls to fail with UNAVAILABLE before any is served.
     fail_next: u32,
+    /// Init, acquire and release calls to answer with REQUEST_EXPIRED (the
+    /// server forgot their id) before any is served.
+    expire_next: u32,
     /// Acquire calls to leave unanswered (until the caller gives up).
     hang_acquires: u32,
     /// Acquires of new request ids whose first attempt is left unanswered.
@@ -70,6 +73,14 @@ impl Scripted {
         Ok(())
     }
 
+    /// Whether the script says to answer this call REQUEST_EXPIRED.
+    fn expire(&self) -> bool {
+        let mut script = self.script.lock().unwrap();
+        let expire = script.expire_next > 0;
+        script.expire_next = script.expire_next.saturating_sub(1);
+        expire
+    }
+
     fn seen(method: &'static str, request_id: &str, token: &str) -> Seen {
         Seen {
             method,
@@ -94,6 +105,13 @@ impl LockService for Scripted {
         request: Request<proto::ClientInitArgs>,
     ) -> Result<Response<proto::Response>, tonic::Status> {
         self.record(Scripted::seen("init", &request.get_ref().request_id, ""))?;
+        if self.expire() {
+            return Ok(Response::new(proto::Response {
+                status: Status::RequestExpired as i32,
+                error_message: "forgotten".into(),
+                ..Default::default()
+            }));
+        }
         Ok(Response::new(ok()))
     }
 
@@ -105,6 +123,13 @@ impl LockService for Scripted {
         let mut seen = Scripted::seen("acquire", &args.request_id, "");
         seen.wait_ms = args.wait_timeout_ms;
         self.record(seen)?;
+        if self.expire() {
+            return Ok(Response::new(proto::LockResponse {
+                status: Status::RequestExpired as i32,
+                error_message: "forgotten".into(),
+                ..Default::default()
+            }));
+        }
         let (hang, status, n, lease_ms, after_wait) = {
             let mut script = self.script.lock().unwrap();
             let new_id = !script.acquire_ids.contains(&args.request_id);
@@ -164,6 +189,13 @@ impl LockService for Scripted {
     ) -> Result<Response<proto::LockResponse>, tonic::Status> {
         let args = request.into_inner();
         self.record(Scripted::seen("release", &args.request_id, &args.token))?;
+        if self.expire() {
+            return Ok(Response::new(proto::LockResponse {
+                status: Status::RequestExpired as i32,
+                error_message: "forgotten".into(),
+                ..Default::default()
+            }));
+        }
         Ok(Response::new(proto::LockResponse {
             status: Status::Ok as i32,
             ..Default::default()
@@ -272,6 +304,7 @@ impl Server {
         let state = Arc::new(Scripted {
             script: Mutex::new(Script {
                 fail_next: 0,
+                expire_next: 0,
                 hang_acquires: 0,
                 hang_first_attempts: 0,
                 answer_after_wait: false,
@@ -830,4 +863,36 @@ async fn a_release_or_close_through_the_client_loses_the_guard_at_once() {
         0,
         "dropped guards leave the registry"
     );
+}
+
+/// A REQUEST_EXPIRED answer (the server forgot the id's answer): a hello or
+/// an acquire, which may be repeated, goes again under a new id; a release,
+/// which may not, ends as Unavailable (outcome unknown) without a retry.
+#[tokio::test]
+async fn an_expired_id_is_renumbered_only_where_a_repeat_is_harmless() {
+    let server = Server::start().await;
+    let client = quick(1).endpoint(&server.addr).build().unwrap();
+    server.script().expire_next = 1;
+    client.init().await.unwrap();
+    let inits = server.calls("init");
+    assert_eq!(inits.len(), 2);
+    assert_ne!(inits[0].request_id, inits[1].request_id, "a new id");
+
+    server.script().expire_next = 2;
+    let grant = client
+        .acquire("x", AcquireOptions::forever())
+        .await
+        .unwrap();
+    let acquires = server.calls("acquire");
+    assert_eq!(acquires.len(), 3, "{acquires:?}");
+    assert_ne!(acquires[0].request_id, acquires[1].request_id);
+    assert_ne!(acquires[1].request_id, acquires[2].request_id);
+
+    server.script().expire_next = 1;
+    let released = client.release(&grant).await;
+    assert!(
+        matches!(&released, Err(Error::Unavailable(m)) if m == "forgotten"),
+        "{released:?}"
+    );
+    assert_eq!(server.calls("release").len(), 1, "not sent again");
 }

@@ -109,7 +109,6 @@ impl LockService for Scripted {
             return Ok(Response::new(proto::Response {
                 status: Status::RequestExpired as i32,
                 error_message: "forgotten".into(),
-                ..Default::default()
             }));
         }
         Ok(Response::new(ok()))

@@ -126,7 +126,7 @@ impl Driver {
         let id = CallId(self.next_call);
         self.next_call += 1;
         let request_id = if self.request_ids {
-            // The client library's form, PREFIX#SEQ: each answer evicted
+            // The client library's form, UUID#SEQ: each answer evicted
             // from the dedup table raises its (client, prefix) floor.
             self.next_request += 1;
             format!("6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b#{}", self.next_request)

@@ -154,8 +154,9 @@ impl_reply!(
 /// The client's randomness: request ids and backoff jitter. From the
 /// operating system by default; from a seed for a deterministic simulation.
 ///
-/// Request ids are `PREFIX#SEQ`: a random prefix (a UUID) per client and a
-/// number counting up from 1, one per operation, kept across its retries.
+/// Request ids are `UUID#SEQ`: a random UUID per client (lowercase,
+/// hyphenated: the one spelling the server keeps floors for) and a number
+/// counting up from 1, one per operation, kept across its retries.
 /// The server uses the form to refuse, rather than apply a second time, a
 /// late retry whose answer it has forgotten (`REQUEST_EXPIRED`).
 #[derive(Clone, Debug)]
@@ -203,7 +204,7 @@ impl Entropy {
         }
     }
 
-    /// A fresh request id: `PREFIX#SEQ`.
+    /// A fresh request id: `UUID#SEQ`.
     pub fn request_id(&self) -> String {
         let seq = self.ids.next.fetch_add(1, Ordering::Relaxed);
         format!("{}#{seq}", self.ids.prefix)

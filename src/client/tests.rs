@@ -373,10 +373,12 @@ async fn retries_carry_one_request_id_and_new_operations_get_new_ones() {
         .iter()
         .all(|s| s.request_id == inits[0].request_id));
     assert_ne!(inits[3].request_id, inits[0].request_id);
-    // PREFIX#SEQ: one random prefix per client, numbers counting up.
+    // UUID#SEQ: one random prefix per client, numbers counting up, in the
+    // one spelling the server keeps floors for.
     let (prefix, first) = inits[0].request_id.rsplit_once('#').unwrap();
     assert!(uuid::Uuid::parse_str(prefix).is_ok(), "{prefix}");
     assert_eq!(first, "1");
+    assert!(crate::core::dedup::sequenced(&inits[0].request_id).is_some());
     assert_eq!(inits[3].request_id, format!("{prefix}#2"));
     let other = quick(1).endpoint(&server.addr).build().unwrap();
     other.init().await.unwrap();

@@ -6,15 +6,16 @@
 //! Must not: decide what a request does — it only remembers.
 //!
 //! A forgotten answer must not let its request be applied again when a late
-//! retry comes. Ids of the form `PREFIX#SEQ` (what dlm's client library
-//! sends: one prefix per client instance, SEQ counting up from 1) make that
-//! checkable in bounded memory: evicting the answer of `PREFIX#SEQ` raises
-//! the *floor* of (client, PREFIX) to at least SEQ, and an unknown id at or
-//! below its floor is [`Dedup::expired`]: it may have been applied, so it
+//! retry comes. Ids of the form `UUID#SEQ` (what dlm's client library
+//! sends: one random UUID per client instance, in lowercase hyphenated form,
+//! SEQ counting up from 1) make that checkable in bounded memory: evicting
+//! the answer of `UUID#SEQ` raises the *floor* of (client, UUID) to at
+//! least SEQ, and an unknown id at or below its floor is [`Dedup::expired`]: it may have been applied, so it
 //! must be refused, not served. At most [`FLOORS_KEPT`] floors (or
 //! `capacity`, if larger) are kept: the oldest goes first, unless it was
 //! raised since it was last looked at (then it goes to the back). Other ids
-//! (the Go clients' UUIDs) have no floor: for them an evicted answer is
+//! (the Go clients' bare UUIDs, or a third party's `name#7`, whose numbers
+//! need not count up) have no floor: for them an evicted answer is
 //! forgotten, as before.
 
 use std::collections::VecDeque;
@@ -85,7 +86,7 @@ pub struct Dedup {
     floor_capacity: usize,
     /// The floors' keys with their hashes, in the order they would go
     /// (the snapshot's order too).
-    floor_order: VecDeque<(u64, ClientId, Arc<str>)>,
+    floor_order: VecDeque<(u64, ClientId, Prefix)>,
 }
 
 /// At least this many floors are kept (one per client instance whose answers
@@ -94,28 +95,65 @@ pub struct Dedup {
 /// floor made since its own last raise.
 pub const FLOORS_KEPT: usize = 65_536;
 
+/// The UUID before the `#` of a sequenced request id, as a number.
+pub type Prefix = u128;
+
 /// The floor of one (client, prefix).
 #[derive(Debug)]
 struct Floor {
     client: ClientId,
-    prefix: Arc<str>,
+    prefix: Prefix,
     seq: u64,
     /// Raised since it was last put at the back of the order.
     raised: bool,
 }
 
-/// `(PREFIX, SEQ)` of a request id `PREFIX#SEQ` (SEQ a decimal number with no
-/// leading zero), or `None` for any other id.
-pub fn sequenced(id: &str) -> Option<(&str, u64)> {
-    let (prefix, seq) = id.rsplit_once('#')?;
+/// `(UUID, SEQ)` of a request id `UUID#SEQ`, or `None` for any other id.
+/// Only one spelling counts, so that two different ids never share a floor:
+/// the UUID lowercase and hyphenated (`8-4-4-4-12` hex digits, what the
+/// `uuid` crate prints), SEQ a decimal number with no leading zero.
+pub fn sequenced(id: &str) -> Option<(Prefix, u64)> {
+    let (prefix, seq) = id.split_once('#')?;
     let canonical = !seq.is_empty()
         && seq.len() <= 20
         && seq.bytes().all(|b| b.is_ascii_digit())
         && (seq == "0" || !seq.starts_with('0'));
-    if prefix.is_empty() || !canonical {
+    if !canonical {
         return None;
     }
-    Some((prefix, seq.parse().ok()?))
+    Some((parse_uuid(prefix)?, seq.parse().ok()?))
+}
+
+/// A lowercase hyphenated UUID as a number (`None` for any other text).
+pub fn parse_uuid(text: &str) -> Option<Prefix> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 36 {
+        return None;
+    }
+    let mut value: Prefix = 0;
+    for (at, &b) in bytes.iter().enumerate() {
+        let digit = match b {
+            b'-' if matches!(at, 8 | 13 | 18 | 23) => continue,
+            b'0'..=b'9' if !matches!(at, 8 | 13 | 18 | 23) => b - b'0',
+            b'a'..=b'f' if !matches!(at, 8 | 13 | 18 | 23) => b - b'a' + 10,
+            _ => return None,
+        };
+        value = (value << 4) | Prefix::from(digit);
+    }
+    Some(value)
+}
+
+/// The spelling [`parse_uuid`] takes back.
+pub fn format_uuid(value: Prefix) -> String {
+    let hex = format!("{value:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 impl Dedup {
@@ -134,6 +172,10 @@ impl Dedup {
 
     fn hash(&self, client: ClientId, id: &str) -> u64 {
         self.hasher.hash_one((client, id))
+    }
+
+    fn floor_hash(&self, client: ClientId, prefix: Prefix) -> u64 {
+        self.hasher.hash_one((client, prefix))
     }
 
     /// The slot of `(client, id)`, found or vacant, and its hash.
@@ -162,9 +204,9 @@ impl Dedup {
         let Some((prefix, seq)) = sequenced(request_id) else {
             return false;
         };
-        let hash = self.hash(client, prefix);
+        let hash = self.floor_hash(client, prefix);
         self.floors
-            .find(hash, |f| f.client == client && *f.prefix == *prefix)
+            .find(hash, |f| f.client == client && f.prefix == prefix)
             .is_some_and(|f| seq <= f.seq)
     }
 
@@ -180,13 +222,13 @@ impl Dedup {
     /// bound, floors go in the order they were made, except that one raised
     /// since it was last looked at gets a second chance (put at the back):
     /// one raise costs a lookup and no more, and a floor in use stays.
-    fn set_floor(&mut self, client: ClientId, prefix: &str, seq: u64) {
-        let hash = self.hash(client, prefix);
+    fn set_floor(&mut self, client: ClientId, prefix: Prefix, seq: u64) {
+        let hash = self.floor_hash(client, prefix);
         let hasher = &self.hasher;
         match self.floors.entry(
             hash,
-            |f| f.client == client && *f.prefix == *prefix,
-            |f| hasher.hash_one((f.client, &*f.prefix)),
+            |f| f.client == client && f.prefix == prefix,
+            |f| hasher.hash_one((f.client, f.prefix)),
         ) {
             Slot::Occupied(mut slot) => {
                 let floor = slot.get_mut();
@@ -195,12 +237,11 @@ impl Dedup {
                 return;
             }
             Slot::Vacant(slot) => {
-                let prefix: Arc<str> = prefix.into();
                 // Made by an eviction just now: as recent as a raise (else a
                 // sweep past flagged floors would drop it first).
                 slot.insert(Floor {
                     client,
-                    prefix: prefix.clone(),
+                    prefix,
                     seq,
                     raised: true,
                 });
@@ -224,9 +265,13 @@ impl Dedup {
     }
 
     /// Takes back a floor from a snapshot (least recently raised first,
-    /// before the answers).
+    /// before the answers). A prefix that is not a UUID in its one spelling
+    /// (a snapshot of a version that took any prefix) is dropped: ids of
+    /// that form have no floor now.
     pub fn restore_floor(&mut self, floor: &FloorSnapshot) {
-        self.set_floor(floor.client, &floor.prefix, floor.seq);
+        if let Some(prefix) = parse_uuid(&floor.prefix) {
+            self.set_floor(floor.client, prefix, floor.seq);
+        }
     }
 
     /// Every floor, in the order they would go: those not raised since
@@ -246,7 +291,7 @@ impl Dedup {
             .chain(raised)
             .map(|f| FloorSnapshot {
                 client: f.client,
-                prefix: f.prefix.clone(),
+                prefix: format_uuid(f.prefix).into(),
                 seq: f.seq,
             })
             .collect()
@@ -377,48 +422,74 @@ mod tests {
         })
     }
 
+    /// A client instance's prefix, and another.
+    const P: &str = "6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b";
+    const Q: &str = "00000000-0000-0000-0000-0000000000ff";
+
+    /// The request id `P#n`.
+    fn p(n: u64) -> String {
+        format!("{P}#{n}")
+    }
+
+    fn prefix() -> Prefix {
+        parse_uuid(P).expect("a UUID")
+    }
+
     #[test]
-    fn only_prefix_hash_number_ids_are_sequenced() {
-        assert_eq!(sequenced("abc#12"), Some(("abc", 12)));
-        assert_eq!(sequenced("a#b#0"), Some(("a#b", 0)));
-        assert_eq!(sequenced("a#18446744073709551615"), Some(("a", u64::MAX)));
+    fn only_uuid_hash_number_ids_are_sequenced() {
+        let value = 0x6f1c2e0a_5d3b_4f7e_9a2b_1c3d4e5f6a7b;
+        assert_eq!(sequenced(&p(12)), Some((value, 12)));
+        assert_eq!(sequenced(&p(0)), Some((value, 0)));
+        assert_eq!(sequenced(&p(u64::MAX)), Some((value, u64::MAX)));
+        assert_eq!(format_uuid(value), P);
+        assert_eq!(parse_uuid(&format_uuid(0)), Some(0));
+        assert_eq!(parse_uuid(&format_uuid(u128::MAX)), Some(u128::MAX));
         for id in [
-            "",
-            "#1",
-            "abc",
-            "abc#",
-            "abc#01",
-            "abc#1x",
-            "abc#+1",
-            "abc#18446744073709551616",
-            "6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b",
+            String::new(),
+            "#1".to_owned(),
+            "abc#12".to_owned(),
+            "name#7".to_owned(),
+            P.to_owned(),
+            format!("{P}#"),
+            format!("{P}#01"),
+            format!("{P}#1x"),
+            format!("{P}#+1"),
+            format!("{P}#1#2"),
+            format!("{P}#18446744073709551616"),
+            format!("{}#1", P.to_uppercase()),
+            format!("{}#1", P.replace('-', "")),
+            format!("{{{P}}}#1"),
+            format!("x{P}#1"),
+            format!("{}-#1", &P[..35]),
+            format!("{}g#1", &P[..35]),
         ] {
-            assert_eq!(sequenced(id), None, "{id:?}");
+            assert_eq!(sequenced(&id), None, "{id:?}");
         }
     }
 
     #[test]
     fn an_evicted_answer_raises_its_prefix_floor() {
         let mut d = Dedup::new(2);
-        d.answer(answer(1, "p#5", RequestKind::Renew, Reply::Done));
-        d.answer(answer(1, "p#3", RequestKind::Renew, Reply::Done));
-        assert!(!d.expired(1, "p#1"), "nothing forgotten yet");
-        d.answer(answer(1, "p#9", RequestKind::Renew, Reply::Done));
+        d.answer(answer(1, &p(5), RequestKind::Renew, Reply::Done));
+        d.answer(answer(1, &p(3), RequestKind::Renew, Reply::Done));
+        assert!(!d.expired(1, &p(1)), "nothing forgotten yet");
+        d.answer(answer(1, &p(9), RequestKind::Renew, Reply::Done));
         // p#5 went: everything of p up to 5 that is not remembered may have
         // been answered.
-        for (id, expired) in [
-            ("p#1", true),
-            ("p#5", true),
-            ("p#6", false),
-            ("p#10", false),
-        ] {
-            assert_eq!(d.expired(1, id), expired, "{id}");
+        for (n, expired) in [(1, true), (5, true), (6, false), (10, false)] {
+            assert_eq!(d.expired(1, &p(n)), expired, "{n}");
         }
-        assert!(!d.expired(2, "p#1"), "another client's prefix");
-        assert!(!d.expired(1, "q#1"), "another prefix");
+        assert!(!d.expired(2, &p(1)), "another client's prefix");
+        assert!(!d.expired(1, &format!("{Q}#1")), "another prefix");
         d.answer(answer(2, "x", RequestKind::Renew, Reply::Done));
-        assert!(d.expired(1, "p#3"), "the floor only rises");
-        assert_eq!(d.floors().len(), 1, "an id of another form leaves no floor");
+        d.answer(answer(2, "name#7", RequestKind::Renew, Reply::Done));
+        d.answer(answer(2, "name#8", RequestKind::Renew, Reply::Done));
+        assert!(d.expired(1, &p(3)), "the floor only rises");
+        assert_eq!(d.floors().len(), 1, "ids of other forms leave no floor");
+        assert!(
+            !d.expired(2, "name#1"),
+            "a third party's numbers need not count up"
+        );
     }
 
     #[test]
@@ -426,15 +497,15 @@ mod tests {
         let mut d = Dedup::new(1);
         d.floor_capacity = 2;
         let clients = |d: &Dedup| d.floors().iter().map(|f| f.client).collect::<Vec<_>>();
-        d.set_floor(1, "p", 3);
-        d.set_floor(2, "p", 7);
+        d.set_floor(1, prefix(), 3);
+        d.set_floor(2, prefix(), 7);
         // All three as recent: one pass clears the flags, the oldest goes.
-        d.set_floor(3, "p", 1);
-        assert!(!d.expired(1, "p#3") && d.expired(2, "p#7") && d.expired(3, "p#1"));
+        d.set_floor(3, prefix(), 1);
+        assert!(!d.expired(1, &p(3)) && d.expired(2, &p(7)) && d.expired(3, &p(1)));
         // 2 raised since: it stays, and 3, the oldest not raised, goes.
-        d.set_floor(2, "p", 8);
-        d.set_floor(4, "p", 1);
-        assert!(d.expired(2, "p#8") && d.expired(4, "p#1") && !d.expired(3, "p#1"));
+        d.set_floor(2, prefix(), 8);
+        d.set_floor(4, prefix(), 1);
+        assert!(d.expired(2, &p(8)) && d.expired(4, &p(1)) && !d.expired(3, &p(1)));
         // The snapshot lists them in the order they would go; a restore
         // (which keeps no flags) then drops the same one next.
         assert_eq!(clients(&d), [2, 4]);
@@ -444,21 +515,35 @@ mod tests {
             restored.restore_floor(floor);
         }
         assert_eq!(restored.floors(), d.floors());
-        d.set_floor(5, "p", 1);
-        restored.set_floor(5, "p", 1);
+        d.set_floor(5, prefix(), 1);
+        restored.set_floor(5, prefix(), 1);
         assert_eq!(clients(&d), clients(&restored));
-        assert!(!d.expired(2, "p#8"), "2 went");
+        assert!(!d.expired(2, &p(8)), "2 went");
         // Many raises of one floor keep one place for it.
         for n in 0..1000 {
-            d.answer(answer(
-                5,
-                &format!("p#{}", 10 + n),
-                RequestKind::Renew,
-                Reply::Done,
-            ));
+            d.answer(answer(5, &p(10 + n), RequestKind::Renew, Reply::Done));
         }
         assert_eq!(d.floor_order.len(), d.floors.len());
-        assert!(d.expired(5, "p#1008") && !d.expired(5, "p#1009"));
+        assert!(d.expired(5, &p(1008)) && !d.expired(5, &p(1009)));
+    }
+
+    #[test]
+    fn a_restored_floor_whose_prefix_is_not_a_uuid_is_dropped() {
+        let mut d = Dedup::new(1);
+        for prefix in ["c1", "a#b", &P.to_uppercase()] {
+            d.restore_floor(&FloorSnapshot {
+                client: 1,
+                prefix: prefix.into(),
+                seq: 9,
+            });
+        }
+        assert!(d.floors().is_empty());
+        d.restore_floor(&FloorSnapshot {
+            client: 1,
+            prefix: P.into(),
+            seq: 9,
+        });
+        assert!(d.expired(1, &p(9)) && !d.expired(1, &p(10)));
     }
 
     #[test]

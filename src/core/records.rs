@@ -233,7 +233,7 @@ mod tests {
             last_fence: Fence(2),
             floors: vec![FloorSnapshot {
                 client: 3,
-                prefix: "p".into(),
+                prefix: "6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b".into(),
                 seq: 41,
             }],
             ..Snapshot::default()

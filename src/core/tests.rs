@@ -980,33 +980,37 @@ fn idempotent_append_shows_content_once() {
 /// log, and after one from a snapshot. An id of another form is not.
 #[test]
 fn a_retry_whose_answer_was_forgotten_is_refused_not_applied_twice() {
+    // Two client instances' prefixes, as the client library makes them.
+    let c1 = |n: u64| format!("0b6e4f3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b#{n}");
+    let c2 = |n: u64| format!("7d8e9f0a-2b3c-4d5e-9f6a-7b8c9d0e1f2a#{n}");
     let mut h = Harness::with_config(CoreConfig {
         dedup_capacity: 4,
         ..config()
     });
-    let grant = h.grant("c1#1", acquire(1));
-    h.done("c1#2", append(1, "file_3", "once", &grant.token));
+    let grant = h.grant(&c1(1), acquire(1));
+    h.done(&c1(2), append(1, "file_3", "once", &grant.token));
     // Four more answers push the append's out (and the acquire's).
     for n in 0..4 {
-        h.done(&format!("c2#{n}"), init(2));
+        h.done(&c2(n), init(2));
     }
     let retry = |h: &mut Harness| {
-        let call = h.call("c1#2", append(1, "file_3", "once", &grant.token));
+        let call = h.call(&c1(2), append(1, "file_3", "once", &grant.token));
         h.refusal(call)
     };
     assert_eq!(retry(&mut h), RefusalCode::RequestExpired);
     assert_eq!(retry(&mut h), RefusalCode::RequestExpired, "and again");
     // The same prefix under another client id is another sequence.
-    h.done("c1#2", init(3));
+    h.done(&c1(2), init(3));
     // A newer id of the prefix is served.
-    h.done("c1#3", append(1, "file_3", "twice", &grant.token));
+    h.done(&c1(3), append(1, "file_3", "twice", &grant.token));
     for mut restarted in [h.recovered_from_records(), h.recovered_from_snapshot()] {
         assert_eq!(retry(&mut restarted), RefusalCode::RequestExpired);
     }
-    h.done("c1#4", release(1, &grant.token));
+    h.done(&c1(4), release(1, &grant.token));
     assert_eq!(h.file(3), "oncetwice", "each append exactly once");
 
-    // Ids not of the form PREFIX#SEQ have no floor: nothing to check by.
+    // Ids not of the form UUID#SEQ have no floor: nothing to check by (a
+    // third party's `name#N` need not count up).
     let mut h = Harness::with_config(CoreConfig {
         dedup_capacity: 1,
         ..config()
@@ -1014,6 +1018,9 @@ fn a_retry_whose_answer_was_forgotten_is_refused_not_applied_twice() {
     h.done("uuid-a", init(1));
     h.done("uuid-b", init(1));
     h.done("uuid-a", init(1));
+    h.done("job#7", init(1));
+    h.done("job#8", init(1));
+    h.done("job#1", init(1));
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+use dlm::core::dedup;
 use dlm::core::time::Millis;
 use dlm::core::types::{RefusalCode, Reply, Request};
 
@@ -250,9 +251,10 @@ impl World {
         let now = self.now;
         let client = &mut self.clients[i];
         client.seq += 1;
-        // PREFIX#SEQ, as the client library sends: the server can tell a
-        // late retry whose answer it forgot.
-        let request_id = format!("{}-{}#{}", client.id, client.incarnation, client.seq);
+        // UUID#SEQ, as the client library sends (a UUID per incarnation):
+        // the server can tell a late retry whose answer it forgot.
+        let prefix = (u128::from(client.id as u32) << 64) | u128::from(client.incarnation);
+        let request_id = format!("{}#{}", dedup::format_uuid(prefix), client.seq);
         client.op = Some(Op {
             kind,
             request_id,

@@ -484,6 +484,8 @@ mod tests {
         d.answer(answer(2, "x", RequestKind::Renew, Reply::Done));
         d.answer(answer(2, "name#7", RequestKind::Renew, Reply::Done));
         d.answer(answer(2, "name#8", RequestKind::Renew, Reply::Done));
+        d.answer(answer(2, "y", RequestKind::Renew, Reply::Done));
+        assert!(d.get(2, "name#7").is_none(), "name#7 was forgotten");
         assert!(d.expired(1, &p(3)), "the floor only rises");
         assert_eq!(d.floors().len(), 1, "ids of other forms leave no floor");
         assert!(

@@ -69,6 +69,11 @@ impl LockGuard {
         }
     }
 
+    /// Marks this guard lost (its renewal task stops at its next wake-up).
+    pub(crate) fn mark_lost(&self) {
+        self.client.guards().lose_one(self.number);
+    }
+
     /// The grant: lock name, token, fencing number and initial lease.
     pub fn grant(&self) -> &Grant {
         &self.grant
@@ -168,6 +173,13 @@ impl Registry {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.live.len()
+    }
+
+    /// Marks guard `number` lost.
+    fn lose_one(&self, number: u64) {
+        if let Some((_, lost)) = self.live.get(&number) {
+            lost.send_replace(true);
+        }
     }
 
     /// Marks lost every guard whose token `which` picks.

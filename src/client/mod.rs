@@ -237,8 +237,17 @@ impl Client {
     ///
     /// As [`Client::acquire`].
     pub async fn lock(&self, lock: &str, opts: AcquireOptions) -> Result<LockGuard, Error> {
+        let closes = self.inner.closes.load(Ordering::SeqCst);
         let acquired = self.acquire_timed(lock, opts).await?;
-        Ok(LockGuard::start(self.clone(), acquired))
+        let guard = LockGuard::start(self.clone(), acquired);
+        // A close that ran while the acquire was out may have ended this
+        // grant (or the wait it came from) on the server, and it marked only
+        // the guards registered before it. Registered first, then looked:
+        // a close that this load misses marks the guard itself.
+        if self.inner.closes.load(Ordering::SeqCst) != closes {
+            guard.mark_lost();
+        }
+        Ok(guard)
     }
 
     async fn acquire_timed(

@@ -866,6 +866,32 @@ async fn a_release_or_close_through_the_client_loses_the_guard_at_once() {
     );
 }
 
+/// A close while a `lock` was still acquiring loses the guard it returns:
+/// the close may have ended that grant or its wait on the server. (Whichever
+/// way the close and the acquire's return interleave, the guard is lost.)
+#[tokio::test]
+async fn a_close_during_an_acquire_loses_the_guard_it_returns() {
+    let server = Server::start().await;
+    server.script().hang_acquires = 1;
+    let client = quick(1)
+        .endpoint(&server.addr)
+        .wait_attempt_timeout(Duration::from_millis(200))
+        .attempt_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let locking = tokio::spawn({
+        let client = client.clone();
+        async move { client.lock("x", AcquireOptions::forever()).await }
+    });
+    server.wait_for_calls("acquire", 1).await;
+    client.close().await.unwrap();
+    let guard = locking.await.unwrap().unwrap();
+    assert!(*guard.lease_lost().borrow(), "closed while acquiring");
+    // A lock taken after the close is not touched by it.
+    let after = client.lock("y", AcquireOptions::forever()).await.unwrap();
+    assert!(!after.is_lease_lost());
+}
+
 /// A REQUEST_EXPIRED answer (the server forgot the id's answer): a hello or
 /// an acquire, which may be repeated, goes again under a new id; a release,
 /// which may not, ends as Unavailable (outcome unknown) without a retry.

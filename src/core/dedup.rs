@@ -245,6 +245,13 @@ impl Dedup {
     /// since it was last looked at gets a second chance (put at the back):
     /// one raise costs a lookup and no more, and a floor in use stays.
     fn set_floor(&mut self, client: ClientId, prefix: Prefix, seq: u64) {
+        self.put_floor(client, prefix, seq, true);
+    }
+
+    /// Sets the floor of (client, prefix) to at least `seq`, marking it
+    /// raised; a new floor goes to the back of the order, flagged
+    /// `new_raised`. Then drops floors beyond the bound.
+    fn put_floor(&mut self, client: ClientId, prefix: Prefix, seq: u64, new_raised: bool) {
         let hash = self.floor_hash(client, prefix);
         let hasher = &self.hasher;
         match self.floors.entry(
@@ -265,7 +272,7 @@ impl Dedup {
                     client,
                     prefix,
                     seq,
-                    raised: true,
+                    raised: new_raised,
                 });
                 self.floor_order.push_back((hash, client, prefix));
             }
@@ -286,37 +293,35 @@ impl Dedup {
         }
     }
 
-    /// Takes back a floor from a snapshot (least recently raised first,
-    /// before the answers). A prefix that is not a UUID in its one spelling
-    /// (a snapshot of a version that took any prefix) is dropped: ids of
-    /// that form have no floor now.
-    pub fn restore_floor(&mut self, floor: &FloorSnapshot) {
+    /// Takes back a floor from a snapshot, in the snapshot's order and
+    /// with its flag, before the answers. A prefix that is not a UUID in
+    /// its one spelling (a snapshot of a version that took any prefix) is
+    /// dropped: ids of that form have no floor now.
+    pub fn restore_floor(&mut self, floor: &FloorSnapshot, raised: bool) {
         if let Some(prefix) = parse_uuid(&floor.prefix) {
-            self.set_floor(floor.client, prefix, floor.seq);
+            self.put_floor(floor.client, prefix, floor.seq, raised);
         }
     }
 
-    /// Every floor, in the order they would go: those not raised since
-    /// they were last looked at, then the others (so that a restore, which
-    /// keeps no flags, drops them in the same order).
-    pub fn floors(&self) -> Vec<FloorSnapshot> {
-        let floors: Vec<&Floor> = self
-            .floor_order
+    /// Every floor in the order they would go, and whether each was raised
+    /// since it was last looked at: what a restore needs to drop the same
+    /// floors, in the same order, as this table would.
+    pub fn floors(&self) -> (Vec<FloorSnapshot>, Vec<bool>) {
+        self.floor_order
             .iter()
             .filter_map(|(hash, client, prefix)| {
                 self.floors
                     .find(*hash, |f| f.client == *client && f.prefix == *prefix)
             })
-            .collect();
-        let (raised, rest): (Vec<&Floor>, Vec<&Floor>) = floors.into_iter().partition(|f| f.raised);
-        rest.into_iter()
-            .chain(raised)
-            .map(|f| FloorSnapshot {
-                client: f.client,
-                prefix: format_uuid(f.prefix).into(),
-                seq: f.seq,
+            .map(|f| {
+                let floor = FloorSnapshot {
+                    client: f.client,
+                    prefix: format_uuid(f.prefix).into(),
+                    seq: f.seq,
+                };
+                (floor, f.raised)
             })
-            .collect()
+            .unzip()
     }
 
     /// Marks the request as served by a queued waiter.
@@ -509,7 +514,7 @@ mod tests {
         d.answer(answer(2, "y", RequestKind::Renew, Reply::Done));
         assert!(d.get(2, "name#7").is_none(), "name#7 was forgotten");
         assert!(d.expired(1, &p(3)), "the floor only rises");
-        assert_eq!(d.floors().len(), 1, "ids of other forms leave no floor");
+        assert_eq!(d.floors().0.len(), 1, "ids of other forms leave no floor");
         assert!(
             !d.expired(2, "name#1"),
             "a third party's numbers need not count up"
@@ -520,7 +525,7 @@ mod tests {
     fn floors_are_bounded_oldest_unraised_first_and_restore_in_order() {
         let mut d = Dedup::new(1);
         d.floor_capacity = 2;
-        let clients = |d: &Dedup| d.floors().iter().map(|f| f.client).collect::<Vec<_>>();
+        let clients = |d: &Dedup| d.floors().0.iter().map(|f| f.client).collect::<Vec<_>>();
         d.set_floor(1, prefix(), 3);
         d.set_floor(2, prefix(), 7);
         // All three as recent: one pass clears the flags, the oldest goes.
@@ -530,19 +535,23 @@ mod tests {
         d.set_floor(2, prefix(), 8);
         d.set_floor(4, prefix(), 1);
         assert!(d.expired(2, &p(8)) && d.expired(4, &p(1)) && !d.expired(3, &p(1)));
-        // The snapshot lists them in the order they would go; a restore
-        // (which keeps no flags) then drops the same one next.
-        assert_eq!(clients(&d), [2, 4]);
+        // The snapshot lists them in the order they would go, with their
+        // flags (4 is new, so as recent as a raise; 2's flag was spent);
+        // a restore then drops the same one next.
+        assert_eq!(clients(&d), [4, 2]);
+        assert_eq!(d.floors().1, [true, false]);
         let mut restored = Dedup::new(1);
         restored.floor_capacity = 2;
-        for floor in &d.floors() {
-            restored.restore_floor(floor);
+        let (floors, raised) = d.floors();
+        for (floor, raised) in floors.iter().zip(raised) {
+            restored.restore_floor(floor, raised);
         }
         assert_eq!(restored.floors(), d.floors());
         d.set_floor(5, prefix(), 1);
         restored.set_floor(5, prefix(), 1);
         assert_eq!(clients(&d), clients(&restored));
         assert!(!d.expired(2, &p(8)), "2 went");
+        assert!(!restored.expired(2, &p(8)), "2 went there too");
         // Many raises of one floor keep one place for it.
         for n in 0..1000 {
             d.answer(answer(5, &p(10 + n), RequestKind::Renew, Reply::Done));
@@ -551,22 +560,56 @@ mod tests {
         assert!(d.expired(5, &p(1008)) && !d.expired(5, &p(1009)));
     }
 
+    /// A restore keeps each floor's second chance: a floor the live table
+    /// would keep (raised since it was last looked at) is not the one a
+    /// restarted server drops instead.
+    #[test]
+    fn a_restore_keeps_each_floors_second_chance() {
+        let mut live = Dedup::new(1);
+        live.floor_capacity = 2;
+        for client in 1..=3 {
+            live.set_floor(client, prefix(), 5);
+        }
+        // Floors of 2 and 3, neither raised since the sweep that dropped 1.
+        assert_eq!(live.floors().1, [false, false]);
+        let mut restored = Dedup::new(1);
+        restored.floor_capacity = 2;
+        let (floors, raised) = live.floors();
+        for (floor, raised) in floors.iter().zip(raised) {
+            restored.restore_floor(floor, raised);
+        }
+        // 2 is raised, then a new floor drops the oldest not raised: 3.
+        for d in [&mut live, &mut restored] {
+            d.set_floor(2, prefix(), 6);
+            d.set_floor(9, prefix(), 1);
+            assert!(d.expired(2, &p(6)), "2 was in use and stays");
+            assert!(!d.expired(3, &p(5)), "3 went");
+        }
+        assert_eq!(live.floors(), restored.floors());
+    }
+
     #[test]
     fn a_restored_floor_whose_prefix_is_not_a_uuid_is_dropped() {
         let mut d = Dedup::new(1);
         for prefix in ["c1", "a#b", &P.to_uppercase()] {
-            d.restore_floor(&FloorSnapshot {
-                client: 1,
-                prefix: prefix.into(),
-                seq: 9,
-            });
+            d.restore_floor(
+                &FloorSnapshot {
+                    client: 1,
+                    prefix: prefix.into(),
+                    seq: 9,
+                },
+                true,
+            );
         }
-        assert!(d.floors().is_empty());
-        d.restore_floor(&FloorSnapshot {
-            client: 1,
-            prefix: P.into(),
-            seq: 9,
-        });
+        assert!(d.floors().0.is_empty());
+        d.restore_floor(
+            &FloorSnapshot {
+                client: 1,
+                prefix: P.into(),
+                seq: 9,
+            },
+            false,
+        );
         assert!(d.expired(1, &p(9)) && !d.expired(1, &p(10)));
     }
 

@@ -225,8 +225,9 @@ impl Core {
     /// records logged after the snapshot, then call [`Core::resume`].
     pub fn restore(config: CoreConfig, seed: [u8; 32], snapshot: Snapshot) -> Core {
         let mut dedup = Dedup::new(config.dedup_capacity);
-        for floor in &snapshot.floors {
-            dedup.restore_floor(floor);
+        for (i, floor) in snapshot.floors.iter().enumerate() {
+            let raised = snapshot.floors_raised.get(i).copied().unwrap_or(true);
+            dedup.restore_floor(floor, raised);
         }
         for answer in snapshot.answers {
             dedup.restore(answer);
@@ -409,12 +410,14 @@ impl Core {
                 })
             })
             .collect();
+        let (floors, floors_raised) = self.dedup.floors();
         Snapshot {
             last_fence: self.last_fence,
             file_lengths: self.files.clone(),
             grants,
             answers: self.dedup.answers(),
-            floors: self.dedup.floors(),
+            floors,
+            floors_raised,
         }
     }
 

@@ -99,8 +99,23 @@ pub struct Snapshot {
     pub grants: Vec<GrantSnapshot>,
     pub answers: Vec<Arc<AnswerSnapshot>>,
     /// Added after the fields above: a snapshot written before it decodes
-    /// with no floors ([`Snapshot::decode`]).
+    /// with no floors ([`Snapshot::decode`]). In the order they would go.
     pub floors: Vec<FloorSnapshot>,
+    /// Added after `floors`: whether each of them was raised since it was
+    /// last looked at (the second chance it has when floors are dropped).
+    /// Empty in a snapshot written before it: every floor counts as
+    /// raised, the nearest a restore can come.
+    pub floors_raised: Vec<bool>,
+}
+
+/// A snapshot as written after floors were kept, before their flags.
+#[derive(Deserialize)]
+struct SnapshotWithoutFlags {
+    last_fence: Fence,
+    file_lengths: FileLengths,
+    grants: Vec<GrantSnapshot>,
+    answers: Vec<Arc<AnswerSnapshot>>,
+    floors: Vec<FloorSnapshot>,
 }
 
 /// A snapshot as written before floors were kept.
@@ -113,25 +128,39 @@ struct SnapshotWithoutFloors {
 }
 
 impl Snapshot {
-    /// Decodes a snapshot, of this shape or of the one before floors.
+    /// Decodes a snapshot, of this shape or of one before it (without the
+    /// floors' flags, or without floors). Each added field is at the end,
+    /// so an older snapshot is cut short for a newer shape: it is taken as
+    /// an older shape only if that shape is the whole of the bytes (a new
+    /// snapshot cut short is not an old one).
     ///
     /// # Errors
-    /// The bytes are neither.
+    /// The bytes are none of them.
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
-        match postcard::from_bytes::<Snapshot>(bytes) {
-            Ok(snapshot) => Ok(snapshot),
-            // The old shape only if it is the whole of the bytes: a new
-            // snapshot cut short inside its floors is not an old one.
-            Err(e) => match postcard::take_from_bytes::<SnapshotWithoutFloors>(bytes) {
-                Ok((old, [])) => Ok(Snapshot {
-                    last_fence: old.last_fence,
-                    file_lengths: old.file_lengths,
-                    grants: old.grants,
-                    answers: old.answers,
-                    floors: Vec::new(),
-                }),
-                Ok(_) | Err(_) => Err(e),
-            },
+        let e = match postcard::from_bytes::<Snapshot>(bytes) {
+            Ok(snapshot) => return Ok(snapshot),
+            Err(e) => e,
+        };
+        if let Ok((old, [])) = postcard::take_from_bytes::<SnapshotWithoutFlags>(bytes) {
+            return Ok(Snapshot {
+                last_fence: old.last_fence,
+                file_lengths: old.file_lengths,
+                grants: old.grants,
+                answers: old.answers,
+                floors: old.floors,
+                floors_raised: Vec::new(),
+            });
+        }
+        match postcard::take_from_bytes::<SnapshotWithoutFloors>(bytes) {
+            Ok((old, [])) => Ok(Snapshot {
+                last_fence: old.last_fence,
+                file_lengths: old.file_lengths,
+                grants: old.grants,
+                answers: old.answers,
+                floors: Vec::new(),
+                floors_raised: Vec::new(),
+            }),
+            Ok(_) | Err(_) => Err(e),
         }
     }
 }
@@ -215,9 +244,9 @@ mod tests {
             }],
         };
         let bytes = postcard::to_allocvec(&old).unwrap();
-        // The same bytes, then the (empty) floors added since.
+        // The same bytes, then the (empty) floors and flags added since.
         let mut with_floors = bytes.clone();
-        with_floors.push(0);
+        with_floors.extend([0, 0]);
         assert_eq!(postcard::to_allocvec(&new).unwrap(), with_floors);
         assert_eq!(
             Snapshot::decode(&bytes).unwrap(),
@@ -240,8 +269,20 @@ mod tests {
         };
         let bytes = postcard::to_allocvec(&snapshot).unwrap();
         assert_eq!(Snapshot::decode(&bytes).unwrap(), snapshot);
-        assert!(Snapshot::decode(&bytes[..bytes.len() - 2]).is_err());
+        // Cut inside the floors: neither shape.
+        assert!(Snapshot::decode(&bytes[..bytes.len() - 3]).is_err());
         assert!(Snapshot::decode(&[0xff; 3]).is_err());
+        // With the flags, in order.
+        let flagged = Snapshot {
+            floors_raised: vec![false],
+            ..snapshot.clone()
+        };
+        let flagged_bytes = postcard::to_allocvec(&flagged).unwrap();
+        assert_eq!(Snapshot::decode(&flagged_bytes).unwrap(), flagged);
+        // Written before the flags (the bytes end after the floors): the
+        // floors without flags.
+        let unflagged = &bytes[..bytes.len() - 1];
+        assert_eq!(Snapshot::decode(unflagged).unwrap(), snapshot);
     }
 
     #[test]

@@ -454,15 +454,18 @@ impl Node {
         directories: Directories,
     ) -> Result<(Node, RecoveryReport), ServerError> {
         let Directories { data, state } = directories;
-        let clock = Clock::start();
+        // The grants that survive get a fresh lease from the core's time at
+        // resume, the end of recovery: the clock starts there (time zero),
+        // so that a long replay does not eat into those leases.
         let recovered = recover(
             config,
             Box::new(data),
             Box::new(state),
             os_seed(),
-            clock.now(),
+            Time::ZERO,
             Plants::default(),
         )?;
+        let clock = Clock::start();
         let report = recovered.report.clone();
         Ok((
             Node::start(config, recovered, clock, WriterMode::Thread),

@@ -284,6 +284,7 @@ impl Engine {
         state.closed = true;
         state.queue.clear();
         state.pending.clear();
+        state.dropped.clear();
         drop(state);
         let _ = self.failed_tx.send(());
     }
@@ -321,7 +322,7 @@ impl Engine {
                 .store(self.clock.micros(), Ordering::Relaxed);
             self.writer_busy.store(false, Ordering::SeqCst);
             let state = self.state();
-            if state.queue.is_empty() && state.dropped.is_empty() {
+            if state.queue.is_empty() && (state.closed || state.dropped.is_empty()) {
                 return;
             }
             drop(state);
@@ -352,6 +353,10 @@ impl Engine {
         let mut state = self.state();
         state.closed = true;
         state.pending.clear();
+        // A closed core is stepped no more: cut-off calls noted before the
+        // close are moot (and the writer, which drains until none is left,
+        // must not wait for them).
+        state.dropped.clear();
     }
 
     /// Stops: no new calls, the timer task ends, and the background writer

@@ -783,6 +783,23 @@ mod tests {
         }
     }
 
+    /// A call cut off just before the engine closed (a stop under load, or
+    /// a storage failure) must not keep the background writer draining
+    /// forever: the node still stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_cut_off_as_the_engine_closes_does_not_keep_the_writer_running() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (node, _) = Node::start_fs(&small_config(tmp.path())).unwrap();
+        let engine = node.handle().engine;
+        engine.dropped(CallId(u64::MAX));
+        engine.close();
+        // Not a timing assertion: the bound turns a hang into a failure.
+        tokio::time::timeout(Duration::from_secs(60), node.shutdown())
+            .await
+            .expect("the node stops")
+            .unwrap();
+    }
+
     /// A slow file read (a large file, a cold disk) must not hold up the
     /// group commits queued behind it: the writer only says how long the
     /// file is, and the caller reads it outside the writer.

@@ -44,6 +44,19 @@ const REQUEST_OVERHEAD: usize = 64 << 10;
 /// The smallest limit on a request: tonic's own default.
 const MIN_REQUEST_BYTES: usize = 4 << 20;
 
+/// Most calls (HTTP/2 streams) one connection may have open at once, as
+/// over QUIC. tonic's default is no limit at all (it overrides hyper's
+/// 200), which let one connection hold any number of half-sent requests,
+/// each with its declared length reserved.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = super::quic::MAX_STREAMS_PER_CONNECTION;
+
+/// How long a stopping server waits for its connections to finish the
+/// calls they have open (the engine already answered every waiting call
+/// with "shutting down") before it drops them: a peer that stopped halfway
+/// through a request, or never reads its answer, would hold a graceful
+/// drain open for ever.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// What the gRPC server accepts from its peers.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -61,6 +74,8 @@ pub struct Limits {
     /// for ever. A client that set up its connection may stay idle as long
     /// as it answers the pings, as with the original Go server.
     pub keepalive: Keepalive,
+    /// How long a stop waits for open calls ([`DRAIN_GRACE`]).
+    pub drain_grace: Duration,
 }
 
 impl Limits {
@@ -74,6 +89,7 @@ impl Limits {
                 .max(MIN_REQUEST_BYTES),
             max_connections: MAX_CONNECTIONS,
             keepalive: Keepalive::DEFAULT,
+            drain_grace: DRAIN_GRACE,
         }
     }
 }
@@ -130,12 +146,34 @@ pub async fn serve(
     };
     let (tx, rx) = mpsc::channel(64);
     let accepting = AbortOnDrop(tokio::task::spawn(accept(listener, acceptor, limits, tx)));
-    let served = tonic::transport::Server::builder()
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
+    let serving = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive.interval))
         .http2_keepalive_timeout(Some(limits.keepalive.timeout))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(GrpcService::new(handle).into_server(limits.max_request_bytes))
-        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown);
+    // The drain after a stop is bounded; past it the server future is
+    // dropped (its connections' tasks end with the runtime).
+    let grace = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(limits.drain_grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = tokio::select! {
+        biased;
+        served = serving => served,
+        () = grace => {
+            tracing::warn!("gRPC connections still open after the drain grace; dropping them");
+            Ok(())
+        }
+    };
     drop(accepting);
     Ok(served?)
 }
@@ -416,5 +454,117 @@ impl LockService for GrpcService {
     ) -> Result<GrpcResponse<StatusResponse>, GrpcStatus> {
         let out = calls::lock_status(&self.handle).await;
         out.map(GrpcResponse::new).map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{serve, Limits, MAX_STREAMS_PER_CONNECTION};
+    use crate::server::{Node, ServerConfig};
+
+    /// A server on a fresh directory, serving gRPC on 127.0.0.1:0 until
+    /// the sender is used or dropped.
+    async fn start(
+        limits: Limits,
+    ) -> (
+        Node,
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+        tempfile::TempDir,
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(tmp.path().to_path_buf());
+        config.log_prealloc = 0;
+        let (node, _) = Node::start_fs(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let handle = node.handle();
+        let serving = tokio::spawn(async move {
+            serve(listener, handle, None, limits, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        (node, addr, stop_tx, serving, tmp)
+    }
+
+    /// A gRPC request's headers for `method`.
+    fn request(addr: std::net::SocketAddr, method: &str) -> http::Request<()> {
+        http::Request::post(format!("http://{addr}/lock.LockService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    }
+
+    /// The server tells each connection it may open at most as many calls
+    /// at once as over QUIC (tonic's default is no bound).
+    #[tokio::test]
+    async fn a_connection_may_have_a_bounded_number_of_calls_open() {
+        let (node, addr, stop, serving, _tmp) = start(Limits::for_max_append(1 << 20)).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+        // One whole call, answered while the connection is driven: the
+        // server's settings come before its answer.
+        let (answer, mut body) = client
+            .send_request(request(addr, "LockStatus"), false)
+            .unwrap();
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        let answered = async {
+            let answer = answer.await.unwrap();
+            assert_eq!(answer.status(), 200);
+        };
+        tokio::select! {
+            () = answered => {}
+            ended = &mut connection => panic!("the connection ended first: {ended:?}"),
+        }
+        assert_eq!(
+            connection.max_concurrent_send_streams(),
+            MAX_STREAMS_PER_CONNECTION as usize
+        );
+        drop(client);
+        drop(connection);
+        let _ = stop.send(());
+        serving.await.unwrap();
+        node.shutdown().await.unwrap();
+    }
+
+    /// A peer that stopped halfway through a request (and answers pings)
+    /// does not keep a stopping server from stopping.
+    #[tokio::test]
+    async fn a_half_sent_request_does_not_hold_up_a_stop() {
+        let limits = Limits {
+            drain_grace: Duration::from_millis(100),
+            ..Limits::for_max_append(1 << 20)
+        };
+        let (node, addr, stop, serving, _tmp) = start(limits).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let driving = tokio::spawn(connection);
+        let (_answer, mut body) = client
+            .send_request(request(addr, "FileAppend"), false)
+            .unwrap();
+        // A message of 100 bytes, of which two are sent.
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2]), false)
+            .unwrap();
+        client = client.ready().await.unwrap();
+        let _ = stop.send(());
+        // Not a timing assertion: the bound turns a hang into a failure.
+        tokio::time::timeout(Duration::from_secs(60), serving)
+            .await
+            .expect("serving ends after the grace")
+            .unwrap();
+        node.shutdown().await.unwrap();
+        drop(client);
+        driving.abort();
     }
 }

@@ -21,8 +21,11 @@ const INLINE_READ_BYTES: u64 = 256 << 10;
 /// Data-file reads in progress at once; more wait their turn.
 pub(super) const MAX_READS: usize = 8;
 
-/// The longest file a read returns: what one gRPC message may carry.
-const MAX_READ_BYTES: u64 = crate::transport::grpc::MAX_MESSAGE_BYTES as u64;
+/// The longest file a read returns: what one gRPC message may carry, less
+/// room for the rest of the reply (the content's tag and length, a status).
+/// At the message's whole size, a file of its last few bytes was read and
+/// then refused by tonic's encoder as OUT_OF_RANGE, not as dlm's refusal.
+const MAX_READ_BYTES: u64 = (crate::transport::grpc::MAX_MESSAGE_BYTES - 64) as u64;
 
 /// The server is stopping (or stopped after a storage failure).
 #[derive(Debug, thiserror::Error)]
@@ -146,5 +149,24 @@ impl Handle {
             // A small one, and every read of the simulation, in line.
             Ok(crate::files::read_prefix(&*engine.data, file, len))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::MAX_READ_BYTES;
+    use crate::proto::FileReadResponse;
+    use crate::transport::grpc::MAX_MESSAGE_BYTES;
+
+    #[test]
+    fn the_longest_file_a_read_returns_fits_one_message() {
+        let reply = FileReadResponse {
+            status: i32::MAX,
+            error_message: String::new(),
+            content: vec![0; MAX_READ_BYTES as usize].into(),
+        };
+        assert!(reply.encoded_len() <= MAX_MESSAGE_BYTES);
     }
 }

@@ -165,7 +165,7 @@ mod tests {
         let reply = FileReadResponse {
             status: i32::MAX,
             error_message: String::new(),
-            content: vec![0; MAX_READ_BYTES as usize].into(),
+            content: vec![0; MAX_READ_BYTES as usize],
         };
         assert!(reply.encoded_len() <= MAX_MESSAGE_BYTES);
     }

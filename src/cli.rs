@@ -479,12 +479,16 @@ async fn acquire(args: AcquireArgs) -> Result<(), Failure> {
         lease: grant.lease,
     };
     if let Err(e) = state::save(&dir, &saved) {
-        // Nobody could use the grant: give it back rather than let it block
-        // others for a whole lease.
-        let _ = client.release(&grant).await;
+        // Not given back: an acquire by a client id that already holds the
+        // lock gets that grant (another process's, when they share the id),
+        // and releasing it would end that holding and commit its appends.
+        // Its lease ends it, or a release with the token.
         return Err(Failure::local(format!(
-            "cannot keep the grant in {}: {e}; released lock {lock:?} again",
-            dir.display()
+            "cannot keep the grant in {}: {e}; lock {lock:?} stays held (fence {}) until its \
+             lease runs out or `dlm release --token {}`",
+            dir.display(),
+            grant.fence,
+            grant.token
         )));
     }
     tell(format_args!("acquired lock {lock:?} fence {}", grant.fence));

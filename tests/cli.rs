@@ -686,6 +686,28 @@ echo "inside:[$("$0" cat file_7)]""#;
 /// the same lock (here nested in the first, its DLM_CLIENT_ID removed) finds
 /// the lock held, instead of being handed the first one's grant as another
 /// process of the same client would be.
+fn a_grant_that_cannot_be_kept_is_not_given_back(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    let first = cli.run("acquire", &["--client-id", "1"]).ok();
+    // Another process of client 1, whose grant directory is a file: its
+    // acquire gets the same grant back, cannot keep it, and must not end
+    // the first process's holding.
+    let not_a_dir = cli.state_dir().join("not-a-directory");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let not_a_dir = not_a_dir.to_str().expect("utf-8 path");
+    let second = cli
+        .run("acquire", &["--client-id", "1", "--state-dir", not_a_dir])
+        .expect_code(1);
+    assert!(
+        second.stderr.contains("stays held") && second.stderr.contains("--token"),
+        "{second:#?}"
+    );
+    let row = cli.lock_row("").expect("still held");
+    assert_eq!(row[2], first.fence().to_string(), "{row:?}");
+    cli.run("release", &["--client-id", "1"]).ok();
+}
+
 fn two_holds_without_a_client_id_exclude_each_other(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
@@ -835,6 +857,7 @@ over_every_wire!(
     hold_runs_a_command_under_a_lock_and_passes_its_exit_status,
     hold_of_the_default_lock_lets_a_nested_append_use_its_token,
     two_holds_without_a_client_id_exclude_each_other,
+    a_grant_that_cannot_be_kept_is_not_given_back,
     hold_passes_sigterm_on_to_its_command_and_releases_after_it,
     hold_stopped_by_sigterm_leaves_nothing_of_its_command_running,
     a_closed_stdout_does_not_turn_a_done_acquire_into_a_crash,

@@ -10,12 +10,13 @@
 //! sends: one random UUID per client instance, in lowercase hyphenated form,
 //! SEQ counting up from 1) make that checkable in bounded memory: evicting
 //! the answer of `UUID#SEQ` raises the *floor* of (client, UUID) to at
-//! least SEQ, and an unknown id at or below its floor is [`Dedup::expired`]: it may have been applied, so it
-//! must be refused, not served. At most [`FLOORS_KEPT`] floors (or
-//! `capacity`, if larger) are kept: the oldest goes first, unless it was
-//! raised since it was last looked at (then it goes to the back). Other ids
-//! (the Go clients' bare UUIDs, or a third party's `name#7`, whose numbers
-//! need not count up) have no floor: for them an evicted answer is
+//! least SEQ, and an unknown id at or below its floor is
+//! [`Dedup::expired`]: it may have been applied, so it must be refused, not
+//! served. At most [`FLOORS_KEPT`] floors (or `capacity`, if larger) are
+//! kept: the oldest goes first, unless it was raised since it was last
+//! looked at (then it goes to the back; a snapshot keeps that flag). Other
+//! ids (the Go clients' bare UUIDs, or a third party's `name#7`, whose
+//! numbers need not count up) have no floor: for them an evicted answer is
 //! forgotten, as before.
 
 use std::collections::VecDeque;
@@ -267,7 +268,8 @@ impl Dedup {
             }
             Slot::Vacant(slot) => {
                 // Made by an eviction just now: as recent as a raise (else a
-                // sweep past flagged floors would drop it first).
+                // sweep past flagged floors would drop it first). A restored
+                // floor keeps the flag it had.
                 slot.insert(Floor {
                     client,
                     prefix,

@@ -30,6 +30,17 @@ impl SimRng {
         p > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 
+    /// The answers a scenario's dedup table keeps: tiny (1–64) in half the
+    /// seeds, so that late retries find their answers forgotten (and must be
+    /// refused as expired, never applied twice); the default otherwise.
+    pub fn dedup_capacity(&mut self) -> usize {
+        if self.chance(0.5) {
+            self.between(1, 64) as usize
+        } else {
+            100_000
+        }
+    }
+
     /// Uniform in `[0, max)` as a float.
     pub fn fraction(&mut self, max: f64) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * max

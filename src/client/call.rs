@@ -380,10 +380,9 @@ pub(crate) async fn call<R: Reply>(
     timing: &Timing,
     op: &'static str,
     request_id: &str,
-    call: Call,
+    mut call: Call,
 ) -> Result<R, Error> {
     let mut retrier = Retrier::new(servers, timing, op, request_id, Some(timing.retry_budget));
-    let mut call = call;
     loop {
         let (index, conn, timeout) = retrier.next_attempt(timing.attempt_timeout);
         let outcome = match attempt(conn, timeout, call.clone()).await {

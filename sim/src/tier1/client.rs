@@ -360,8 +360,7 @@ impl World {
         self.log(|| format!("c{id} <- {} {reply:?}", op.kind.name()));
         // An expired refusal is no progress: a server that refused
         // everything so would otherwise pass the liveness check.
-        let expired = matches!(&reply, Reply::Refused(r) if r.code == RefusalCode::RequestExpired);
-        if self.healed && !expired {
+        if self.healed && !is_expired(&reply) {
             self.clients[i].ops_since_heal += 1;
         }
         self.finish_op(i, op, reply);
@@ -370,7 +369,7 @@ impl World {
     }
 
     fn finish_op(&mut self, i: usize, op: Op, reply: Reply) {
-        if matches!(&reply, Reply::Refused(r) if r.code == RefusalCode::RequestExpired) {
+        if is_expired(&reply) {
             // The server forgot this id's answer: the outcome is unknown.
             self.forget_op(i, op);
             self.clients[i].idle_until = self.now + self.rng.between(0, 100);
@@ -518,4 +517,9 @@ impl World {
         client.idle_until = self.now;
         self.client_wake_now(i);
     }
+}
+
+/// The server forgot the answer to the request's id (`REQUEST_EXPIRED`).
+fn is_expired(reply: &Reply) -> bool {
+    matches!(reply, Reply::Refused(r) if r.code == RefusalCode::RequestExpired)
 }

@@ -85,11 +85,7 @@ impl Scenario {
             // Drawn last, so that the draws above are those of earlier
             // versions for the same seed.
             kills: rng.fraction(0.7),
-            dedup_capacity: if rng.chance(0.5) {
-                rng.between(1, 64) as usize
-            } else {
-                100_000
-            },
+            dedup_capacity: rng.dedup_capacity(),
         }
     }
 }

@@ -377,14 +377,7 @@ impl Driver {
             trace: Tracer::new(trace),
             transport,
             // From the seed itself, so that the other draws are as before.
-            dedup_capacity: {
-                let mut rng = SimRng::new(seed ^ 0xdedd_0f10);
-                if rng.chance(0.5) {
-                    rng.between(1, 64) as usize
-                } else {
-                    100_000
-                }
-            },
+            dedup_capacity: SimRng::new(seed ^ 0xdedd_0f10).dedup_capacity(),
             // From the seed itself, so that a gRPC run draws as before.
             quic: (transport == Transport::Quic).then(|| quic::QuicWorld::new(seed ^ 0x9017_c0de)),
         };

@@ -74,6 +74,30 @@ pub(super) enum Wake {
     Task(Arc<Notify>),
 }
 
+/// Bytes of file-read replies the server may hold at once (see
+/// [`super::handle::HeldReply`]).
+pub(super) struct ReplyBudget {
+    /// One permit per byte.
+    pub bytes: Arc<tokio::sync::Semaphore>,
+    /// The permits there are in all (at most `u32::MAX`: one read takes at
+    /// most that many at once).
+    pub total: u64,
+    /// Reads waiting for their share.
+    pub waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl ReplyBudget {
+    /// A budget of `bytes` (at least one, at most `u32::MAX`).
+    pub fn new(bytes: u64) -> ReplyBudget {
+        let total = bytes.clamp(1, u64::from(u32::MAX));
+        ReplyBudget {
+            bytes: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
 pub(super) struct Engine {
     pub state: Mutex<State>,
     pub io: Mutex<Io>,
@@ -82,6 +106,8 @@ pub(super) struct Engine {
     /// Reads of data files outside `io` at once (each holds a descriptor
     /// and the file's bytes).
     pub reads: tokio::sync::Semaphore,
+    /// The read-reply budget: bytes of file-read replies held at once.
+    pub reply_bytes: ReplyBudget,
     /// Large reads go to a blocking thread (production); the simulation
     /// reads everything in line, deterministically.
     pub blocking_reads: bool,

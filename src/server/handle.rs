@@ -4,6 +4,7 @@
 //! transport dropped the future: client deadline or lost connection), so a
 //! waiter can keep its place for a retry. Must not: know any wire format.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -26,6 +27,20 @@ pub(super) const MAX_READS: usize = 8;
 /// At the message's whole size, a file of its last few bytes was read and
 /// then refused by tonic's encoder as OUT_OF_RANGE, not as dlm's refusal.
 const MAX_READ_BYTES: u64 = (crate::transport::grpc::MAX_MESSAGE_BYTES - 64) as u64;
+
+/// The default of `--max-read-reply-bytes`: the bytes of file-read replies
+/// the server holds at once, from the read until the reply has left.
+pub const READ_REPLY_BUDGET: u64 = 256 << 20;
+
+/// The bytes of one file-read reply, counted against the server's budget
+/// (`--max-read-reply-bytes`) until this is dropped. A transport keeps it
+/// until the reply has left: a peer that never reads its replies then
+/// holds up other reads (until its connection ends), not the server's
+/// memory.
+#[derive(Debug)]
+pub struct HeldReply {
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
 
 /// The server is stopping (or stopped after a storage failure).
 #[derive(Debug, thiserror::Error)]
@@ -88,11 +103,16 @@ impl Handle {
         reply
     }
 
-    /// Reads a data file by name; bad names are refused.
+    /// Reads a data file by name; bad names are refused. The content comes
+    /// with its share of the server's read-reply budget, which the caller
+    /// holds until the reply has left; a read waits for the share first.
     ///
     /// # Errors
     /// [`ShuttingDown`] when the server stops first.
-    pub async fn read_file(&self, name: &str) -> Result<Result<Vec<u8>, Reply>, ShuttingDown> {
+    pub async fn read_file(
+        &self,
+        name: &str,
+    ) -> Result<Result<(Vec<u8>, HeldReply), Reply>, ShuttingDown> {
         let file = match FileIndex::parse(name) {
             Ok(file) => file,
             Err(reason) => return Ok(Err(Reply::refused(RefusalCode::InvalidArgument, reason))),
@@ -110,16 +130,42 @@ impl Handle {
                 let reason = format!("{name} holds {len} bytes, more than a reply may carry");
                 return Ok(Err(Reply::refused(RefusalCode::Error, reason)));
             }
-            Ok(len) => self.read_prefix(file, len).await?,
+            Ok(len) => {
+                let held = self.hold_reply(len).await?;
+                self.read_prefix(file, len)
+                    .await?
+                    .map(|bytes| (bytes, held))
+            }
             Err(e) => Err(e),
         };
         match read {
-            Ok(bytes) => Ok(Ok(bytes)),
+            Ok(read) => Ok(Ok(read)),
             Err(e) => Ok(Err(Reply::refused(
                 RefusalCode::Error,
                 format!("reading {name}: {e}"),
             ))),
         }
+    }
+
+    /// Waits for `len` bytes of the read-reply budget (all of it when `len`
+    /// is more), before the file's bytes are read into memory.
+    async fn hold_reply(&self, len: u64) -> Result<HeldReply, ShuttingDown> {
+        let budget = &self.engine.reply_bytes;
+        let share = len.min(budget.total) as u32;
+        budget.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = budget.bytes.clone().acquire_many_owned(share).await;
+        budget.waiting.fetch_sub(1, Ordering::Relaxed);
+        Ok(HeldReply {
+            _bytes: permit.map_err(|_| ShuttingDown)?,
+        })
+    }
+
+    /// Bytes of read replies held now, and reads waiting for their share:
+    /// what the budget is doing, for tests and diagnostics.
+    pub fn read_replies(&self) -> (u64, usize) {
+        let budget = &self.engine.reply_bytes;
+        let held = budget.total - budget.bytes.available_permits() as u64;
+        (held, budget.waiting.load(Ordering::Relaxed))
     }
 
     /// Reads the first `len` bytes of `file`, a few reads at once: each

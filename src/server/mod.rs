@@ -41,7 +41,7 @@ use crate::files::DataFiles;
 use crate::log::{LogError, Reopened, Wal};
 use crate::storage::{Dir, FsDir};
 
-pub use handle::{Handle, ShuttingDown};
+pub use handle::{Handle, HeldReply, ShuttingDown};
 pub use listen::Bound;
 use writer::Persister;
 
@@ -114,6 +114,12 @@ pub struct ServerConfig {
     /// a new connection at once and QUIC refuses it in the handshake.
     #[arg(long, default_value_t = crate::transport::MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Bytes of file-read replies held at once, from the read until the
+    /// reply has left (bytes, or with KiB / MiB / GiB; at most 4 GiB). A
+    /// read waits until its file's share is free, so a client that does not
+    /// take its replies holds up other reads, not the server's memory.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_read_reply_bytes: u64,
     /// Ping a client connection after this many milliseconds without
     /// hearing from it (HTTP/2 pings for gRPC, QUIC pings).
     #[arg(long, default_value_t = KEEPALIVE_MS)]
@@ -171,6 +177,7 @@ impl ServerConfig {
             snapshot_every: 100_000,
             log_prealloc: crate::log::DEFAULT_PREALLOC,
             max_connections: crate::transport::MAX_CONNECTIONS,
+            max_read_reply_bytes: handle::READ_REPLY_BUDGET,
             keepalive_ms: KEEPALIVE_MS,
             keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS,
         }
@@ -507,6 +514,7 @@ impl Node {
         let engine = Arc::new(engine::Engine {
             data,
             reads: tokio::sync::Semaphore::new(handle::MAX_READS),
+            reply_bytes: engine::ReplyBudget::new(config.max_read_reply_bytes),
             blocking_reads: mode == WriterMode::Thread,
             state: Mutex::new(engine::State {
                 core,
@@ -881,7 +889,7 @@ mod tests {
         assert!(matches!(granted, Ok(Reply::Granted(_))), "{granted:?}");
         open_tx.send(()).unwrap();
         let read = reader.await.unwrap().unwrap();
-        assert_eq!(read.unwrap(), b"seven");
+        assert_eq!(read.unwrap().0, b"seven");
         drop(handle);
         node.shutdown().await.unwrap();
     }

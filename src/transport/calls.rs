@@ -13,7 +13,7 @@ use crate::proto::{
     self, call_request, call_response, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse,
     LeaseArgs, LeaseResponse, LockArgs, LockInfo, LockResponse, StatusResponse, Waiter,
 };
-use crate::server::{Handle, ShuttingDown};
+use crate::server::{Handle, HeldReply, ShuttingDown};
 
 /// The wire status of a reply, with its message.
 pub fn wire_status(reply: &Reply) -> (proto::Status, String) {
@@ -37,25 +37,30 @@ pub fn wire_status(reply: &Reply) -> (proto::Status, String) {
 }
 
 /// Serves one call given as an envelope's `call`: the transport-independent
-/// entry for transports that carry [`proto::CallRequest`]s.
+/// entry for transports that carry [`proto::CallRequest`]s. A file read's
+/// reply comes with its share of the read-reply budget, to be held until
+/// the reply has left.
 ///
 /// # Errors
 /// [`ShuttingDown`] when the server stops first.
 pub async fn dispatch(
     handle: &Handle,
     call: call_request::Call,
-) -> Result<call_response::Reply, ShuttingDown> {
+) -> Result<(call_response::Reply, Option<HeldReply>), ShuttingDown> {
     use call_request::Call;
     use call_response::Reply as Out;
     Ok(match call {
-        Call::ClientInit(args) => Out::ClientInit(client_init(handle, args).await?),
-        Call::LockAcquire(args) => Out::LockAcquire(lock_acquire(handle, args).await?),
-        Call::LockRelease(args) => Out::LockRelease(lock_release(handle, args).await?),
-        Call::FileAppend(args) => Out::FileAppend(file_append(handle, args).await?),
-        Call::RenewLease(args) => Out::RenewLease(renew_lease(handle, args).await?),
-        Call::ClientClose(args) => Out::ClientClose(client_close(handle, args).await?),
-        Call::FileRead(args) => Out::FileRead(file_read(handle, args).await?),
-        Call::LockStatus(_) => Out::LockStatus(lock_status(handle).await?),
+        Call::ClientInit(args) => (Out::ClientInit(client_init(handle, args).await?), None),
+        Call::LockAcquire(args) => (Out::LockAcquire(lock_acquire(handle, args).await?), None),
+        Call::LockRelease(args) => (Out::LockRelease(lock_release(handle, args).await?), None),
+        Call::FileAppend(args) => (Out::FileAppend(file_append(handle, args).await?), None),
+        Call::RenewLease(args) => (Out::RenewLease(renew_lease(handle, args).await?), None),
+        Call::ClientClose(args) => (Out::ClientClose(client_close(handle, args).await?), None),
+        Call::FileRead(args) => {
+            let (response, held) = file_read(handle, args).await?;
+            (Out::FileRead(response), held)
+        }
+        Call::LockStatus(_) => (Out::LockStatus(lock_status(handle).await?), None),
     })
 }
 
@@ -180,27 +185,32 @@ pub async fn client_close(
     Ok(response(&reply))
 }
 
-/// `FileRead`: the committed content of a data file.
+/// `FileRead`: the committed content of a data file, with its share of the
+/// read-reply budget (none for a refusal).
 ///
 /// # Errors
 /// [`ShuttingDown`] when the server stops first.
 pub async fn file_read(
     handle: &Handle,
     args: FileReadArgs,
-) -> Result<FileReadResponse, ShuttingDown> {
+) -> Result<(FileReadResponse, Option<HeldReply>), ShuttingDown> {
     Ok(match handle.read_file(&args.filename).await? {
-        Ok(content) => FileReadResponse {
-            status: proto::Status::Ok as i32,
-            error_message: String::new(),
-            content,
-        },
+        Ok((content, held)) => {
+            let response = FileReadResponse {
+                status: proto::Status::Ok as i32,
+                error_message: String::new(),
+                content,
+            };
+            (response, Some(held))
+        }
         Err(reply) => {
             let (status, error_message) = wire_status(&reply);
-            FileReadResponse {
+            let response = FileReadResponse {
                 status: status as i32,
                 error_message,
                 content: Vec::new(),
-            }
+            };
+            (response, None)
         }
     })
 }

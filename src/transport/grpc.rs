@@ -20,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
@@ -31,7 +33,7 @@ use crate::proto::{
     self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse,
     LockArgs, LockResponse, StatusArgs, StatusResponse,
 };
-use crate::server::{Handle, ShuttingDown};
+use crate::server::{Handle, HeldReply, ShuttingDown};
 
 pub use calls::wire_status;
 
@@ -107,11 +109,117 @@ impl GrpcService {
         GrpcService { handle }
     }
 
-    /// The tonic server wrapper, with message limits set.
-    pub fn into_server(self, max_request_bytes: usize) -> LockServiceServer<GrpcService> {
-        LockServiceServer::new(self)
-            .max_decoding_message_size(max_request_bytes)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    /// The tonic service, with message limits set, whose file reads hold
+    /// their share of the server's read-reply budget until their bytes have
+    /// left.
+    pub fn into_server(
+        self,
+        max_request_bytes: usize,
+    ) -> HoldReplies<LockServiceServer<GrpcService>> {
+        HoldReplies(
+            LockServiceServer::new(self)
+                .max_decoding_message_size(max_request_bytes)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+    }
+}
+
+/// A file read's share of the read-reply budget, as a response extension
+/// from [`GrpcService`] to [`HoldReplies`].
+#[derive(Clone)]
+struct Held(Arc<HeldReply>);
+
+/// The tonic service `S`, with each response's [`Held`] share moved into
+/// its body's data: HTTP/2 keeps a data frame's bytes until they are
+/// written to the connection (as its flow control allows), and drops them
+/// then, or when the stream or connection ends; the share goes with the
+/// last of them. Without it, the share went back as soon as tonic had the
+/// encoded reply, while a peer that never read it kept it in memory.
+#[derive(Clone)]
+pub struct HoldReplies<S>(S);
+
+impl<S: NamedService> NamedService for HoldReplies<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for HoldReplies<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            Ok(match response.extensions_mut().remove::<Held>() {
+                None => response,
+                Some(Held(held)) => response.map(|body| {
+                    tonic::body::Body::new(HoldingBody {
+                        body,
+                        held: Some(held),
+                    })
+                }),
+            })
+        })
+    }
+}
+
+/// A response body whose data holds a read's share of the budget.
+struct HoldingBody {
+    body: tonic::body::Body,
+    held: Option<Arc<HeldReply>>,
+}
+
+/// A data frame's bytes with the share they hold.
+struct HoldingBytes {
+    bytes: bytes::Bytes,
+    _held: Arc<HeldReply>,
+}
+
+impl AsRef<[u8]> for HoldingBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl http_body::Body for HoldingBody {
+    type Data = bytes::Bytes;
+    type Error = GrpcStatus;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, GrpcStatus>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let held = &this.held;
+        Poll::Ready(frame.map(|frame| {
+            frame.map(|frame| {
+                frame.map_data(|bytes| match held {
+                    Some(held) => bytes::Bytes::from_owner(HoldingBytes {
+                        bytes,
+                        _held: held.clone(),
+                    }),
+                    None => bytes,
+                })
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -444,8 +552,15 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<FileReadArgs>,
     ) -> Result<GrpcResponse<FileReadResponse>, GrpcStatus> {
-        let out = calls::file_read(&self.handle, req.into_inner()).await;
-        out.map(GrpcResponse::new).map_err(unavailable)
+        let (response, held) = calls::file_read(&self.handle, req.into_inner())
+            .await
+            .map_err(unavailable)?;
+        let mut response = GrpcResponse::new(response);
+        if let Some(held) = held {
+            // Taken off by [`HoldReplies`], which ties it to the body.
+            response.extensions_mut().insert(Held(Arc::new(held)));
+        }
+        Ok(response)
     }
 
     async fn lock_status(

@@ -15,6 +15,9 @@ pub mod grpc;
 pub mod quic;
 pub mod tls;
 
+#[cfg(test)]
+mod tests;
+
 /// How a server watches its quiet peers (`--keepalive-ms`,
 /// `--keepalive-timeout-ms`): after `interval` without hearing from a
 /// client it pings, and a connection still silent `timeout` later is

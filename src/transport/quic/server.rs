@@ -181,10 +181,19 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
         }
     };
     match answer {
-        Ok(reply) => {
+        Ok((reply, held)) => {
             let response = CallResponse { reply: Some(reply) };
-            if send.write_all(&frame::encode(&response)).await.is_ok() {
-                let _ = send.finish();
+            let frame = frame::encode(&response);
+            drop(response);
+            if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
+                drop(frame);
+                if let Some(held) = held {
+                    // A read's share of the budget is given back once the
+                    // peer has the whole reply (quinn holds what it has not
+                    // yet acknowledged), or the stream or connection ends.
+                    let _ = send.stopped().await;
+                    drop(held);
+                }
             }
         }
         Err(_shutting_down) => {

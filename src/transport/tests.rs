@@ -1,0 +1,249 @@
+//! The read-reply budget over both wires, in process: a file read's bytes
+//! count against `--max-read-reply-bytes` until its reply has left, so a
+//! peer that never takes its replies holds up other reads, not the
+//! server's memory.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use crate::core::types::{Reply, Request};
+use crate::proto::call_request::Call;
+use crate::proto::{CallRequest, FileReadArgs, FileReadResponse};
+use crate::server::{Bound, Handle, Node, ServerConfig, ServerTransport};
+
+/// A server serving gRPC and QUIC on one free loopback port, with a
+/// read-reply budget of `budget` bytes.
+struct Served {
+    handle: Handle,
+    addr: std::net::SocketAddr,
+    ca: Vec<u8>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<()>,
+    _tmp: tempfile::TempDir,
+}
+
+async fn serve(budget: u64) -> Served {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(tmp.path().to_path_buf());
+    config.transport = ServerTransport::Quic;
+    config.log_prealloc = 0;
+    config.max_read_reply_bytes = budget;
+    let bound = Bound::bind(&config).await.unwrap();
+    let addr = bound.grpc_addr().unwrap();
+    let ca = std::fs::read(bound.dev_ca.as_ref().unwrap()).unwrap();
+    let (node, _) = Node::start_fs(&config).unwrap();
+    let handle = node.handle();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        crate::server::serve_bound(bound, node, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Served {
+        handle,
+        addr,
+        ca,
+        stop,
+        serving,
+        _tmp: tmp,
+    }
+}
+
+impl Served {
+    /// Appends `len` bytes to `file` under the default lock, committed.
+    async fn fill(&self, file: &str, len: usize) {
+        let acquire = Request::Acquire {
+            client: 1,
+            lock: String::new(),
+            wait: None,
+            lease: None,
+        };
+        let Ok(Reply::Granted(grant)) = self.handle.call(String::new(), acquire).await else {
+            panic!("no grant");
+        };
+        let append = Request::Append {
+            client: 1,
+            file: file.to_owned(),
+            content: Bytes::from(vec![b'x'; len]),
+            token: grant.token.clone(),
+        };
+        let appended = self.handle.call(String::new(), append).await;
+        assert!(matches!(appended, Ok(Reply::Done)), "{appended:?}");
+        let release = Request::Release {
+            client: 1,
+            lock: String::new(),
+            token: grant.token,
+        };
+        let released = self.handle.call(String::new(), release).await;
+        assert!(matches!(released, Ok(Reply::Done)), "{released:?}");
+    }
+
+    /// Waits (bounded: a hang becomes a failure) until the budget shows
+    /// `held` bytes held and `waiting` reads waiting for their share.
+    async fn until_replies(&self, held: u64, waiting: usize) {
+        let wait = async {
+            while self.handle.read_replies() != (held, waiting) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .is_err()
+        {
+            panic!(
+                "the budget shows {:?}, not ({held}, {waiting})",
+                self.handle.read_replies()
+            );
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.serving.await.unwrap();
+    }
+}
+
+/// A gRPC `FileRead` call's request body for `file`.
+fn grpc_read(file: &str) -> Bytes {
+    let message = FileReadArgs {
+        filename: file.to_owned(),
+    }
+    .encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    Bytes::from(body)
+}
+
+fn grpc_request(addr: std::net::SocketAddr) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}/lock.LockService/FileRead"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// Reads `file` over gRPC on a connection of its own, taking the reply.
+async fn grpc_read_whole(addr: std::net::SocketAddr, file: &str) -> FileReadResponse {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driving = tokio::spawn(connection);
+    let (answer, mut body) = client.send_request(grpc_request(addr), false).unwrap();
+    body.send_data(grpc_read(file), true).unwrap();
+    let mut answer = answer.await.unwrap().into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk.unwrap();
+        answer.flow_control().release_capacity(chunk.len()).unwrap();
+        bytes.extend_from_slice(&chunk);
+    }
+    driving.abort();
+    FileReadResponse::decode(&bytes[5..]).unwrap()
+}
+
+/// Over gRPC the share stays held after the call has returned, while the
+/// reply waits on a peer that does not take it, and a read that needs the
+/// share waits until that peer's connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_reply_nobody_takes_holds_its_share_until_its_connection_ends() {
+    let served = serve(64 << 10).await;
+    served.fill("file_3", 48 << 10).await;
+    let held = 48 << 10;
+
+    // A peer whose window takes a kilobyte and that never reads.
+    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let (mut client, mut connection) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let mut ping_pong = connection.ping_pong().expect("a ping handle");
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let (answer, mut body) = client
+        .send_request(grpc_request(served.addr), false)
+        .unwrap();
+    body.send_data(grpc_read("file_3"), true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    // The server answers a ping after what it sent before it: the call
+    // has returned and tonic has the reply.
+    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
+    assert_eq!(served.handle.read_replies(), (held, 0));
+
+    // Another read needs a share the stalled reply holds. Waiting, it
+    // takes what is free (reads get their shares in turn: a large one is
+    // not passed by smaller ones).
+    let addr = served.addr;
+    let second = tokio::spawn(async move { grpc_read_whole(addr, "file_3").await });
+    served.until_replies(64 << 10, 1).await;
+    assert!(!second.is_finished());
+
+    // The stalled peer goes: its reply's bytes, and their share, with it.
+    drop(answer);
+    drop(client);
+    driving.abort();
+    let read = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second read was served")
+        .unwrap();
+    assert_eq!(read.status, 0, "{}", read.error_message);
+    assert_eq!(read.content, vec![b'x'; 48 << 10]);
+    served.until_replies(0, 0).await;
+    served.stop().await;
+}
+
+/// Over QUIC a reply larger than the stream's window waits on a peer that
+/// does not read it, holding its share (here the whole budget: the file is
+/// larger); another read waits until the peer gives the stream up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
+    let budget = 64 << 10;
+    let served = serve(budget).await;
+    served.fill("file_4", 1 << 20).await;
+    served.fill("file_4", 1 << 20).await;
+    served.fill("file_3", 1 << 10).await;
+
+    let config = crate::transport::quic::client_config(&served.ca, None).unwrap();
+    let connector = crate::transport::quic::client::QuicConnector::new(
+        &served.addr.to_string(),
+        None,
+        config,
+        None,
+    )
+    .unwrap();
+    let connection = connector.connection().await.unwrap();
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: "file_4".to_owned(),
+        })),
+        timeout_ms: 0,
+    };
+    send.write_all(&crate::transport::quic::frame::encode(&request))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    served.until_replies(budget, 0).await;
+
+    let addr = served.addr;
+    let second = tokio::spawn(async move { grpc_read_whole(addr, "file_3").await });
+    served.until_replies(budget, 1).await;
+    assert!(!second.is_finished());
+
+    drop(recv);
+    let read = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second read was served")
+        .unwrap();
+    assert_eq!(read.status, 0, "{}", read.error_message);
+    assert_eq!(read.content, vec![b'x'; 1 << 10]);
+    served.until_replies(0, 0).await;
+    drop(connection);
+    served.stop().await;
+}

@@ -28,6 +28,9 @@ fn config() -> ServerConfig {
     let mut config = ServerConfig::new(DATA_DIR);
     config.lease_ms = 1_000;
     config.snapshot_every = 25;
+    // Reads wait for shares of a budget smaller than most files: a share
+    // that a reply cut off by a fault kept would hold up the checker's reads.
+    config.max_read_reply_bytes = 512;
     // Two blocks of zeros ahead: every few snapshots' logs grow past it.
     config.log_prealloc = 8192;
     config

@@ -245,6 +245,14 @@ fn tls_needs(config: &ServerConfig) -> (bool, bool) {
 }
 
 /// Refuses connection limits and keepalive times that cannot work.
+/// The largest `--max-append-bytes`: a file with a longer append could not
+/// be read back (a read returns the whole file in one message of at most
+/// 64 MiB), and an append's log record must stay well under the longest
+/// record recovery reads ([`crate::log::frame::MAX_PAYLOAD`], 256 MiB):
+/// a longer one would be written and acknowledged, and the next start would
+/// refuse the log as damaged.
+pub const MOST_APPEND_BYTES: usize = 64 << 20;
+
 fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
     /// Far past what one process's descriptors allow, and what tokio's
@@ -254,6 +262,12 @@ fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
         return Err(ServerError::Config(format!(
             "--max-connections must be between 1 and {MOST_CONNECTIONS}, got {}",
             config.max_connections
+        )));
+    }
+    if config.max_append_bytes == 0 || config.max_append_bytes > MOST_APPEND_BYTES {
+        return Err(ServerError::Config(format!(
+            "--max-append-bytes must be between 1 and {MOST_APPEND_BYTES} (64 MiB), got {}",
+            config.max_append_bytes
         )));
     }
     for (flag, ms) in [
@@ -311,7 +325,11 @@ mod tests {
         zero.keepalive_ms = 0;
         let mut huge = good.clone();
         huge.keepalive_timeout_ms = u64::MAX;
-        for bad in [none, countless, zero, huge] {
+        let mut no_appends = good.clone();
+        no_appends.max_append_bytes = 0;
+        let mut unrecoverable = good.clone();
+        unrecoverable.max_append_bytes = MOST_APPEND_BYTES + 1;
+        for bad in [none, countless, zero, huge, no_appends, unrecoverable] {
             assert!(
                 matches!(check_limits(&bad), Err(ServerError::Config(_))),
                 "{bad:?}"
@@ -319,12 +337,42 @@ mod tests {
         }
     }
 
+    /// The log record of the largest append the flag allows, with the
+    /// longest names a request can carry, is a record recovery reads.
+    #[test]
+    fn the_largest_append_makes_a_record_recovery_reads() {
+        use crate::core::records::{AnswerSnapshot, Change, Record};
+        use crate::core::types::{Reply, RequestKind};
+        let mut config = ServerConfig::new("unused");
+        config.max_append_bytes = MOST_APPEND_BYTES;
+        assert!(check_limits(&config).is_ok());
+        let request_bytes =
+            crate::transport::grpc::Limits::for_max_append(MOST_APPEND_BYTES).max_request_bytes;
+        let record = Record {
+            changes: vec![
+                Change::Staged {
+                    fence: crate::core::types::Fence(u64::MAX),
+                    file: crate::core::staging::FileIndex::parse("file_99").unwrap(),
+                    content: bytes::Bytes::from(vec![0xff; MOST_APPEND_BYTES]),
+                },
+                Change::Answered(std::sync::Arc::new(AnswerSnapshot {
+                    client: i32::MIN,
+                    request_id: "r".repeat(request_bytes - MOST_APPEND_BYTES).into(),
+                    kind: RequestKind::Append,
+                    reply: Reply::Done,
+                })),
+            ],
+        };
+        let payload = postcard::to_allocvec(&record).unwrap();
+        assert!(payload.len() < crate::log::frame::MAX_PAYLOAD);
+    }
+
     #[test]
     fn the_request_limit_follows_the_largest_append() {
         use crate::transport::grpc::Limits;
         assert_eq!(Limits::for_max_append(1 << 20).max_request_bytes, 4 << 20);
-        let big = Limits::for_max_append(100 << 20).max_request_bytes;
-        assert!(big > 100 << 20 && big < 101 << 20, "{big}");
+        let big = Limits::for_max_append(MOST_APPEND_BYTES).max_request_bytes;
+        assert!(big > 64 << 20 && big < 65 << 20, "{big}");
         assert_eq!(
             Limits::for_max_append(usize::MAX).max_request_bytes,
             usize::MAX

@@ -96,7 +96,7 @@ pub struct ServerConfig {
     /// Longest lease a client may ask for, in milliseconds.
     #[arg(long, default_value_t = 3_600_000)]
     pub max_lease_ms: u64,
-    /// Largest single append, in bytes.
+    /// Largest single append, in bytes (at most 64 MiB).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_append_bytes: usize,
     /// How many answers the request-id dedup table keeps.

@@ -74,6 +74,17 @@ pub(super) enum Wake {
     Task(Arc<Notify>),
 }
 
+/// The largest read-reply budget: what one read may take at once (`u32`),
+/// and what tokio's semaphore counts on every target.
+pub const MOST_READ_REPLY_BYTES: u64 = {
+    let most = tokio::sync::Semaphore::MAX_PERMITS as u64;
+    if most < u32::MAX as u64 {
+        most
+    } else {
+        u32::MAX as u64
+    }
+};
+
 /// Bytes of file-read replies the server may hold at once (see
 /// [`super::handle::HeldReply`]).
 pub(super) struct ReplyBudget {
@@ -87,9 +98,10 @@ pub(super) struct ReplyBudget {
 }
 
 impl ReplyBudget {
-    /// A budget of `bytes` (at least one, at most `u32::MAX`).
+    /// A budget of `bytes` (at least one, at most [`MOST_READ_REPLY_BYTES`]:
+    /// `dlm server` refuses other values).
     pub fn new(bytes: u64) -> ReplyBudget {
-        let total = bytes.clamp(1, u64::from(u32::MAX));
+        let total = bytes.clamp(1, MOST_READ_REPLY_BYTES);
         ReplyBudget {
             bytes: Arc::new(tokio::sync::Semaphore::new(total as usize)),
             total,
@@ -105,7 +117,7 @@ pub(super) struct Engine {
     pub data: Arc<dyn crate::storage::Dir>,
     /// Reads of data files outside `io` at once (each holds a descriptor
     /// and the file's bytes).
-    pub reads: tokio::sync::Semaphore,
+    pub reads: Arc<tokio::sync::Semaphore>,
     /// The read-reply budget: bytes of file-read replies held at once.
     pub reply_bytes: ReplyBudget,
     /// Large reads go to a blocking thread (production); the simulation
@@ -390,6 +402,9 @@ impl Engine {
     /// again does nothing more.
     pub fn stop(&self) {
         self.close();
+        // Reads waiting for a share of the budget end ("shutting down")
+        // rather than wait for replies that a stalled peer holds.
+        self.reply_bytes.bytes.close();
         self.timer.notify_one();
         self.stopping.store(true, Ordering::Release);
         self.wake_writer();

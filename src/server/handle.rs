@@ -4,7 +4,7 @@
 //! transport dropped the future: client deadline or lost connection), so a
 //! waiter can keep its place for a retry. Must not: know any wire format.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -132,9 +132,7 @@ impl Handle {
             }
             Ok(len) => {
                 let held = self.hold_reply(len).await?;
-                self.read_prefix(file, len)
-                    .await?
-                    .map(|bytes| (bytes, held))
+                self.read_prefix(file, len, held).await?
             }
             Err(e) => Err(e),
         };
@@ -152,16 +150,17 @@ impl Handle {
     async fn hold_reply(&self, len: u64) -> Result<HeldReply, ShuttingDown> {
         let budget = &self.engine.reply_bytes;
         let share = len.min(budget.total) as u32;
-        budget.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting::count(&budget.waiting);
         let permit = budget.bytes.clone().acquire_many_owned(share).await;
-        budget.waiting.fetch_sub(1, Ordering::Relaxed);
         Ok(HeldReply {
             _bytes: permit.map_err(|_| ShuttingDown)?,
         })
     }
 
-    /// Bytes of read replies held now, and reads waiting for their share:
-    /// what the budget is doing, for tests and diagnostics.
+    /// Bytes of the read-reply budget taken now (by replies, and by the
+    /// read at the head of the queue, which takes what frees up as it
+    /// waits, so that smaller reads do not pass a large one), and the reads
+    /// waiting for their share: for tests and diagnostics.
     pub fn read_replies(&self) -> (u64, usize) {
         let budget = &self.engine.reply_bytes;
         let held = budget.total - budget.bytes.available_permits() as u64;
@@ -170,31 +169,59 @@ impl Handle {
 
     /// Reads the first `len` bytes of `file`, a few reads at once: each
     /// holds a descriptor (the log needs some too) and the file's bytes.
+    /// The bytes come back with `held`, their share of the budget.
     async fn read_prefix(
         &self,
         file: FileIndex,
         len: u64,
-    ) -> Result<std::io::Result<Vec<u8>>, ShuttingDown> {
-        let _turn = self
+        held: HeldReply,
+    ) -> Result<std::io::Result<(Vec<u8>, HeldReply)>, ShuttingDown> {
+        let turn = self
             .engine
             .reads
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| ShuttingDown)?;
         let engine = &*self.engine;
         if engine.blocking_reads && len > INLINE_READ_BYTES {
             // A large file is read on a blocking thread, not on the
-            // runtime's (a few MiB take milliseconds).
+            // runtime's (a few MiB take milliseconds). The thread owns the
+            // turn and the share: if the call is cut off meanwhile, they
+            // go back when the read is over, not while its bytes are still
+            // being read into memory.
             let data = engine.data.clone();
-            let read =
-                tokio::task::spawn_blocking(move || crate::files::read_prefix(&*data, file, len));
+            let read = tokio::task::spawn_blocking(move || {
+                let read = crate::files::read_prefix(&*data, file, len);
+                drop(turn);
+                read.map(|bytes| (bytes, held))
+            });
             Ok(read
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))))
         } else {
             // A small one, and every read of the simulation, in line.
-            Ok(crate::files::read_prefix(&*engine.data, file, len))
+            let read = crate::files::read_prefix(&*engine.data, file, len);
+            drop(turn);
+            Ok(read.map(|bytes| (bytes, held)))
         }
+    }
+}
+
+/// Counts a read as waiting for its share while it lives (also when the
+/// read is cut off while waiting).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Waiting<'a> {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -270,6 +270,13 @@ fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
             config.max_append_bytes
         )));
     }
+    let most_reply_bytes = super::engine::MOST_READ_REPLY_BYTES;
+    if config.max_read_reply_bytes == 0 || config.max_read_reply_bytes > most_reply_bytes {
+        return Err(ServerError::Config(format!(
+            "--max-read-reply-bytes must be between 1 and {most_reply_bytes}, got {}",
+            config.max_read_reply_bytes
+        )));
+    }
     for (flag, ms) in [
         ("--keepalive-ms", config.keepalive_ms),
         ("--keepalive-timeout-ms", config.keepalive_timeout_ms),
@@ -329,7 +336,20 @@ mod tests {
         no_appends.max_append_bytes = 0;
         let mut unrecoverable = good.clone();
         unrecoverable.max_append_bytes = MOST_APPEND_BYTES + 1;
-        for bad in [none, countless, zero, huge, no_appends, unrecoverable] {
+        let mut no_reads = good.clone();
+        no_reads.max_read_reply_bytes = 0;
+        let mut uncountable = good.clone();
+        uncountable.max_read_reply_bytes = 4 << 30;
+        for bad in [
+            none,
+            countless,
+            zero,
+            huge,
+            no_appends,
+            unrecoverable,
+            no_reads,
+            uncountable,
+        ] {
             assert!(
                 matches!(check_limits(&bad), Err(ServerError::Config(_))),
                 "{bad:?}"

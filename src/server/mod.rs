@@ -115,7 +115,7 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = crate::transport::MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Bytes of file-read replies held at once, from the read until the
-    /// reply has left (bytes, or with KiB / MiB / GiB; at most 4 GiB). A
+    /// reply has left (bytes, or with KiB / MiB / GiB; 1 to 4 GiB - 1). A
     /// read waits until its file's share is free, so a client that does not
     /// take its replies holds up other reads, not the server's memory.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
@@ -513,7 +513,7 @@ impl Node {
         let data = persister.data_dir();
         let engine = Arc::new(engine::Engine {
             data,
-            reads: tokio::sync::Semaphore::new(handle::MAX_READS),
+            reads: Arc::new(tokio::sync::Semaphore::new(handle::MAX_READS)),
             reply_bytes: engine::ReplyBudget::new(config.max_read_reply_bytes),
             blocking_reads: mode == WriterMode::Thread,
             state: Mutex::new(engine::State {
@@ -808,25 +808,30 @@ mod tests {
             .unwrap();
     }
 
-    /// A slow file read (a large file, a cold disk) must not hold up the
-    /// group commits queued behind it: the writer only says how long the
-    /// file is, and the caller reads it outside the writer.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_file_read_in_progress_does_not_hold_up_commits() {
+    /// A node whose reads of `file_7` wait at a gate, with `content`
+    /// committed to `file_7`: the node, a receiver told when a read reached
+    /// the gate, and the sender that opens it (once per read; dropped, for
+    /// good).
+    async fn gated_node(
+        dir: &std::path::Path,
+        content: Vec<u8>,
+    ) -> (
+        Node,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
         use crate::core::types::Reply;
-        let tmp = tempfile::tempdir().unwrap();
-        let config = small_config(tmp.path());
+        let config = small_config(dir);
         let (reached_tx, reached_rx) = std::sync::mpsc::sync_channel(1);
         let (open_tx, open_rx) = std::sync::mpsc::channel();
         let data = GatedDir {
-            inner: crate::storage::FsDir::open(tmp.path()).unwrap(),
+            inner: crate::storage::FsDir::open(dir).unwrap(),
             gate: Arc::new(Gate {
                 reached: reached_tx,
                 open: std::sync::Mutex::new(open_rx),
             }),
         };
-        let state =
-            crate::storage::FsDir::open_exclusive(tmp.path().join(super::STATE_DIR)).unwrap();
+        let state = crate::storage::FsDir::open_exclusive(dir.join(super::STATE_DIR)).unwrap();
         let clock = super::Clock::start();
         let recovered = super::recover(
             &config,
@@ -852,7 +857,7 @@ mod tests {
         let append = Request::Append {
             client: 2,
             file: "file_7".to_owned(),
-            content: bytes::Bytes::from_static(b"seven"),
+            content: bytes::Bytes::from(content),
             token: grant.token.clone(),
         };
         assert!(matches!(
@@ -868,14 +873,63 @@ mod tests {
             handle.call(String::new(), release).await,
             Ok(Reply::Done)
         ));
+        (node, reached_rx, open_tx)
+    }
+
+    /// Waits (bounded) until a read reached the gate.
+    async fn until_reached(reached: std::sync::mpsc::Receiver<()>) {
+        tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .expect("the read reached the file");
+    }
+
+    /// A large read whose call is cut off while its bytes are read (on a
+    /// blocking thread, which goes on) keeps its share of the read-reply
+    /// budget until the read is over: its bytes are in memory until then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_off_read_keeps_its_share_until_its_bytes_are_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let len = 512 << 10;
+        let (node, reached, open) = gated_node(tmp.path(), vec![b'r'; len]).await;
+        let handle = node.handle();
+        let reader = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.read_file("file_7").await.map(|read| read.is_ok()) }
+        });
+        until_reached(reached).await;
+        assert_eq!(handle.read_replies(), (len as u64, 0));
+        reader.abort();
+        assert!(reader.await.unwrap_err().is_cancelled());
+        assert_eq!(handle.read_replies(), (len as u64, 0));
+        // The gate opens for good: the read ends, and the share goes back.
+        drop(open);
+        let back = async {
+            while handle.read_replies() != (0, 0) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), back)
+            .await
+            .expect("the share went back");
+        drop(handle);
+        node.shutdown().await.unwrap();
+    }
+
+    /// A slow file read (a large file, a cold disk) must not hold up the
+    /// group commits queued behind it: the writer only says how long the
+    /// file is, and the caller reads it outside the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_read_in_progress_does_not_hold_up_commits() {
+        use crate::core::types::Reply;
+        let tmp = tempfile::tempdir().unwrap();
+        let (node, reached_rx, open_tx) = gated_node(tmp.path(), b"seven".to_vec()).await;
+        let handle = node.handle();
         let reader = tokio::spawn({
             let handle = handle.clone();
             async move { handle.read_file("file_7").await }
         });
-        tokio::task::spawn_blocking(move || reached_rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .expect("the read reached the file");
+        until_reached(reached_rx).await;
         let acquire = Request::Acquire {
             client: 1,
             lock: "x".to_owned(),

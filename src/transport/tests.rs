@@ -30,7 +30,9 @@ async fn serve(budget: u64) -> Served {
     config.transport = ServerTransport::Quic;
     config.log_prealloc = 0;
     config.max_read_reply_bytes = budget;
-    let bound = Bound::bind(&config).await.unwrap();
+    let mut bound = Bound::bind(&config).await.unwrap();
+    // A stop does not wait long for a stalled peer's connection.
+    bound.grpc_limits.drain_grace = Duration::from_millis(100);
     let addr = bound.grpc_addr().unwrap();
     let ca = std::fs::read(bound.dev_ca.as_ref().unwrap()).unwrap();
     let (node, _) = Node::start_fs(&config).unwrap();
@@ -129,20 +131,40 @@ fn grpc_request(addr: std::net::SocketAddr) -> http::Request<()> {
 
 /// Reads `file` over gRPC on a connection of its own, taking the reply.
 async fn grpc_read_whole(addr: std::net::SocketAddr, file: &str) -> FileReadResponse {
+    match grpc_read_or_status(addr, file).await {
+        Ok(read) => read,
+        Err(status) => panic!("gRPC status {status}"),
+    }
+}
+
+/// As [`grpc_read_whole`]; a gRPC error is its `grpc-status`.
+async fn grpc_read_or_status(
+    addr: std::net::SocketAddr,
+    file: &str,
+) -> Result<FileReadResponse, String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
     let driving = tokio::spawn(connection);
     let (answer, mut body) = client.send_request(grpc_request(addr), false).unwrap();
     body.send_data(grpc_read(file), true).unwrap();
-    let mut answer = answer.await.unwrap().into_body();
+    let answer = answer.await.unwrap();
+    let mut status = answer.headers().get("grpc-status").cloned();
+    let mut answer = answer.into_body();
     let mut bytes = Vec::new();
     while let Some(chunk) = answer.data().await {
         let chunk = chunk.unwrap();
         answer.flow_control().release_capacity(chunk.len()).unwrap();
         bytes.extend_from_slice(&chunk);
     }
+    if let Ok(Some(trailers)) = answer.trailers().await {
+        status = status.or_else(|| trailers.get("grpc-status").cloned());
+    }
     driving.abort();
-    FileReadResponse::decode(&bytes[5..]).unwrap()
+    let status = status.map(|s| s.to_str().unwrap().to_owned());
+    match status.as_deref() {
+        Some("0") => Ok(FileReadResponse::decode(&bytes[5..]).unwrap()),
+        other => Err(format!("{other:?}")),
+    }
 }
 
 /// Over gRPC the share stays held after the call has returned, while the
@@ -244,6 +266,56 @@ async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
     assert_eq!(read.status, 0, "{}", read.error_message);
     assert_eq!(read.content, vec![b'x'; 1 << 10]);
     served.until_replies(0, 0).await;
+
+    // A reply taken whole gives its share back.
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: "file_3".to_owned(),
+        })),
+        timeout_ms: 0,
+    };
+    let response = connector.call(&request).await.unwrap();
+    let Some(crate::proto::call_response::Reply::FileRead(read)) = response.reply else {
+        panic!("not a read's reply: {response:?}");
+    };
+    assert_eq!(read.content.len(), 1 << 10);
+    served.until_replies(0, 0).await;
     drop(connection);
     served.stop().await;
+}
+
+/// A read waiting for its share when the server stops is answered
+/// "shutting down" (UNAVAILABLE, which clients retry) at once, not when a
+/// stalled peer lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waiting_for_its_share_ends_when_the_server_stops() {
+    let served = serve(64 << 10).await;
+    served.fill("file_3", 48 << 10).await;
+    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let (answer, mut body) = client
+        .send_request(grpc_request(served.addr), false)
+        .unwrap();
+    body.send_data(grpc_read("file_3"), true).unwrap();
+    let _stalled = answer.await.unwrap();
+
+    let addr = served.addr;
+    let second = tokio::spawn(async move { grpc_read_or_status(addr, "file_3").await });
+    served.until_replies(64 << 10, 1).await;
+    let _ = served.stop.send(());
+    let read = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the waiting read was answered")
+        .unwrap();
+    assert_eq!(read.unwrap_err(), r#"Some("14")"#);
+    served.serving.await.unwrap();
+    drop(client);
+    driving.abort();
 }

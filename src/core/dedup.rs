@@ -20,7 +20,7 @@
 //! forgotten, as before.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use hashbrown::hash_table::Entry as Slot;
@@ -70,13 +70,13 @@ impl Entry {
 /// The dedup table. Lookups only: iteration order never reaches output.
 /// One flat table probed once per lookup with a borrowed (client, id), not
 /// a map of per-client maps (two probes) keyed by owned strings; hashed
-/// with SipHash under the process's random keys, as std's maps are, since
-/// clients choose the ids.
+/// with SipHash-1-3, as std's maps are, since clients choose the ids, under
+/// keys the core derives from its seed (see [`Keys`]).
 #[derive(Debug)]
 pub struct Dedup {
     capacity: usize,
     seen: HashTable<Entry>,
-    hasher: RandomState,
+    hasher: Keys,
     /// Answers, oldest first, with their hashes: the eviction order and the
     /// snapshot's list. (Evicting finds its entry by hash and pointer, with
     /// no string hashed or compared.)
@@ -179,13 +179,29 @@ pub fn format_uuid(value: Prefix) -> String {
     )
 }
 
+/// The dedup table's hash keys: SipHash-1-3 keyed by two numbers the core
+/// draws from its seed (OS entropy in production). The core reads no
+/// randomness of its own, and a simulation hashes the same way on every
+/// run of a seed.
+#[derive(Clone, Copy, Debug)]
+pub struct Keys(pub u64, pub u64);
+
+impl BuildHasher for Keys {
+    type Hasher = siphasher::sip::SipHasher13;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        siphasher::sip::SipHasher13::new_with_keys(self.0, self.1)
+    }
+}
+
 impl Dedup {
-    /// An empty table that keeps at most `capacity` answers.
-    pub fn new(capacity: usize) -> Dedup {
+    /// An empty table that keeps at most `capacity` answers, hashing with
+    /// `keys`.
+    pub fn new(capacity: usize, keys: Keys) -> Dedup {
         Dedup {
             capacity: capacity.max(1),
             seen: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher: keys,
             order: VecDeque::new(),
             floors: HashTable::new(),
             floor_capacity: capacity.max(FLOORS_KEPT),
@@ -437,6 +453,8 @@ mod tests {
     use super::*;
     use crate::core::types::{RefusalCode, Reply, RequestKind};
 
+    const KEYS: Keys = Keys(1, 2);
+
     fn answer(
         client: ClientId,
         request_id: &str,
@@ -498,7 +516,7 @@ mod tests {
 
     #[test]
     fn an_evicted_answer_raises_its_prefix_floor() {
-        let mut d = Dedup::new(2);
+        let mut d = Dedup::new(2, KEYS);
         d.answer(answer(1, &p(5), RequestKind::Renew, Reply::Done));
         d.answer(answer(1, &p(3), RequestKind::Renew, Reply::Done));
         assert!(!d.expired(1, &p(1)), "nothing forgotten yet");
@@ -525,7 +543,7 @@ mod tests {
 
     #[test]
     fn floors_are_bounded_oldest_unraised_first_and_restore_in_order() {
-        let mut d = Dedup::new(1);
+        let mut d = Dedup::new(1, KEYS);
         d.floor_capacity = 2;
         let clients = |d: &Dedup| d.floors().0.iter().map(|f| f.client).collect::<Vec<_>>();
         d.set_floor(1, prefix(), 3);
@@ -542,7 +560,7 @@ mod tests {
         // a restore then drops the same one next.
         assert_eq!(clients(&d), [4, 2]);
         assert_eq!(d.floors().1, [true, false]);
-        let mut restored = Dedup::new(1);
+        let mut restored = Dedup::new(1, KEYS);
         restored.floor_capacity = 2;
         let (floors, raised) = d.floors();
         for (floor, raised) in floors.iter().zip(raised) {
@@ -567,14 +585,14 @@ mod tests {
     /// restarted server drops instead.
     #[test]
     fn a_restore_keeps_each_floors_second_chance() {
-        let mut live = Dedup::new(1);
+        let mut live = Dedup::new(1, KEYS);
         live.floor_capacity = 2;
         for client in 1..=3 {
             live.set_floor(client, prefix(), 5);
         }
         // Floors of 2 and 3, neither raised since the sweep that dropped 1.
         assert_eq!(live.floors().1, [false, false]);
-        let mut restored = Dedup::new(1);
+        let mut restored = Dedup::new(1, KEYS);
         restored.floor_capacity = 2;
         let (floors, raised) = live.floors();
         for (floor, raised) in floors.iter().zip(raised) {
@@ -592,7 +610,7 @@ mod tests {
 
     #[test]
     fn a_restored_floor_whose_prefix_is_not_a_uuid_is_dropped() {
-        let mut d = Dedup::new(1);
+        let mut d = Dedup::new(1, KEYS);
         for prefix in ["c1", "a#b", &P.to_uppercase()] {
             d.restore_floor(
                 &FloorSnapshot {
@@ -617,7 +635,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_oldest_first() {
-        let mut d = Dedup::new(2);
+        let mut d = Dedup::new(2, KEYS);
         for i in 0..3 {
             d.answer(answer(1, &format!("r{i}"), RequestKind::Renew, Reply::Done));
         }
@@ -629,7 +647,7 @@ mod tests {
 
     #[test]
     fn waiter_is_replaced_by_its_answer() {
-        let mut d = Dedup::new(4);
+        let mut d = Dedup::new(4, KEYS);
         d.wait(1, "a", 7);
         assert!(matches!(d.get(1, "a"), Some(Seen::Waiting(7))));
         d.answer(answer(1, "a", RequestKind::Acquire, Reply::Done));
@@ -640,7 +658,7 @@ mod tests {
 
     #[test]
     fn a_waiter_over_an_answer_takes_the_answer_out_of_the_order_too() {
-        let mut d = Dedup::new(4);
+        let mut d = Dedup::new(4, KEYS);
         d.answer(answer(1, "a", RequestKind::Acquire, Reply::Done));
         d.answer(answer(1, "b", RequestKind::Acquire, Reply::Done));
         d.wait(1, "a", 9);
@@ -651,7 +669,7 @@ mod tests {
 
     #[test]
     fn answers_are_shared_oldest_first_and_a_new_answer_replaces_in_place() {
-        let mut d = Dedup::new(2);
+        let mut d = Dedup::new(2, KEYS);
         d.answer(answer(1, "a", RequestKind::Renew, Reply::Done));
         d.answer(answer(2, "b", RequestKind::Release, Reply::Done));
         d.answer(answer(
@@ -674,7 +692,7 @@ mod tests {
         );
         assert!(matches!(d.get(1, "a"), Some(Seen::Answered(a)) if Arc::ptr_eq(a, &answers[0])));
 
-        let mut restored = Dedup::new(2);
+        let mut restored = Dedup::new(2, KEYS);
         for answer in answers {
             restored.restore(answer);
         }

@@ -38,13 +38,13 @@ pub mod time;
 pub mod timers;
 pub mod types;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use dedup::{Dedup, Seen, WaiterId};
+use dedup::{Dedup, Keys, Seen, WaiterId};
 use locks::{validate_lock_name, Grant, LockState, Waiter};
 use records::{AnswerSnapshot, Change, GrantSnapshot, Record, Snapshot};
 use staging::{FileIndex, FileLengths, FileWrite, StagedAppend};
@@ -204,13 +204,23 @@ pub struct Core {
     files: FileLengths,
     dedup: Dedup,
     timers: Timers,
-    /// Which lock each queued waiter stands in.
-    waiter_locks: HashMap<WaiterId, LockName>,
+    /// Which lock each queued waiter stands in. (B-trees, not hash maps:
+    /// std's hash maps draw their keys from the OS, which the core must
+    /// not; these keys are the server's own numbers.)
+    waiter_locks: BTreeMap<WaiterId, LockName>,
     /// Which waiter each open call waits as.
-    open_calls: HashMap<CallId, WaiterId>,
+    open_calls: BTreeMap<CallId, WaiterId>,
     next_waiter: WaiterId,
     /// Emit [`Output::Trace`] events.
     tracing: bool,
+}
+
+/// The dedup table's hash keys, drawn from `seed` on a stream of its own:
+/// the tokens' stream (stream 0) is the same as without them.
+fn dedup_keys(seed: [u8; 32]) -> Keys {
+    let mut rng = ChaCha20Rng::from_seed(seed);
+    rng.set_stream(1);
+    Keys(rng.next_u64(), rng.next_u64())
 }
 
 impl Core {
@@ -224,7 +234,7 @@ impl Core {
     /// A core holding the state of `snapshot`, not yet started: replay the
     /// records logged after the snapshot, then call [`Core::resume`].
     pub fn restore(config: CoreConfig, seed: [u8; 32], snapshot: Snapshot) -> Core {
-        let mut dedup = Dedup::new(config.dedup_capacity);
+        let mut dedup = Dedup::new(config.dedup_capacity, dedup_keys(seed));
         for (i, floor) in snapshot.floors.iter().enumerate() {
             let raised = snapshot.floors_raised.get(i).copied().unwrap_or(true);
             dedup.restore_floor(floor, raised);
@@ -267,8 +277,8 @@ impl Core {
             files: snapshot.file_lengths,
             dedup,
             timers: Timers::default(),
-            waiter_locks: HashMap::new(),
-            open_calls: HashMap::new(),
+            waiter_locks: BTreeMap::new(),
+            open_calls: BTreeMap::new(),
             next_waiter: 0,
             tracing: false,
         }

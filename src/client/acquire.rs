@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::call::{attempt, Outcome, Retrier, Servers, Timing};
+use super::clock::Stamp;
 use super::conn::Call;
 use super::error::{AttemptError, Error};
 use super::guard::renew_interval;
@@ -87,7 +88,9 @@ pub(crate) struct Acquired {
     /// grant made while an earlier attempt was cut off is collected by a
     /// later one; a grant made after a long wait in the queue arrives long
     /// after it was asked for), or when a renewal that confirmed it was sent.
-    pub lease_from: Instant,
+    /// Stamped with the machine's suspended time then: a suspend since
+    /// brings the deadline forward.
+    pub lease_from: Stamp,
 }
 
 impl Acquired {
@@ -100,7 +103,10 @@ impl Acquired {
     /// already and the lock gone to the next waiter: handing it out would
     /// give the caller a fencing number older than one already granted.
     pub fn needs_confirming(&self, now: Instant) -> bool {
-        now >= self.lease_from + renew_interval(self.grant.lease)
+        now >= self
+            .lease_from
+            .plus(renew_interval(self.grant.lease))
+            .effective()
     }
 }
 
@@ -147,7 +153,7 @@ pub(crate) async fn acquire(
             lease_ms: opts.lease.map(millis_ceil),
         };
         let sent = Instant::now();
-        let lease_from = *first_sent.get_or_insert(sent);
+        let lease_from = *first_sent.get_or_insert_with(Stamp::now);
         let result = attempt::<proto::LockResponse>(conn, timeout, Call::LockAcquire(args)).await;
         let outcome = match result {
             Ok(reply) => Outcome::Done(Ok(Acquired {

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acquire::Acquired;
+use super::clock::Stamp;
 use super::{Client, Error, Grant};
 
 /// A held lock with a lease renewed in the background; made by
@@ -35,7 +36,7 @@ pub struct LockGuard {
     number: u64,
     /// The latest the server's lease may run out, by this client's clock:
     /// moved on by every renewal that gets through.
-    expires: Arc<Mutex<Deadline>>,
+    expires: Arc<Mutex<Stamp>>,
     /// The renewal task; aborted on release and on drop.
     renewal: JoinHandle<()>,
 }
@@ -50,11 +51,10 @@ impl LockGuard {
             .add(acquired.grant.token.clone(), lost_tx.clone());
         // The server's deadline is no earlier than `lease_from` plus the
         // lease; renewals are scheduled from there.
-        let expires = Arc::new(Mutex::new(Deadline::new(
-            acquired.lease_from + acquired.grant.lease,
-        )));
-        let first_renewal =
-            Deadline::new(acquired.lease_from + renew_interval(acquired.grant.lease));
+        let expires = Arc::new(Mutex::new(acquired.lease_from.plus(acquired.grant.lease)));
+        let first_renewal = acquired
+            .lease_from
+            .plus(renew_interval(acquired.grant.lease));
         let renewal = tokio::spawn(renew_until_lost(
             client.clone(),
             acquired.grant.clone(),
@@ -208,13 +208,37 @@ pub(crate) fn renew_interval(lease: Duration) -> Duration {
 /// wakes from a suspend it notices that the lease ran out meanwhile.
 const LONGEST_SLEEP: Duration = Duration::from_secs(1);
 
+/// Renews `grant`, unless `expires` comes first (`Err`): checked at least
+/// every [`LONGEST_SLEEP`], so that a suspend during the call is noticed
+/// soon after the machine wakes, not when tokio's clock reaches the
+/// deadline.
+async fn renew_before(
+    client: &Client,
+    grant: &Grant,
+    expires: Stamp,
+) -> Result<Result<Duration, Error>, ()> {
+    let renew = client.renew_token(&grant.lock, &grant.token, None);
+    tokio::pin!(renew);
+    loop {
+        let check = expires.effective().min(Instant::now() + LONGEST_SLEEP);
+        tokio::select! {
+            renewed = &mut renew => return Ok(renewed),
+            () = tokio::time::sleep_until(check) => {
+                if Instant::now() >= expires.effective() {
+                    return Err(());
+                }
+            }
+        }
+    }
+}
+
 /// Renews `grant` from `next` on, every third of its lease, until a renewal
 /// is refused or none gets through before `expires`; then reports the loss.
 async fn renew_until_lost(
     client: Client,
     grant: Grant,
-    shared_expires: Arc<Mutex<Deadline>>,
-    mut next: Deadline,
+    shared_expires: Arc<Mutex<Stamp>>,
+    mut next: Stamp,
     lost: Arc<watch::Sender<bool>>,
 ) {
     let mut expires = *shared_expires.lock().unwrap_or_else(|e| e.into_inner());
@@ -235,19 +259,15 @@ async fn renew_until_lost(
         if now < next.effective() {
             continue;
         }
-        let sent = Instant::now();
-        let renewed = tokio::time::timeout_at(
-            expires.effective(),
-            client.renew_token(&grant.lock, &grant.token, None),
-        )
-        .await;
+        let sent = Stamp::now();
+        let renewed = renew_before(&client, &grant, expires).await;
         match renewed {
             Ok(Ok(lease)) => {
-                // Suspended time before `sent` is in neither deadline: the
-                // server's new lease starts no earlier than the renewal.
-                expires = Deadline::new(sent + lease);
+                // From when the renewal was sent (with the suspended time
+                // then): the server's new lease starts no earlier.
+                expires = sent.plus(lease);
                 *shared_expires.lock().unwrap_or_else(|e| e.into_inner()) = expires;
-                next = Deadline::new(sent + renew_interval(lease));
+                next = sent.plus(renew_interval(lease));
             }
             Ok(Err(error)) if error.is_lease_gone() => {
                 tracing::warn!(lock = %grant.lock, fence = grant.fence, %error, "lease lost");
@@ -257,9 +277,7 @@ async fn renew_until_lost(
             Ok(Err(error)) => {
                 tracing::warn!(lock = %grant.lock, fence = grant.fence, %error,
                     "lease renewal failed; trying again");
-                next = Deadline::new(
-                    Instant::now() + renew_interval(grant.lease).min(Duration::from_secs(1)),
-                );
+                next = Stamp::now().plus(renew_interval(grant.lease).min(Duration::from_secs(1)));
             }
             Err(_deadline) => {
                 tracing::warn!(lock = %grant.lock, fence = grant.fence,
@@ -275,78 +293,6 @@ async fn renew_until_lost(
             return;
         }
     }
-}
-
-/// An instant on tokio's monotonic clock, which stands still while the
-/// machine is suspended, with how long the machine had been suspended when
-/// it was set: a lease's deadline moves earlier by every suspend since.
-#[derive(Clone, Copy, Debug)]
-struct Deadline {
-    at: Instant,
-    suspended: Duration,
-}
-
-impl Deadline {
-    fn new(at: Instant) -> Deadline {
-        Deadline {
-            at,
-            suspended: suspended(),
-        }
-    }
-
-    /// The instant, moved earlier by the machine's suspends since it was set.
-    fn effective(self) -> Instant {
-        self.effective_with(suspended())
-    }
-
-    /// [`Deadline::effective`] with `suspended_now` as the suspended time.
-    /// Less than [`SUSPEND_NOISE`] counts as none: the two clocks read a
-    /// moment apart.
-    fn effective_with(self, suspended_now: Duration) -> Instant {
-        let slept = suspended_now.saturating_sub(self.suspended);
-        if slept < SUSPEND_NOISE {
-            return self.at;
-        }
-        // Earlier than the clock's origin: long past.
-        self.at.checked_sub(slept).unwrap_or_else(Instant::now)
-    }
-}
-
-/// Differences in [`suspended`] below this are the time between its two
-/// clock readings, not a suspend.
-const SUSPEND_NOISE: Duration = Duration::from_millis(1);
-
-/// How long the machine has been suspended since it booted: Linux's
-/// `CLOCK_BOOTTIME` counts suspended time and `CLOCK_MONOTONIC` (tokio's and
-/// std's `Instant`) does not. Boot time is read first, so the result is
-/// never more than the truth (by the moment between the readings at most
-/// less). Zero where there is no such clock.
-#[cfg(target_os = "linux")]
-fn suspended() -> Duration {
-    fn read(clock: libc::clockid_t) -> Option<Duration> {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `now` is a valid timespec for the call to write.
-        if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
-            return None;
-        }
-        Some(Duration::new(
-            u64::try_from(now.tv_sec).ok()?,
-            u32::try_from(now.tv_nsec).ok()?,
-        ))
-    }
-    match (read(libc::CLOCK_BOOTTIME), read(libc::CLOCK_MONOTONIC)) {
-        (Some(boot), Some(monotonic)) => boot.saturating_sub(monotonic),
-        _ => Duration::ZERO,
-    }
-}
-
-/// See the Linux version: elsewhere suspends are not counted.
-#[cfg(not(target_os = "linux"))]
-fn suspended() -> Duration {
-    Duration::ZERO
 }
 
 #[cfg(test)]
@@ -368,43 +314,5 @@ mod tests {
     #[test]
     fn a_tiny_lease_still_gets_a_positive_interval() {
         assert_eq!(renew_interval(Duration::ZERO), Duration::from_millis(1));
-    }
-
-    /// A deadline moves earlier by the time the machine spent suspended
-    /// since it was set (tokio's clock stood still meanwhile), and not by
-    /// the noise of reading two clocks.
-    #[test]
-    fn a_suspend_brings_a_deadline_forward() {
-        let at = Instant::now() + Duration::from_secs(30);
-        let deadline = Deadline {
-            at,
-            suspended: Duration::from_secs(100),
-        };
-        assert_eq!(deadline.effective_with(Duration::from_secs(100)), at);
-        assert_eq!(
-            deadline.effective_with(Duration::from_secs(100) + SUSPEND_NOISE / 2),
-            at
-        );
-        assert_eq!(
-            deadline.effective_with(Duration::from_secs(112)),
-            at - Duration::from_secs(12)
-        );
-        // A clock that went back (it cannot) moves nothing.
-        assert_eq!(deadline.effective_with(Duration::from_secs(90)), at);
-        // A suspend longer than the clock has run: long past.
-        let long = deadline.effective_with(Duration::MAX);
-        assert!(long <= Instant::now());
-    }
-
-    /// Read twice in a row, the suspended time is the same but for the
-    /// moment between the readings.
-    #[test]
-    fn the_suspended_time_is_steady_while_awake() {
-        let first = suspended();
-        let second = suspended();
-        assert!(
-            second.abs_diff(first) < SUSPEND_NOISE,
-            "{first:?} {second:?}"
-        );
     }
 }

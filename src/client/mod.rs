@@ -43,6 +43,7 @@
 mod acquire;
 mod builder;
 mod call;
+mod clock;
 mod conn;
 mod error;
 mod guard;
@@ -309,12 +310,12 @@ impl Client {
         }
         let grant = &acquired.grant;
         for _ in 0..RENEWALS {
-            let sent = Instant::now();
+            let sent = clock::Stamp::now();
             match self
                 .renew_token(&grant.lock, &grant.token, Some(grant.lease))
                 .await
             {
-                Ok(lease) if Instant::now() < sent + lease => {
+                Ok(lease) if Instant::now() < sent.plus(lease).effective() => {
                     acquired.grant.lease = lease;
                     acquired.lease_from = sent;
                     return Ok(Some(acquired));

@@ -797,7 +797,7 @@ async fn a_guard_past_its_lease_is_lost_even_if_its_renewal_task_never_ran() {
         client.clone(),
         acquire::Acquired {
             grant: grant.clone(),
-            lease_from: now,
+            lease_from: super::clock::Stamp::at(now),
         },
     );
     assert!(!fresh.is_lease_lost(), "a fresh lease is held");
@@ -806,7 +806,7 @@ async fn a_guard_past_its_lease_is_lost_even_if_its_renewal_task_never_ran() {
         client,
         acquire::Acquired {
             grant,
-            lease_from: now.checked_sub(lease * 2).unwrap(),
+            lease_from: super::clock::Stamp::at(now.checked_sub(lease * 2).unwrap()),
         },
     );
     assert!(

@@ -244,15 +244,16 @@ fn tls_needs(config: &ServerConfig) -> (bool, bool) {
     (quic_by_transport, wants_tls)
 }
 
-/// Refuses connection limits and keepalive times that cannot work.
-/// The largest `--max-append-bytes`: a file with a longer append could not
-/// be read back (a read returns the whole file in one message of at most
-/// 64 MiB), and an append's log record must stay well under the longest
-/// record recovery reads ([`crate::log::frame::MAX_PAYLOAD`], 256 MiB):
-/// a longer one would be written and acknowledged, and the next start would
-/// refuse the log as damaged.
+/// The largest `--max-append-bytes`. An append's log record must stay well
+/// under the longest record recovery reads
+/// ([`crate::log::frame::MAX_PAYLOAD`], 256 MiB): a longer one would be
+/// written and acknowledged, and the next start would refuse the log as
+/// damaged. (A read refuses any file over 64 MiB − 64 bytes, however many
+/// appends made it: an append near this size fills a file no read returns.)
 pub const MOST_APPEND_BYTES: usize = 64 << 20;
 
+/// Refuses limits (connections, append and read-reply sizes) and keepalive
+/// times that cannot work.
 fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
     /// Far past what one process's descriptors allow, and what tokio's

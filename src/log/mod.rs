@@ -40,7 +40,7 @@ pub mod read;
 use std::io;
 use std::sync::Arc;
 
-use crate::core::records::{Record, Snapshot};
+use crate::core::records::{Change, Record, Snapshot};
 use crate::storage::{Dir, DirFile};
 
 use frame::{ScanEnd, Source};
@@ -88,6 +88,15 @@ pub struct Recovered {
     /// Bytes of torn tail that were cut off.
     pub torn_bytes: u64,
 }
+
+/// The longest record written as one (see [`Wal::append`]): far over any
+/// call's own record (an append of at most 64 MiB and its answer), and far
+/// under what recovery reads ([`frame::MAX_PAYLOAD`], 256 MiB).
+#[cfg(not(test))]
+pub const SPLIT_RECORD_BYTES: usize = 128 << 20;
+/// In tests, small enough to split records of a few changes.
+#[cfg(test)]
+pub const SPLIT_RECORD_BYTES: usize = 4 << 10;
 
 /// The unit of log writes: every write starts and ends on a block boundary.
 pub const BLOCK: u64 = 4096;
@@ -615,8 +624,42 @@ impl Wal {
     }
 
     /// Adds a record to the next group commit. Not durable until [`Wal::sync`].
+    ///
+    /// A record whose encoding is longer than [`SPLIT_RECORD_BYTES`] (one
+    /// step that ends thousands of grants: a client's close, or every
+    /// lease a restart left running when its timers fire together) goes in
+    /// as several records, each with a run of its changes in order, so that
+    /// none is longer than recovery reads ([`frame::MAX_PAYLOAD`]). Replay
+    /// applies changes one by one, so the cuts change nothing; a power loss
+    /// may keep only the first few of them, as if the step had ended the
+    /// grants one at a time, and its callers had no answer yet.
     pub fn append(&mut self, record: &Record) {
         // Encoding plain data into a Vec cannot fail.
+        let payload = postcard::to_allocvec(record).unwrap_or_default();
+        if payload.len() <= SPLIT_RECORD_BYTES || record.changes.len() < 2 {
+            frame::encode(&payload, &mut self.pending);
+            self.records += 1;
+            return;
+        }
+        drop(payload);
+        let mut run: Vec<Change> = Vec::new();
+        let mut run_bytes = 0;
+        for change in &record.changes {
+            let bytes = postcard::to_allocvec(change).map_or(0, |b| b.len());
+            if !run.is_empty() && run_bytes + bytes > SPLIT_RECORD_BYTES {
+                self.append_whole(&Record {
+                    changes: std::mem::take(&mut run),
+                });
+                run_bytes = 0;
+            }
+            run.push(change.clone());
+            run_bytes += bytes;
+        }
+        self.append_whole(&Record { changes: run });
+    }
+
+    /// Adds `record` as one frame, however long.
+    fn append_whole(&mut self, record: &Record) {
         let payload = postcard::to_allocvec(record).unwrap_or_default();
         frame::encode(&payload, &mut self.pending);
         self.records += 1;
@@ -927,6 +970,56 @@ mod tests {
             Some(i64::MAX as u64)
         );
         assert_eq!(generation_of("snap-09223372036854775808", "snap-"), None);
+    }
+
+    /// A record longer than [`SPLIT_RECORD_BYTES`] (4 KiB in tests) is
+    /// logged as several, with its changes in order, none longer than that
+    /// but for a single change; a short one stays whole.
+    #[test]
+    fn a_long_record_is_logged_as_runs_of_its_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        let ended = |n: u64| Change::Ended {
+            lock: format!("{n:0>200}"),
+            fence: Fence(n),
+        };
+        let long = Record {
+            changes: (0..100).map(ended).collect(),
+        };
+        let alone = Record {
+            changes: vec![
+                ended(1),
+                Change::Staged {
+                    fence: Fence(7),
+                    file: crate::core::staging::FileIndex::parse("file_1").unwrap(),
+                    content: bytes::Bytes::from(vec![1; SPLIT_RECORD_BYTES * 2]),
+                },
+                ended(2),
+            ],
+        };
+        r.wal.append(&record(1));
+        r.wal.append(&long);
+        r.wal.append(&alone);
+        r.wal.sync().unwrap();
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records[0], record(1));
+        let changes: Vec<Change> = r.records[1..]
+            .iter()
+            .flat_map(|record| record.changes.clone())
+            .collect();
+        let mut expected = long.changes.clone();
+        expected.extend(alone.changes.clone());
+        assert_eq!(changes, expected);
+        assert!(r.records.len() > 1 + 3 + 3, "{} records", r.records.len());
+        for record in &r.records[1..] {
+            let len = postcard::to_allocvec(record).unwrap().len();
+            assert!(
+                len <= SPLIT_RECORD_BYTES + 8 || record.changes.len() == 1,
+                "{len} bytes in {} changes",
+                record.changes.len()
+            );
+        }
     }
 
     #[test]

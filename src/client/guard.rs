@@ -221,7 +221,10 @@ async fn renew_before(
     tokio::pin!(renew);
     loop {
         let check = expires.effective().min(Instant::now() + LONGEST_SLEEP);
+        // `biased`: a fixed order (an answer that is ready wins), so that a
+        // simulation replays from its seed.
         tokio::select! {
+            biased;
             renewed = &mut renew => return Ok(renewed),
             () = tokio::time::sleep_until(check) => {
                 if Instant::now() >= expires.effective() {

@@ -628,11 +628,15 @@ impl Wal {
     /// A record whose encoding is longer than [`SPLIT_RECORD_BYTES`] (one
     /// step that ends thousands of grants: a client's close, or every
     /// lease a restart left running when its timers fire together) goes in
-    /// as several records, each with a run of its changes in order, so that
-    /// none is longer than recovery reads ([`frame::MAX_PAYLOAD`]). Replay
-    /// applies changes one by one, so the cuts change nothing; a power loss
-    /// may keep only the first few of them, as if the step had ended the
-    /// grants one at a time, and its callers had no answer yet.
+    /// as several records, so that none is longer than recovery reads
+    /// ([`frame::MAX_PAYLOAD`]). Each is a run of the record's changes, in
+    /// order, cut only before a [`Change::Ended`]: what follows an `Ended`
+    /// up to the next (the grant to the next waiter and its answer; at the
+    /// end, the call's own changes and its answer) stays in one record.
+    /// Replay applies changes one by one, so the cuts change nothing; a
+    /// power loss may keep only the first runs, as if the step had ended
+    /// those grants one at a time, with no call's change kept without its
+    /// answer.
     pub fn append(&mut self, record: &Record) {
         // Encoding plain data into a Vec cannot fail.
         let payload = postcard::to_allocvec(record).unwrap_or_default();
@@ -644,16 +648,26 @@ impl Wal {
         drop(payload);
         let mut run: Vec<Change> = Vec::new();
         let mut run_bytes = 0;
-        for change in &record.changes {
-            let bytes = postcard::to_allocvec(change).map_or(0, |b| b.len());
-            if !run.is_empty() && run_bytes + bytes > SPLIT_RECORD_BYTES {
-                self.append_whole(&Record {
-                    changes: std::mem::take(&mut run),
-                });
-                run_bytes = 0;
+        // Changes from the last `Ended` on, not yet in `run`.
+        let mut group: Vec<Change> = Vec::new();
+        let mut group_bytes = 0;
+        let changes = record.changes.iter().map(Some).chain([None]);
+        for change in changes {
+            if matches!(change, None | Some(Change::Ended { .. })) && !group.is_empty() {
+                if !run.is_empty() && run_bytes + group_bytes > SPLIT_RECORD_BYTES {
+                    self.append_whole(&Record {
+                        changes: std::mem::take(&mut run),
+                    });
+                    run_bytes = 0;
+                }
+                run.append(&mut group);
+                run_bytes += group_bytes;
+                group_bytes = 0;
             }
-            run.push(change.clone());
-            run_bytes += bytes;
+            if let Some(change) = change {
+                group_bytes += postcard::to_allocvec(change).map_or(0, |b| b.len());
+                group.push(change.clone());
+            }
         }
         self.append_whole(&Record { changes: run });
     }
@@ -973,29 +987,53 @@ mod tests {
     }
 
     /// A record longer than [`SPLIT_RECORD_BYTES`] (4 KiB in tests) is
-    /// logged as several, with its changes in order, none longer than that
-    /// but for a single change; a short one stays whole.
+    /// logged as several, with its changes in order, cut only before an
+    /// `Ended` (a call's change and its answer stay together); a short one
+    /// stays whole.
     #[test]
     fn a_long_record_is_logged_as_runs_of_its_changes() {
+        use crate::core::records::AnswerSnapshot;
+        use crate::core::types::{Reply, RequestKind};
         let tmp = tempfile::tempdir().unwrap();
         let mut r = open(tmp.path()).unwrap();
         let ended = |n: u64| Change::Ended {
             lock: format!("{n:0>200}"),
             fence: Fence(n),
         };
-        let long = Record {
-            changes: (0..100).map(ended).collect(),
+        let answered = |n: u64| {
+            Change::Answered(Arc::new(AnswerSnapshot {
+                client: 1,
+                request_id: format!("{n:0>100}").into(),
+                kind: RequestKind::Append,
+                reply: Reply::Done,
+            }))
         };
+        let staged = |len: usize| Change::Staged {
+            fence: Fence(7),
+            file: crate::core::staging::FileIndex::parse("file_1").unwrap(),
+            content: bytes::Bytes::from(vec![1; len]),
+        };
+        // Expiries (an `Ended` each, some with the next holder's grant and
+        // answer), then a call's append and its answer.
+        let mut long = Record::default();
+        for n in 0..60 {
+            long.changes.push(ended(n));
+            if n % 3 == 0 {
+                long.changes.push(Change::Granted {
+                    lock: format!("{n:0>200}"),
+                    client: 2,
+                    token: "t".repeat(40),
+                    fence: Fence(1000 + n),
+                    lease: crate::core::time::Millis(30_000),
+                });
+                long.changes.push(answered(n));
+            }
+        }
+        long.changes.push(staged(3000));
+        long.changes.push(answered(99));
+        // A change longer than a run may be: alone but for its answer.
         let alone = Record {
-            changes: vec![
-                ended(1),
-                Change::Staged {
-                    fence: Fence(7),
-                    file: crate::core::staging::FileIndex::parse("file_1").unwrap(),
-                    content: bytes::Bytes::from(vec![1; SPLIT_RECORD_BYTES * 2]),
-                },
-                ended(2),
-            ],
+            changes: vec![ended(1), staged(SPLIT_RECORD_BYTES * 2), answered(2)],
         };
         r.wal.append(&record(1));
         r.wal.append(&long);
@@ -1011,15 +1049,29 @@ mod tests {
         let mut expected = long.changes.clone();
         expected.extend(alone.changes.clone());
         assert_eq!(changes, expected);
-        assert!(r.records.len() > 1 + 3 + 3, "{} records", r.records.len());
-        for record in &r.records[1..] {
-            let len = postcard::to_allocvec(record).unwrap().len();
+        assert!(r.records.len() > 1 + 3 + 2, "{} records", r.records.len());
+        for (i, record) in r.records[1..].iter().enumerate() {
+            // Every run after the first of a record starts at an `Ended`.
             assert!(
-                len <= SPLIT_RECORD_BYTES + 8 || record.changes.len() == 1,
+                matches!(record.changes[0], Change::Ended { .. }),
+                "record {i} starts with {:?}",
+                record.changes[0]
+            );
+            let len = postcard::to_allocvec(record).unwrap().len();
+            let big_staged = record
+                .changes
+                .iter()
+                .any(|c| matches!(c, Change::Staged { content, .. } if content.len() > 4000));
+            assert!(
+                len <= SPLIT_RECORD_BYTES + 8 || big_staged,
                 "{len} bytes in {} changes",
                 record.changes.len()
             );
         }
+        // The call's append and its answer are in one record.
+        let last_of_long = r.records.iter().rev().nth(1).unwrap();
+        let tail = &last_of_long.changes[last_of_long.changes.len() - 2..];
+        assert_eq!(tail, &[staged(3000), answered(99)]);
     }
 
     #[test]

@@ -129,6 +129,48 @@ fn grpc_request(addr: std::net::SocketAddr) -> http::Request<()> {
         .unwrap()
 }
 
+/// A gRPC read whose peer takes a kilobyte of its reply and no more: its
+/// connection's window is 1 KiB and it never reads.
+struct Stalled {
+    client: h2::client::SendRequest<Bytes>,
+    ping_pong: h2::PingPong,
+    answer: http::Response<h2::RecvStream>,
+    driving: tokio::task::JoinHandle<()>,
+}
+
+impl Stalled {
+    /// Reads `file` on a new connection to `addr`, until the answer's
+    /// headers come.
+    async fn read(addr: std::net::SocketAddr, file: &str) -> Stalled {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut client, mut connection) = h2::client::Builder::new()
+            .initial_window_size(1024)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .unwrap();
+        let ping_pong = connection.ping_pong().expect("a ping handle");
+        let driving = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let (answer, mut body) = client.send_request(grpc_request(addr), false).unwrap();
+        body.send_data(grpc_read(file), true).unwrap();
+        let answer = answer.await.unwrap();
+        Stalled {
+            client,
+            ping_pong,
+            answer,
+            driving,
+        }
+    }
+
+    /// The peer goes: its connection closes.
+    fn end(self) {
+        drop(self.answer);
+        drop(self.client);
+        self.driving.abort();
+    }
+}
+
 /// Reads `file` over gRPC on a connection of its own, taking the reply.
 async fn grpc_read_whole(addr: std::net::SocketAddr, file: &str) -> FileReadResponse {
     match grpc_read_or_status(addr, file).await {
@@ -177,25 +219,11 @@ async fn a_grpc_reply_nobody_takes_holds_its_share_until_its_connection_ends() {
     let held = 48 << 10;
 
     // A peer whose window takes a kilobyte and that never reads.
-    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
-    let (mut client, mut connection) = h2::client::Builder::new()
-        .initial_window_size(1024)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let mut ping_pong = connection.ping_pong().expect("a ping handle");
-    let driving = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let (answer, mut body) = client
-        .send_request(grpc_request(served.addr), false)
-        .unwrap();
-    body.send_data(grpc_read("file_3"), true).unwrap();
-    let answer = answer.await.unwrap();
-    assert_eq!(answer.status(), 200);
+    let mut stalled = Stalled::read(served.addr, "file_3").await;
+    assert_eq!(stalled.answer.status(), 200);
     // The server answers a ping after what it sent before it: the call
     // has returned and tonic has the reply.
-    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
+    stalled.ping_pong.ping(h2::Ping::opaque()).await.unwrap();
     assert_eq!(served.handle.read_replies(), (held, 0));
 
     // Another read needs a share the stalled reply holds. Waiting, it
@@ -207,9 +235,7 @@ async fn a_grpc_reply_nobody_takes_holds_its_share_until_its_connection_ends() {
     assert!(!second.is_finished());
 
     // The stalled peer goes: its reply's bytes, and their share, with it.
-    drop(answer);
-    drop(client);
-    driving.abort();
+    stalled.end();
     let read = tokio::time::timeout(Duration::from_secs(60), second)
         .await
         .expect("the second read was served")
@@ -291,20 +317,7 @@ async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
 async fn a_read_waiting_for_its_share_ends_when_the_server_stops() {
     let served = serve(64 << 10).await;
     served.fill("file_3", 48 << 10).await;
-    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
-    let (mut client, connection) = h2::client::Builder::new()
-        .initial_window_size(1024)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let driving = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let (answer, mut body) = client
-        .send_request(grpc_request(served.addr), false)
-        .unwrap();
-    body.send_data(grpc_read("file_3"), true).unwrap();
-    let _stalled = answer.await.unwrap();
+    let stalled = Stalled::read(served.addr, "file_3").await;
 
     let addr = served.addr;
     let second = tokio::spawn(async move { grpc_read_or_status(addr, "file_3").await });
@@ -316,6 +329,5 @@ async fn a_read_waiting_for_its_share_ends_when_the_server_stops() {
         .unwrap();
     assert_eq!(read.unwrap_err(), r#"Some("14")"#);
     served.serving.await.unwrap();
-    drop(client);
-    driving.abort();
+    stalled.end();
 }

@@ -91,12 +91,10 @@ pub struct Recovered {
 
 /// The longest record written as one (see [`Wal::append`]): far over any
 /// call's own record (an append of at most 64 MiB and its answer), and far
-/// under what recovery reads ([`frame::MAX_PAYLOAD`], 256 MiB).
-#[cfg(not(test))]
+/// under what recovery reads ([`frame::MAX_PAYLOAD`], 256 MiB). Tests and
+/// simulations lower it ([`Wal::set_split_bytes`]) to split records of a
+/// few changes.
 pub const SPLIT_RECORD_BYTES: usize = 128 << 20;
-/// In tests, small enough to split records of a few changes.
-#[cfg(test)]
-pub const SPLIT_RECORD_BYTES: usize = 4 << 10;
 
 /// The unit of log writes: every write starts and ends on a block boundary.
 pub const BLOCK: u64 = 4096;
@@ -134,6 +132,8 @@ pub struct Wal {
     unsynced: bool,
     /// Records in the current segment (written or pending).
     records: u64,
+    /// Records longer than this are written as runs of their changes.
+    split_bytes: usize,
     /// The next generation's segment, zero-filled ahead of time (by the
     /// last snapshot's write, [`SnapshotWrite::run`], or a
     /// [`SegmentAhead`]), or kept by recovery.
@@ -573,8 +573,16 @@ impl Wal {
             scratch: Vec::new(),
             unsynced: false,
             records: 0,
+            split_bytes: SPLIT_RECORD_BYTES,
             premade: None,
         }
+    }
+
+    /// Writes records longer than `bytes` as runs of their changes
+    /// ([`SPLIT_RECORD_BYTES`] unless set): for tests and simulations, which
+    /// lower it so that their records of a few changes are cut too.
+    pub fn set_split_bytes(&mut self, bytes: usize) {
+        self.split_bytes = bytes;
     }
 
     /// Makes sure zero-filled, durable space reaches past `end` by at least
@@ -640,7 +648,7 @@ impl Wal {
     pub fn append(&mut self, record: &Record) {
         // Encoding plain data into a Vec cannot fail.
         let payload = postcard::to_allocvec(record).unwrap_or_default();
-        if payload.len() <= SPLIT_RECORD_BYTES || record.changes.len() < 2 {
+        if payload.len() <= self.split_bytes || record.changes.len() < 2 {
             frame::encode(&payload, &mut self.pending);
             self.records += 1;
             return;
@@ -654,7 +662,7 @@ impl Wal {
         let changes = record.changes.iter().map(Some).chain([None]);
         for change in changes {
             if matches!(change, None | Some(Change::Ended { .. })) && !group.is_empty() {
-                if !run.is_empty() && run_bytes + group_bytes > SPLIT_RECORD_BYTES {
+                if !run.is_empty() && run_bytes + group_bytes > self.split_bytes {
                     self.append_whole(&Record {
                         changes: std::mem::take(&mut run),
                     });
@@ -986,7 +994,7 @@ mod tests {
         assert_eq!(generation_of("snap-09223372036854775808", "snap-"), None);
     }
 
-    /// A record longer than [`SPLIT_RECORD_BYTES`] (4 KiB in tests) is
+    /// A record longer than the split size (4 KiB here) is
     /// logged as several, with its changes in order, cut only before an
     /// `Ended` (a call's change and its answer stay together); a short one
     /// stays whole.
@@ -994,8 +1002,10 @@ mod tests {
     fn a_long_record_is_logged_as_runs_of_its_changes() {
         use crate::core::records::AnswerSnapshot;
         use crate::core::types::{Reply, RequestKind};
+        const SPLIT_RECORD_BYTES: usize = 4 << 10;
         let tmp = tempfile::tempdir().unwrap();
         let mut r = open(tmp.path()).unwrap();
+        r.wal.set_split_bytes(SPLIT_RECORD_BYTES);
         let ended = |n: u64| Change::Ended {
             lock: format!("{n:0>200}"),
             fence: Fence(n),

@@ -129,6 +129,11 @@ pub struct ServerConfig {
     /// detached instead of being granted a lock nobody would release.
     #[arg(long, default_value_t = KEEPALIVE_TIMEOUT_MS)]
     pub keepalive_timeout_ms: u64,
+    /// Log records longer than this are written as runs of their changes
+    /// (not a flag: the simulations lower it to cut records of a few
+    /// changes, which the production size never would).
+    #[arg(skip = crate::log::SPLIT_RECORD_BYTES)]
+    pub split_record_bytes: usize,
 }
 
 /// A size in bytes: `4096`, `8KiB`, `64MiB` (K/M/G, with or without `iB`).
@@ -180,6 +185,7 @@ impl ServerConfig {
             max_read_reply_bytes: handle::READ_REPLY_BUDGET,
             keepalive_ms: KEEPALIVE_MS,
             keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS,
+            split_record_bytes: crate::log::SPLIT_RECORD_BYTES,
         }
     }
 
@@ -313,9 +319,10 @@ pub fn recover(
     )?;
     let Reopened {
         state: (mut core, replay),
-        wal,
+        mut wal,
         torn_bytes,
     } = reopened;
+    wal.set_split_bytes(config.split_record_bytes);
     replay.finish()?;
     // One copy of the state serves both the trim and the report (a snapshot
     // copies the whole dedup memory, which is not free on a large server).

@@ -78,6 +78,10 @@ fn config(dedup_capacity: usize) -> ServerConfig {
     config.lease_ms = 1_000;
     // Two blocks of zeros ahead: every few snapshots' logs grow past it.
     config.log_prealloc = 8192;
+    // Steps whose record passes a few hundred bytes (an expiry with the
+    // next grant, a call after it) are logged as runs of their changes,
+    // which a torn write may cut between.
+    config.split_record_bytes = 64;
     config
 }
 

@@ -31,6 +31,9 @@ fn config() -> ServerConfig {
     // Reads wait for shares of a budget smaller than most files: a share
     // that a reply cut off by a fault kept would hold up the checker's reads.
     config.max_read_reply_bytes = 512;
+    // Steps whose record passes a few hundred bytes are logged as runs of
+    // their changes, which a torn write may cut between.
+    config.split_record_bytes = 64;
     // Two blocks of zeros ahead: every few snapshots' logs grow past it.
     config.log_prealloc = 8192;
     config

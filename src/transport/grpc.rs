@@ -145,30 +145,43 @@ impl<S: NamedService> NamedService for HoldReplies<S> {
 impl<S, B> Service<http::Request<B>> for HoldReplies<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = HoldReply<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let answer = self.0.call(request);
-        Box::pin(async move {
-            let mut response = answer.await?;
-            Ok(match response.extensions_mut().remove::<Held>() {
-                None => response,
-                Some(Held(held)) => response.map(|body| {
-                    tonic::body::Body::new(HoldingBody {
-                        body,
-                        held: Some(held),
-                    })
-                }),
-            })
-        })
+        HoldReply(self.0.call(request))
+    }
+}
+
+/// [`HoldReplies`]' answer: the inner service's, with a read's share moved
+/// into its body. (A future of its own rather than a boxed `async` block:
+/// every gRPC call goes through it.)
+pub struct HoldReply<F>(F);
+
+impl<F, E> Future for HoldReply<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut response = std::task::ready!(Pin::new(&mut self.0).poll(cx))?;
+        Poll::Ready(Ok(match response.extensions_mut().remove::<Held>() {
+            None => response,
+            Some(Held(held)) => response.map(|body| {
+                tonic::body::Body::new(HoldingBody {
+                    body,
+                    held: Some(held),
+                })
+            }),
+        }))
     }
 }
 

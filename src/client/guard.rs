@@ -252,10 +252,13 @@ async fn renew_until_lost(
             // Released or closed through the client: nothing to keep.
             return;
         }
+        // Also right after a renewal whose answer came too late: the
+        // deadline has passed, and the sleep above returned at once.
         let now = Instant::now();
         if now >= expires.effective() {
             tracing::warn!(lock = %grant.lock, fence = grant.fence,
-                "lease ran out (the machine was suspended?); presuming it lost");
+                "lease ran out before it could be renewed (a slow network, a busy runtime, \
+                 a suspended machine); presuming it lost");
             lost.send_replace(true);
             return;
         }
@@ -288,12 +291,6 @@ async fn renew_until_lost(
                 lost.send_replace(true);
                 return;
             }
-        }
-        if Instant::now() >= expires.effective() {
-            tracing::warn!(lock = %grant.lock, fence = grant.fence,
-                "lease ran out before it could be renewed; presuming it lost");
-            lost.send_replace(true);
-            return;
         }
     }
 }

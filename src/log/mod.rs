@@ -649,8 +649,7 @@ impl Wal {
         // Encoding plain data into a Vec cannot fail.
         let payload = postcard::to_allocvec(record).unwrap_or_default();
         if payload.len() <= self.split_bytes || record.changes.len() < 2 {
-            frame::encode(&payload, &mut self.pending);
-            self.records += 1;
+            self.push(&payload);
             return;
         }
         drop(payload);
@@ -682,8 +681,12 @@ impl Wal {
 
     /// Adds `record` as one frame, however long.
     fn append_whole(&mut self, record: &Record) {
-        let payload = postcard::to_allocvec(record).unwrap_or_default();
-        frame::encode(&payload, &mut self.pending);
+        self.push(&postcard::to_allocvec(record).unwrap_or_default());
+    }
+
+    /// Adds one encoded record as a frame.
+    fn push(&mut self, payload: &[u8]) {
+        frame::encode(payload, &mut self.pending);
         self.records += 1;
     }
 

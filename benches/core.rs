@@ -148,7 +148,7 @@ impl Driver {
                 self.records += 1;
                 if let Some(buf) = &mut self.encode {
                     let payload = postcard::to_allocvec(record).unwrap_or_default();
-                    dlm::log::frame::encode(&payload, buf);
+                    dlm::log::frame::encode(&payload, 0, buf);
                     if buf.len() > (1 << 20) {
                         self.encoded_bytes += buf.len() as u64;
                         buf.clear();

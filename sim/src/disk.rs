@@ -1,5 +1,6 @@
 //! A simulated disk behind dlm's storage seam: what was written but not
-//! synced is lost on a crash, optionally leaving a torn prefix of it.
+//! synced is lost on a crash, optionally leaving a torn part of it (a
+//! prefix, or any of its sectors).
 //!
 //! Every file (an inode) has the bytes a reader sees (`current`) and the
 //! bytes that survive a crash (`durable`); `sync_data` copies one to the
@@ -128,7 +129,8 @@ pub struct SimDisk {
 pub struct CrashLoss {
     /// Files that lost unsynced bytes.
     pub files_hit: u64,
-    /// Of them, files left with a torn prefix of the lost bytes.
+    /// Of them, files left with a torn part (a prefix or some sectors) of
+    /// the lost bytes.
     pub torn: u64,
     /// Directory changes (create, rename, remove) lost: not synced, and
     /// not among those the crash kept.
@@ -188,9 +190,11 @@ impl SimDisk {
 
     /// Power loss: each directory keeps a random prefix or subset of its
     /// unsynced changes; every file falls back to its durable bytes, and with
-    /// probability `torn` keeps a random prefix of what changed since its
-    /// last sync (a write cut short: appended bytes, or the rewritten blocks
-    /// of a preallocated log); files no name points to any more are gone.
+    /// probability `torn` keeps part of what changed since its last sync (a
+    /// write cut short: appended bytes, or the rewritten blocks of a
+    /// preallocated log): a random prefix, or a random subset of its
+    /// 512-byte sectors (a device that writes them in any order); files no
+    /// name points to any more are gone.
     pub fn crash(&self, rng: &mut SimRng, torn: f64) -> CrashLoss {
         let mut loss = CrashLoss::default();
         let mut disk = self.lock();
@@ -264,12 +268,16 @@ impl SimDisk {
             };
             let grew_or_same = file.current.len() >= file.durable.len();
             if grew_or_same && changed_end > first + 1 && rng.chance(torn) {
-                let keep = first + rng.between(1, (changed_end - first - 1) as u64) as usize;
-                let mut torn_bytes = file.current[..keep].to_vec();
-                if file.durable.len() > keep {
-                    torn_bytes.extend_from_slice(&file.durable[keep..]);
-                }
-                file.current = torn_bytes;
+                file.current = if rng.chance(0.5) {
+                    let keep = first + rng.between(1, (changed_end - first - 1) as u64) as usize;
+                    let mut torn_bytes = file.current[..keep].to_vec();
+                    if file.durable.len() > keep {
+                        torn_bytes.extend_from_slice(&file.durable[keep..]);
+                    }
+                    torn_bytes
+                } else {
+                    sectors_kept(rng, &file.current, &file.durable, first, changed_end)
+                };
                 loss.torn += 1;
             } else {
                 file.current = file.durable.clone();
@@ -283,6 +291,45 @@ impl SimDisk {
     pub fn read(&self, dir: &str, name: &str) -> Vec<u8> {
         self.lock().read(dir, name).unwrap_or_default()
     }
+}
+
+/// Bytes of a sector: what a device writes whole or not at all.
+const SECTOR: usize = 64;
+
+/// A write cut short by a device that put its sectors down in any order (a
+/// volatile write cache without FUA, as on the bench machine): the sectors
+/// of `current` that overlap `first..end` are kept or fall back to their
+/// durable bytes (zeros past the durable end); either each by a coin flip,
+/// or every one from a random sector on (the later half of a write down,
+/// its start not: what a recovery that reads forward finds hardest).
+fn sectors_kept(
+    rng: &mut SimRng,
+    current: &[u8],
+    durable: &[u8],
+    first: usize,
+    end: usize,
+) -> Vec<u8> {
+    let mut bytes = current.to_vec();
+    let start = first - first % SECTOR;
+    let sectors = (end - start).div_ceil(SECTOR) as u64;
+    let from = rng.chance(0.5).then(|| rng.between(1, sectors.max(1)));
+    let mut at = start;
+    let mut i = 0;
+    while at < end {
+        let to = (at + SECTOR).min(bytes.len());
+        let keep = match from {
+            Some(from) => i >= from,
+            None => rng.chance(0.5),
+        };
+        if !keep {
+            for (j, b) in bytes[at..to].iter_mut().enumerate() {
+                *b = durable.get(at + j).copied().unwrap_or(0);
+            }
+        }
+        at = to;
+        i += 1;
+    }
+    bytes
 }
 
 /// A directory of a [`SimDisk`].

@@ -1,8 +1,20 @@
-//! Framing of log records: `[length u32 LE][crc32c u32 LE][payload]`.
+//! Framing of log records:
+//! `[length u32 LE][crc32c u32 LE][synced u64 LE][payload]`.
 //!
 //! Owns: encoding a frame and scanning a byte buffer into payloads, telling a
 //! torn tail (a crash cut the last write short) from corruption in the middle.
 //! Must not: know what a payload means.
+//!
+//! `synced` is where the log's durable data ended when the record was added:
+//! every record of the write in flight at a crash (everything logged since
+//! the last sync) carries the same value, and it is at or before every byte
+//! of that write. A record that a later sync made durable before the next
+//! write began carries a larger one. So when a bad frame at `at` has good
+//! frames after it (a device that writes sectors in any order can keep the
+//! end of an unsynced write and lose its start), they are that unsynced
+//! write's if their `synced` is at or before `at`: a torn tail, cut at `at`.
+//! One with `synced` past `at` was written after `at` was durable: the bad
+//! frame is damage. The checksum covers `synced` and the payload.
 //!
 //! Log segments are preallocated with zeros (an fdatasync of blocks that
 //! already exist need not update the file's size, which makes every group
@@ -11,21 +23,33 @@
 //! "end".
 
 /// Bytes of a frame header.
-pub const HEADER: usize = 8;
+pub const HEADER: usize = 16;
 
 /// Largest payload accepted when scanning; anything larger is corruption.
 pub const MAX_PAYLOAD: usize = 256 << 20;
 
-/// Appends one framed `payload` to `out`. The payload must not be empty
-/// (a zero length marks the end of the data).
-pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
+/// Appends one framed `payload` to `out`, logged when the log's durable
+/// data ended at `synced` (0 for a snapshot's one frame). The payload must
+/// not be empty (a zero length marks the end of the data).
+pub fn encode(payload: &[u8], synced: u64, out: &mut Vec<u8>) {
     debug_assert!(
         !payload.is_empty(),
         "an empty frame reads as the end of the log"
     );
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&frame_crc(synced, payload).to_le_bytes());
+    out.extend_from_slice(&synced.to_le_bytes());
     out.extend_from_slice(payload);
+}
+
+/// The checksum of a frame: over its `synced` field and its payload.
+fn frame_crc(synced: u64, payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&synced.to_le_bytes()), payload)
+}
+
+/// Whether `payload` is what `header` describes (its checksum).
+fn checks(header: &[u8], payload: &[u8]) -> bool {
+    frame_crc(synced(header), payload) == checksum(header)
 }
 
 /// The payload of a buffer that holds exactly one frame (a snapshot file),
@@ -46,7 +70,7 @@ pub fn whole(buf: &[u8]) -> Result<&[u8], String> {
             payload.len()
         ));
     }
-    if crc32c::crc32c(payload) != checksum(header) {
+    if !checks(header, payload) {
         return Err("checksum mismatch".to_owned());
     }
     Ok(payload)
@@ -82,9 +106,16 @@ fn length(header: &[u8]) -> usize {
     u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize
 }
 
-/// The payload checksum in a frame header.
+/// The checksum in a frame header.
 fn checksum(header: &[u8]) -> u32 {
     u32::from_le_bytes([header[4], header[5], header[6], header[7]])
+}
+
+/// Where the log's durable data ended when the frame was logged.
+fn synced(header: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&header[8..16]);
+    u64::from_le_bytes(bytes)
 }
 
 /// The payloads of `valid`, with their offsets: a prefix that [`check`]
@@ -185,14 +216,13 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         if size - at < HEADER as u64 {
             break ScanEnd::TornTail;
         }
-        let header = src.get(at, HEADER)?;
-        let len = length(header);
-        let crc = checksum(header);
+        let header: [u8; HEADER] = src.get(at, HEADER)?.try_into().unwrap_or([0; HEADER]);
+        let len = length(&header);
         if len == 0 {
             // The end marker, but data follows: damage, or the leftovers of
             // a torn tail whose zeroing a crash interrupted (the zeros went
             // down in another order than they were written).
-            break torn_or_damaged(src, at)?;
+            break torn_or_damaged(src, at, "a zero length")?;
         }
         if len > MAX_PAYLOAD {
             break ScanEnd::Corrupt {
@@ -202,55 +232,61 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         }
         let next = at + (HEADER + len) as u64;
         if size < next {
-            break torn_or_damaged(src, at)?;
+            break torn_or_damaged(src, at, "a length past the end of the file")?;
         }
-        if crc32c::crc32c(src.get(at + HEADER as u64, len)?) != crc {
-            break if src.zero_from(next)? {
-                torn_or_damaged(src, at)?
-            } else {
-                ScanEnd::Corrupt {
-                    offset: at,
-                    reason: "checksum mismatch".to_owned(),
-                }
-            };
+        if !checks(&header, src.get(at + HEADER as u64, len)?) {
+            // Data after it proves nothing by itself: a device may have
+            // kept later sectors of the write and lost this one's.
+            break torn_or_damaged(src, at, "a checksum mismatch")?;
         }
         at = next;
     };
     Ok((at, end))
 }
 
-/// What a bad frame at `at` (a bad checksum, a length running past the end
-/// of the file, or a zero length with data after it) means: a write cut
-/// short, or damage.
+/// What a bad frame at `at` (`bad`: a bad checksum, a length running past
+/// the end of the file, or a zero length with data after it) means: a write
+/// cut short, or damage.
 ///
 /// The length field is not covered by the checksum. A damaged length that
 /// points past the end of the file, or over later records into the zeros
 /// ahead, would look like a write cut short, and cutting there would drop
-/// every record after it. A write cut short (or its zeroing, interrupted)
-/// leaves nothing whole after the point where it was cut, so if a complete
-/// frame with a good checksum starts anywhere after `at`, the frame at `at`
-/// is damage. A candidate may end up to [`SLACK`] bytes past the last
+/// every record after it. A crash leaves after the bad frame only bytes of
+/// the write that was in flight (cut short, or with only some of its
+/// sectors down) or of a zeroing that recovery had not finished: every
+/// whole frame among them was logged when the durable data ended at or
+/// before `at` (see the module's note on `synced`). So if a complete frame
+/// with a good checksum and `synced` past `at` starts anywhere after `at`,
+/// the frame at `at` is damage; frames of the unsynced write itself are
+/// cut with it. A candidate may end up to [`SLACK`] bytes past the last
 /// non-zero byte: records often end in zero bytes.
 ///
-/// A torn tail is refused when 8 bytes inside it pass as a frame: random
-/// bytes with a chance of 2^-32, but a client's appended bytes may hold a
-/// well-formed frame on purpose. The start then needs an operator; no
-/// record is ever dropped.
+/// A torn tail is refused when 16 bytes inside it pass as a frame of a
+/// later write: random bytes with a chance of 2^-32, but a client's
+/// appended bytes may hold a well-formed frame on purpose. The start then
+/// needs an operator; no record is ever dropped.
+///
+/// Damage inside the last write that was made durable, with nothing logged
+/// after it, looks exactly like that write torn by a crash and is cut like
+/// one (as a log that trusts a torn tail must).
 ///
 /// Every byte position is a candidate, and each whose length fits costs a
 /// checksum over that length. The checksums are bounded in total (the
 /// region's length 16 times, plus 256 MiB); past the bound (bytes that make
 /// many long plausible lengths) the frame is refused as damage too, rather
 /// than a start taking minutes or a record being dropped unseen.
-fn torn_or_damaged<S: Source>(src: &mut S, at: u64) -> Result<ScanEnd, S::Error> {
+fn torn_or_damaged<S: Source>(src: &mut S, at: u64, bad: &str) -> Result<ScanEnd, S::Error> {
     let dirty = src.dirty_end(at)?;
     let end = dirty.saturating_add(SLACK).min(src.size());
     let mut budget = (end - at).saturating_mul(16).saturating_add(256 << 20);
     let mut p = at + 1;
     while dirty.saturating_sub(p) >= 1 && end - p >= HEADER as u64 {
-        let header = src.get(p, HEADER)?;
-        let len = length(header);
-        if len > 0 && len <= MAX_PAYLOAD && (HEADER + len) as u64 <= end - p {
+        let header: [u8; HEADER] = src.get(p, HEADER)?.try_into().unwrap_or([0; HEADER]);
+        let len = length(&header);
+        // A frame of the unsynced write itself (`synced` at or before
+        // `at`) goes with it; only one logged later makes `at` damage.
+        if len > 0 && len <= MAX_PAYLOAD && (HEADER + len) as u64 <= end - p && synced(&header) > at
+        {
             let Some(left) = budget.checked_sub(len as u64) else {
                 return Ok(ScanEnd::Corrupt {
                     offset: at,
@@ -260,12 +296,11 @@ fn torn_or_damaged<S: Source>(src: &mut S, at: u64) -> Result<ScanEnd, S::Error>
                 });
             };
             budget = left;
-            let crc = checksum(header);
-            if crc32c::crc32c(src.get(p + HEADER as u64, len)?) == crc {
+            if checks(&header, src.get(p + HEADER as u64, len)?) {
                 return Ok(ScanEnd::Corrupt {
                     offset: at,
                     reason: format!(
-                        "bad record with a good one after it at offset {p} (a damaged length?)"
+                        "{bad}, with a record logged after it was durable at offset {p}"
                     ),
                 });
             }
@@ -301,16 +336,19 @@ pub fn each_payload<S: Source, E>(
         if valid - at < HEADER as u64 {
             return Err(changed(at));
         }
-        let header = src.get(at, HEADER).map_err(&read_error)?;
-        let len = length(header) as u64;
-        let crc = checksum(header);
+        let header: [u8; HEADER] = src
+            .get(at, HEADER)
+            .map_err(&read_error)?
+            .try_into()
+            .unwrap_or([0; HEADER]);
+        let len = length(&header) as u64;
         if len == 0 || len > valid - at - HEADER as u64 {
             return Err(changed(at));
         }
         let payload = src
             .get(at + HEADER as u64, len as usize)
             .map_err(&read_error)?;
-        if crc32c::crc32c(payload) != crc {
+        if !checks(&header, payload) {
             return Err(changed(at));
         }
         each(at, payload)?;
@@ -338,10 +376,10 @@ mod tests {
     #[test]
     fn a_whole_frame_is_one_frame_exactly_whatever_its_length() {
         let mut one = Vec::new();
-        encode(b"snapshot", &mut one);
+        encode(b"snapshot", 0, &mut one);
         assert_eq!(whole(&one), Ok(&b"snapshot"[..]));
         let mut two = one.clone();
-        encode(b"more", &mut two);
+        encode(b"more", 0, &mut two);
         assert!(whole(&two).is_err(), "two frames");
         assert!(whole(&one[..one.len() - 1]).is_err(), "cut short");
         assert!(whole(&one[..5]).is_err(), "no whole header");
@@ -357,12 +395,27 @@ mod tests {
     }
     use super::*;
 
+    /// A log of `payloads`, each synced before the next was logged.
     fn log_of(payloads: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for p in payloads {
-            encode(p, &mut out);
+            synced_alone(&mut out, p);
         }
         out
+    }
+
+    /// Adds `payload` to `log` as a record logged once all before it was
+    /// durable.
+    fn synced_alone(log: &mut Vec<u8>, payload: &[u8]) {
+        encode(payload, log.len() as u64, log);
+    }
+
+    /// Adds `payloads` to `log` as one write, logged since the last sync
+    /// at `synced`.
+    fn one_write(log: &mut Vec<u8>, synced: u64, payloads: &[&[u8]]) {
+        for p in payloads {
+            encode(p, synced, log);
+        }
     }
 
     #[test]
@@ -391,15 +444,68 @@ mod tests {
         let mut buf = log_of(&[b"alpha"]);
         let end = buf.len();
         buf.extend_from_slice(&[0u8; 16]);
-        buf.extend_from_slice(&log_of(&[b"late"]));
+        synced_alone(&mut buf, b"late");
         let s = scan(&buf);
         assert!(matches!(s.end, ScanEnd::Corrupt { offset, .. } if offset == end as u64));
+        // A bad checksum with stray bytes after it: another sector of the
+        // same write, for all recovery can tell.
         let mut buf = log_of(&[b"alpha", b"beta"]);
         buf[HEADER + 5 + HEADER] ^= 0xff;
         buf.resize(4096, 0);
         assert_eq!(scan(&buf).end, ScanEnd::TornTail);
         buf[4000] = 1;
-        assert!(matches!(scan(&buf).end, ScanEnd::Corrupt { .. }));
+        assert_eq!(scan(&buf).end, ScanEnd::TornTail);
+        // A record logged after the bad one was durable: damage.
+        buf.truncate(4000);
+        synced_alone(&mut buf, b"late");
+        assert!(
+            matches!(scan(&buf).end, ScanEnd::Corrupt { offset, .. } if offset == HEADER as u64 + 5)
+        );
+    }
+
+    #[test]
+    fn an_unsynced_write_whose_start_was_lost_is_a_torn_tail() {
+        // Two records made durable, then one write of three records, of
+        // which the crash kept only some bytes (sectors in any order).
+        let mut durable = log_of(&[b"alpha", b"beta"]);
+        let synced = durable.len() as u64;
+        let mut log = durable.clone();
+        one_write(&mut log, synced, &[b"one", &[7u8; 40], b"three"]);
+        let write = synced as usize..log.len();
+        durable.resize(log.len(), 0);
+        // Each pattern of kept bytes (here in 8-byte "sectors"): the rest
+        // fell back to the zeros before the write.
+        let sectors = write.len().div_ceil(8);
+        for kept in 0..(1u32 << sectors.min(16)) {
+            let mut left = log.clone();
+            for (i, at) in write.clone().step_by(8).enumerate() {
+                if kept & (1 << i.min(31)) == 0 {
+                    let to = (at + 8).min(log.len());
+                    left[at..to].copy_from_slice(&durable[at..to]);
+                }
+            }
+            left.resize(log.len() + 512, 0);
+            let s = scan(&left);
+            // Whatever survived: the durable records, and of the write a
+            // prefix of whole records.
+            assert!(s.valid_len >= synced, "kept {kept:b}: {:?}", s.end);
+            assert!(
+                matches!(s.end, ScanEnd::Clean | ScanEnd::TornTail),
+                "kept {kept:b}: {:?}",
+                s.end
+            );
+        }
+        // The same bytes with a record logged after the write was synced:
+        // the bad frame is damage (that write was durable).
+        let mut left = log.clone();
+        left[write.start..write.start + 8].fill(0);
+        synced_alone(&mut left, b"late");
+        let s = scan(&left);
+        assert!(
+            matches!(&s.end, ScanEnd::Corrupt { offset, .. } if *offset == synced),
+            "{:?}",
+            s.end
+        );
     }
 
     #[test]
@@ -535,7 +641,7 @@ mod tests {
     fn payloads_walk_what_scan_accepted() {
         let mut buf = Vec::new();
         for payload in [&b"a"[..], b"bcd", &[7u8; 300]] {
-            encode(payload, &mut buf);
+            encode(payload, 0, &mut buf);
         }
         let scan = scan(&buf);
         let valid = &buf[..scan.valid_len as usize];

@@ -1,9 +1,10 @@
 //! The durable log: records framed with length and CRC32C, group-committed
 //! with one fdatasync, replaced by a snapshot when it grows.
 //!
-//! Owns: the files of the state directory — `snap-G` (the durable state at
-//! the start of generation G, one frame) and `log-G` (the records logged
-//! in generation G). Recovery loads the newest snapshot and replays every
+//! Owns: the files of the state directory — `format` (the version of
+//! what follows; a directory of another version is refused, never
+//! misread), `snap-G` (the durable state at the start of generation G, one
+//! frame) and `log-G` (the records logged in generation G). Recovery loads the newest snapshot and replays every
 //! log of its generation and later ones in order, zeroes a torn tail (a
 //! write a crash cut short) and refuses to start on damage in the middle,
 //! naming the file and offset. Must not: interpret records (the core does)
@@ -117,6 +118,10 @@ pub struct Wal {
     segment: Box<dyn DirFile>,
     /// End of the durable-or-written data in the segment.
     offset: u64,
+    /// End of the durable data in the segment: the `synced` mark of every
+    /// record logged now (see [`frame`]), which tells recovery a write a
+    /// crash tore from damage.
+    synced: u64,
     /// The bytes of the block holding `offset`, up to `offset` (rewritten
     /// with the next write, which starts at that block's boundary).
     tail: Vec<u8>,
@@ -157,6 +162,50 @@ pub struct SnapshotWrite {
     generation: u64,
     snapshot: Snapshot,
     prealloc: u64,
+}
+
+/// The file that names the format of the directory's log and snapshots.
+const FORMAT_FILE: &str = "format";
+
+/// What [`FORMAT_FILE`] holds: version 2 marks every record with where the
+/// durable data ended when it was logged (see [`frame`]); the logs of
+/// version 1 (no format file) have no such mark and are not read.
+const FORMAT: &[u8] = b"dlm log format 2\n";
+
+/// Refuses a directory whose state another format wrote.
+fn check_format(dir: &dyn Dir) -> Result<(), LogError> {
+    let corrupt = |reason: String| LogError::Corrupt {
+        file: dir.describe(FORMAT_FILE),
+        offset: 0,
+        reason,
+    };
+    match dir.read(FORMAT_FILE) {
+        Ok(bytes) if bytes == FORMAT => Ok(()),
+        Ok(bytes) => Err(corrupt(format!(
+            "the state is in format {:?}, and this build reads {:?}",
+            String::from_utf8_lossy(&bytes).trim(),
+            String::from_utf8_lossy(FORMAT).trim(),
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(corrupt(format!(
+            "missing: the state was written by an older dlm, whose log this build \
+             cannot read (it reads {:?})",
+            String::from_utf8_lossy(FORMAT).trim(),
+        ))),
+        Err(e) => Err(io_err(dir, FORMAT_FILE)(e)),
+    }
+}
+
+/// Writes [`FORMAT_FILE`] and makes it and its name durable before the
+/// first snapshot exists (a power loss may keep a directory's later
+/// changes and not its earlier ones: the snapshot's name without this one).
+fn write_format(dir: &dyn Dir) -> Result<(), LogError> {
+    let mut file = dir
+        .open(FORMAT_FILE, true)
+        .map_err(io_err(dir, FORMAT_FILE))?;
+    file.set_len(0).map_err(io_err(dir, FORMAT_FILE))?;
+    file.write_at(0, FORMAT).map_err(io_err(dir, FORMAT_FILE))?;
+    file.sync_data().map_err(io_err(dir, FORMAT_FILE))?;
+    dir.sync().map_err(io_err(dir, "."))
 }
 
 fn snap_name(generation: u64) -> String {
@@ -364,6 +413,7 @@ impl Wal {
                 }
                 dir.remove(&name).map_err(io_err(dir.as_ref(), &name))?;
             }
+            write_format(dir.as_ref())?;
             let snapshot = initial();
             let segment = dir
                 .open_direct(&log_name(0), true)
@@ -378,6 +428,7 @@ impl Wal {
             });
         };
 
+        check_format(dir.as_ref())?;
         let snap_file = snap_name(generation);
         let bytes = dir
             .read(&snap_file)
@@ -543,6 +594,7 @@ impl Wal {
             });
         }
         wal.offset = valid;
+        wal.synced = valid;
         wal.tail = tail;
         wal.records = records;
         wal.allocated = size;
@@ -566,6 +618,7 @@ impl Wal {
             generation,
             segment,
             offset: 0,
+            synced: 0,
             tail: Vec::new(),
             allocated: 0,
             prealloc,
@@ -686,7 +739,7 @@ impl Wal {
 
     /// Adds one encoded record as a frame.
     fn push(&mut self, payload: &[u8]) {
-        frame::encode(payload, &mut self.pending);
+        frame::encode(payload, self.synced, &mut self.pending);
         self.records += 1;
     }
 
@@ -720,6 +773,7 @@ impl Wal {
         }
         self.segment.sync_data().map_err(self.segment_io())?;
         self.unsynced = false;
+        self.synced = self.offset;
         Ok(())
     }
 
@@ -774,6 +828,7 @@ impl Wal {
             }
         }
         self.offset = 0;
+        self.synced = 0;
         self.tail.clear();
         self.records = 0;
         Ok(SnapshotWrite {
@@ -944,7 +999,7 @@ fn write_snapshot_file(
         });
     }
     let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER);
-    frame::encode(&payload, &mut bytes);
+    frame::encode(&payload, 0, &mut bytes);
     let tmp = format!("{}.tmp", snap_name(generation));
     let mut file = dir.open(&tmp, true).map_err(io_err(dir, &tmp))?;
     file.set_len(0).map_err(io_err(dir, &tmp))?;
@@ -1112,7 +1167,12 @@ mod tests {
         };
         assert_eq!(
             files(),
-            [log_name(1), log_name(2), snap_name(1)],
+            [
+                FORMAT_FILE.to_owned(),
+                log_name(1),
+                log_name(2),
+                snap_name(1)
+            ],
             "old generation removed, the next one's segment zero-filled ahead"
         );
         drop(r);
@@ -1121,7 +1181,12 @@ mod tests {
         assert_eq!(r.records, vec![record(7)]);
         assert_eq!(
             files(),
-            [log_name(1), log_name(2), snap_name(1)],
+            [
+                FORMAT_FILE.to_owned(),
+                log_name(1),
+                log_name(2),
+                snap_name(1)
+            ],
             "recovery keeps the segment zero-filled ahead for the next snapshot"
         );
         assert!(
@@ -1234,7 +1299,7 @@ mod tests {
         let path = tmp.path().join(log_name(1));
         let mut bytes = std::fs::read(&path).unwrap();
         let mut one = Vec::new();
-        frame::encode(&postcard::to_allocvec(&record(1)).unwrap(), &mut one);
+        frame::encode(&postcard::to_allocvec(&record(1)).unwrap(), 0, &mut one);
         bytes[one.len() + frame::HEADER] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         let premade = tmp.path().join(log_name(2));
@@ -1314,7 +1379,15 @@ mod tests {
         assert_eq!(r.records, vec![record(3), record(4), record(5)]);
         let mut files = FsDir::open(tmp.path()).unwrap().list().unwrap();
         files.sort();
-        assert_eq!(files, [log_name(2), log_name(3), snap_name(2)]);
+        assert_eq!(
+            files,
+            [
+                FORMAT_FILE.to_owned(),
+                log_name(2),
+                log_name(3),
+                snap_name(2)
+            ]
+        );
     }
 
     #[test]
@@ -1376,6 +1449,102 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_state_directory_of_another_format_is_refused_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.append(&record(0));
+        r.wal.sync().unwrap();
+        drop(r);
+        assert_eq!(std::fs::read(tmp.path().join("format")).unwrap(), FORMAT);
+        let log = std::fs::read(tmp.path().join(log_name(0))).unwrap();
+        // What a dlm before the format file left: no `format`.
+        std::fs::remove_file(tmp.path().join("format")).unwrap();
+        let text = open(tmp.path()).err().expect("refused").to_string();
+        assert!(
+            text.contains("format") && text.contains("older dlm"),
+            "{text}"
+        );
+        std::fs::write(tmp.path().join("format"), b"dlm log format 3\n").unwrap();
+        let text = open(tmp.path()).err().expect("refused").to_string();
+        assert!(text.contains("\"dlm log format 3\""), "{text}");
+        assert_eq!(std::fs::read(tmp.path().join(log_name(0))).unwrap(), log);
+        std::fs::write(tmp.path().join("format"), FORMAT).unwrap();
+        assert_eq!(open(tmp.path()).unwrap().records, vec![record(0)]);
+    }
+
+    /// A power loss on a device that writes sectors in any order (a
+    /// volatile cache, no FUA) can keep the end of the unsynced write and
+    /// lose its start. That write was never acknowledged: it is cut like a
+    /// tail torn short, not refused as damage, and the log goes on.
+    #[test]
+    fn an_unsynced_write_whose_later_sectors_alone_reached_the_disk_is_cut() {
+        let long = |n: u64| Record {
+            changes: vec![Change::Ended {
+                lock: format!("{n}-{}", "x".repeat(300)),
+                fence: Fence(n),
+            }],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.append(&record(0));
+        r.wal.append(&record(1));
+        r.wal.sync().unwrap();
+        let durable = r.wal.offset as usize;
+        for n in 2..8 {
+            r.wal.append(&long(n));
+        }
+        r.wal.write_pending().unwrap();
+        drop(r);
+        let log = tmp.path().join(log_name(0));
+        let written = std::fs::read(&log).unwrap();
+        let end = frame::scan(&written).valid_len as usize;
+        assert!(end > durable + 1500, "the write spans several sectors");
+        // Every way of losing the write's first sectors and keeping the
+        // rest (512-byte sectors, the first one holding the durable data's
+        // end too, whose bytes the write rewrote unchanged).
+        let first_sector = durable / 512 * 512;
+        for lost_to in (first_sector + 512..end).step_by(512) {
+            let mut bytes = written.clone();
+            bytes[durable..lost_to].fill(0);
+            std::fs::write(&log, &bytes).unwrap();
+            let r = open(tmp.path()).unwrap_or_else(|e| panic!("lost to {lost_to}: {e}"));
+            assert_eq!(r.records, vec![record(0), record(1)], "lost to {lost_to}");
+            assert!(r.torn_bytes > 0);
+        }
+        // The cut bytes were zeroed: the log goes on from the durable end.
+        let mut r = open(tmp.path()).unwrap();
+        assert_eq!(r.torn_bytes, 0);
+        r.wal.append(&record(9));
+        r.wal.sync().unwrap();
+        drop(r);
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(0), record(1), record(9)]);
+
+        // Had that write been synced before the next one, the same loss
+        // would be damage: refused, naming where.
+        drop(r);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.append(&record(0));
+        r.wal.sync().unwrap();
+        let first = r.wal.offset as usize;
+        r.wal.append(&long(1));
+        r.wal.sync().unwrap();
+        r.wal.append(&long(2));
+        r.wal.sync().unwrap();
+        drop(r);
+        let log = tmp.path().join(log_name(0));
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[first..first + 16].fill(0);
+        std::fs::write(&log, &bytes).unwrap();
+        let text = open(tmp.path()).err().expect("refused").to_string();
+        assert!(
+            text.contains(&format!("offset {first}")) && text.contains("logged after"),
+            "{text}"
+        );
+    }
+
     /// The records `recover_each` handed on, and how many it counted (or
     /// why it refused).
     fn streamed(path: &std::path::Path) -> (Vec<Record>, Result<u64, LogError>) {
@@ -1403,17 +1572,19 @@ mod tests {
             Snapshot::default,
         )
         .unwrap();
+        // Each record its own write: damage in one is not a write a crash
+        // tore, as the later ones were logged after it was durable.
         for n in 0..4 {
             r.wal.append(&record(n));
+            r.wal.sync().unwrap();
         }
-        r.wal.sync().unwrap();
         drop(r);
         let (seen, count) = streamed(tmp.path());
         assert_eq!(seen, (0..4).map(record).collect::<Vec<_>>());
         assert_eq!(count.unwrap(), 4);
 
         // Damage in the second of four records: not a torn tail (whole
-        // records follow it), so the segment is refused before any of its
+        // records logged after it follow it), so the segment is refused before any of its
         // records, the first one included, is handed on.
         let log = tmp.path().join(log_name(0));
         let mut bytes = std::fs::read(&log).unwrap();
@@ -1455,7 +1626,7 @@ mod tests {
         // A log with data and no snapshot at all is damage, not a leftover.
         let tmp = tempfile::tempdir().unwrap();
         let mut bytes = Vec::new();
-        frame::encode(b"x", &mut bytes);
+        frame::encode(b"x", 0, &mut bytes);
         std::fs::write(tmp.path().join(log_name(0)), &bytes).unwrap();
         let text = open(tmp.path()).err().expect("refused").to_string();
         assert!(text.contains("a log without its snapshot"), "{text}");
@@ -1474,8 +1645,8 @@ mod tests {
         drop(write);
         for n in 1..4 {
             r.wal.append(&record(n));
+            r.wal.sync().unwrap();
         }
-        r.wal.sync().unwrap();
         drop(r);
         let (seen, count) = streamed(tmp.path());
         assert_eq!(seen, (0..4).map(record).collect::<Vec<_>>());

@@ -152,7 +152,7 @@ mod tests {
     fn cases() -> Vec<Vec<u8>> {
         let mut clean = Vec::new();
         for p in [&b"one"[..], &[7u8; 300][..], b"x", &[9u8; 70][..]] {
-            frame::encode(p, &mut clean);
+            frame::encode(p, clean.len() as u64, &mut clean);
         }
         let mut cases = vec![Vec::new(), vec![0; 100], clean.clone()];
         let mut ahead = clean.clone();
@@ -260,27 +260,27 @@ mod tests {
     fn the_second_pass_refuses_frames_that_changed_since_the_check() {
         let mut log = Vec::new();
         for p in [&b"alpha"[..], &[5u8; 40][..], b"omega"] {
-            frame::encode(p, &mut log);
+            frame::encode(p, log.len() as u64, &mut log);
         }
         let valid = frame::check(&log).0;
-        assert_eq!(walk_after(&log, valid), Ok(vec![0, 13, 61]));
+        assert_eq!(walk_after(&log, valid), Ok(vec![0, 21, 77]));
         // A payload byte: its checksum.
         let mut bad = log.clone();
-        bad[30] ^= 1;
-        assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
+        bad[40] ^= 1;
+        assert_eq!(walk_after(&bad, valid), Err("changed at 21".to_owned()));
         // A length pointing past what was checked, or zero.
         let mut bad = log.clone();
-        bad[13] = 200;
-        assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
+        bad[21] = 200;
+        assert_eq!(walk_after(&bad, valid), Err("changed at 21".to_owned()));
         let mut bad = log.clone();
-        bad[13] = 0;
-        assert_eq!(walk_after(&bad, valid), Err("changed at 13".to_owned()));
+        bad[21] = 0;
+        assert_eq!(walk_after(&bad, valid), Err("changed at 21".to_owned()));
         // The walk must end exactly at `valid`: a frame running past it, or
         // too few bytes left for a header.
-        assert_eq!(walk_after(&log, valid - 2), Err("changed at 61".to_owned()));
-        assert_eq!(walk_after(&log, 64), Err("changed at 61".to_owned()));
+        assert_eq!(walk_after(&log, valid - 2), Err("changed at 77".to_owned()));
+        assert_eq!(walk_after(&log, 80), Err("changed at 77".to_owned()));
         // The file shrank: a read error, not a panic.
-        assert!(walk_after(&log[..30], valid)
+        assert!(walk_after(&log[..40], valid)
             .unwrap_err()
             .starts_with("read:"));
     }

@@ -237,7 +237,24 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         if !checks(&header, src.get(at + HEADER as u64, len)?) {
             // Data after it proves nothing by itself: a device may have
             // kept later sectors of the write and lost this one's.
-            break torn_or_damaged(src, at, "a checksum mismatch")?;
+            let end = torn_or_damaged(src, at, "a checksum mismatch")?;
+            // But a lost sector reads as it was before the write: zeros,
+            // for every byte of a frame that was not yet on the disk. A
+            // bad frame with data after it and no such sector is damage
+            // (a changed bit, say), not a write torn by sectors.
+            if end == ScanEnd::TornTail
+                && !src.zero_from(next)?
+                && !has_unwritten_sector(src.get(at, HEADER + len)?, at)
+            {
+                break ScanEnd::Corrupt {
+                    offset: at,
+                    reason: format!(
+                        "a checksum mismatch with data after it, and no {UNIT}-byte part of the \
+                         record that reads as never written"
+                    ),
+                };
+            }
+            break end;
         }
         at = next;
     };
@@ -267,8 +284,11 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
 /// needs an operator; no record is ever dropped.
 ///
 /// Damage inside the last write that was made durable, with nothing logged
-/// after it, looks exactly like that write torn by a crash and is cut like
-/// one (as a log that trusts a torn tail must).
+/// after it, looks like that write torn by a crash: a bad checksum is cut
+/// as torn only if the record also has a sector that reads as never
+/// written (see `has_unwritten_sector`), or nothing but zeros after it
+/// (a write cut short); a zero length, or a length past the end, is cut
+/// (as a log that trusts a torn tail must).
 ///
 /// Every byte position is a candidate, and each whose length fits costs a
 /// checksum over that length. The checksums are bounded in total (the
@@ -308,6 +328,31 @@ fn torn_or_damaged<S: Source>(src: &mut S, at: u64, bad: &str) -> Result<ScanEnd
         p += 1;
     }
     Ok(ScanEnd::TornTail)
+}
+
+/// Bytes of the smallest unit a device writes whole or not at all, as far
+/// as telling a torn write goes: every sector size in use (512 bytes, 4 KiB)
+/// is a multiple, aligned the same way (the simulated disk's sectors are
+/// this size). A write torn by sectors loses whole units of it.
+pub const UNIT: u64 = 64;
+
+/// Whether some `UNIT`-aligned part of `frame` (whose first byte is at
+/// `at` in its segment) is all zeros: what a lost sector of a write into
+/// zero-filled space leaves. The length field is never zero here, so the
+/// unit holding the header's start is never all zeros; a zero run that a
+/// record holds on purpose can pass for a lost sector (damage beside it is
+/// then cut as a torn write, as without this test).
+fn has_unwritten_sector(frame: &[u8], at: u64) -> bool {
+    let mut from = 0usize;
+    while from < frame.len() {
+        let unit_end = ((at + from as u64) / UNIT + 1) * UNIT;
+        let to = (unit_end - at).min(frame.len() as u64) as usize;
+        if frame[from..to].iter().all(|&b| b == 0) {
+            return true;
+        }
+        from = to;
+    }
+    false
 }
 
 /// How far past the last non-zero byte a frame found after a bad one may
@@ -447,14 +492,18 @@ mod tests {
         synced_alone(&mut buf, b"late");
         let s = scan(&buf);
         assert!(matches!(s.end, ScanEnd::Corrupt { offset, .. } if offset == end as u64));
-        // A bad checksum with stray bytes after it: another sector of the
-        // same write, for all recovery can tell.
+        // A bad checksum with only zeros after it: a write cut short.
         let mut buf = log_of(&[b"alpha", b"beta"]);
         buf[HEADER + 5 + HEADER] ^= 0xff;
         buf.resize(4096, 0);
         assert_eq!(scan(&buf).end, ScanEnd::TornTail);
+        // With stray bytes after it (another sector of the same write?):
+        // a sector lost from that record would read as zeros, and none
+        // does, so the bad record is damage.
         buf[4000] = 1;
-        assert_eq!(scan(&buf).end, ScanEnd::TornTail);
+        assert!(
+            matches!(scan(&buf).end, ScanEnd::Corrupt { offset, .. } if offset == HEADER as u64 + 5)
+        );
         // A record logged after the bad one was durable: damage.
         buf.truncate(4000);
         synced_alone(&mut buf, b"late");
@@ -470,17 +519,25 @@ mod tests {
         let mut durable = log_of(&[b"alpha", b"beta"]);
         let synced = durable.len() as u64;
         let mut log = durable.clone();
-        one_write(&mut log, synced, &[b"one", &[7u8; 40], b"three"]);
+        one_write(
+            &mut log,
+            synced,
+            &[b"one", &[7u8; 140], &[9u8; 200], b"four"],
+        );
         let write = synced as usize..log.len();
         durable.resize(log.len(), 0);
-        // Each pattern of kept bytes (here in 8-byte "sectors"): the rest
-        // fell back to the zeros before the write.
-        let sectors = write.len().div_ceil(8);
+        // Each pattern of kept sectors (of `UNIT` bytes, aligned in the
+        // file, the first holding the durable end too): the rest fell back
+        // to what they held before the write.
+        let unit = UNIT as usize;
+        let first = write.start / unit * unit;
+        let sectors = (write.end - first).div_ceil(unit);
+        assert!(sectors >= 6, "the write spans several sectors");
         for kept in 0..(1u32 << sectors.min(16)) {
             let mut left = log.clone();
-            for (i, at) in write.clone().step_by(8).enumerate() {
+            for (i, at) in (first..write.end).step_by(unit).enumerate() {
                 if kept & (1 << i.min(31)) == 0 {
-                    let to = (at + 8).min(log.len());
+                    let to = (at + unit).min(log.len());
                     left[at..to].copy_from_slice(&durable[at..to]);
                 }
             }
@@ -506,6 +563,34 @@ mod tests {
             "{:?}",
             s.end
         );
+    }
+
+    /// A changed byte in the last durable write, with records of that
+    /// write after it: no sector of the bad record reads as never written,
+    /// so it is damage, not a write torn by sectors.
+    #[test]
+    fn a_changed_byte_in_the_last_durable_write_is_damage() {
+        let mut log = log_of(&[b"alpha"]);
+        let synced = log.len() as u64;
+        one_write(&mut log, synced, &[&[7u8; 140], &[9u8; 200]]);
+        log.resize(log.len() + 512, 0);
+        let mut bad = log.clone();
+        bad[synced as usize + HEADER + 70] ^= 0x10;
+        let s = scan(&bad);
+        assert!(
+            matches!(&s.end, ScanEnd::Corrupt { offset, reason }
+                if *offset == synced && reason.contains("never written")),
+            "{:?}",
+            s.end
+        );
+        // The same record with one of its sectors lost instead: torn.
+        let mut torn = log.clone();
+        let unit = UNIT as usize;
+        let lost = (synced as usize + HEADER + 70) / unit * unit;
+        torn[lost..lost + unit].fill(0);
+        let s = scan(&torn);
+        assert_eq!(s.end, ScanEnd::TornTail);
+        assert_eq!(s.valid_len, synced);
     }
 
     #[test]

@@ -193,7 +193,7 @@ impl SimDisk {
     /// probability `torn` keeps part of what changed since its last sync (a
     /// write cut short: appended bytes, or the rewritten blocks of a
     /// preallocated log): a random prefix, or a random subset of its
-    /// 512-byte sectors (a device that writes them in any order); files no
+    /// 64-byte sectors (a device that writes them in any order); files no
     /// name points to any more are gone.
     pub fn crash(&self, rng: &mut SimRng, torn: f64) -> CrashLoss {
         let mut loss = CrashLoss::default();

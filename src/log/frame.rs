@@ -12,9 +12,12 @@
 //! write began carries a larger one. So when a bad frame at `at` has good
 //! frames after it (a device that writes sectors in any order can keep the
 //! end of an unsynced write and lose its start), they are that unsynced
-//! write's if their `synced` is at or before `at`: a torn tail, cut at `at`.
-//! One with `synced` past `at` was written after `at` was durable: the bad
-//! frame is damage. The checksum covers `synced` and the payload.
+//! write's if their `synced` is at or before `at`: a torn tail, cut at `at`
+//! (for a failed checksum, only if a sector of the bad frame reads as
+//! never written: all zeros). One with `synced` past `at` was written after
+//! `at` was durable: the bad frame is damage. The checksum covers `synced`
+//! and the payload; the length is not covered, so a damaged length in the
+//! last durable write that reaches the zeros ahead is cut like a torn one.
 //!
 //! Log segments are preallocated with zeros (an fdatasync of blocks that
 //! already exist need not update the file's size, which makes every group
@@ -93,11 +96,15 @@ pub enum ScanEnd {
     /// At the end of the buffer, or where only zeros (preallocated space)
     /// follow.
     Clean,
-    /// The last frame is incomplete or fails its checksum and nothing but
-    /// zeros follows it: a write cut short by a crash. Safe to cut at
-    /// `valid_len`.
+    /// A bad frame (incomplete, a zero length with data after it, or a
+    /// failed checksum) where a crash could have torn the last unsynced
+    /// write: only zeros after it, or only frames of that same write with,
+    /// for a failed checksum, a sector of it that reads as never written.
+    /// Safe to cut at `valid_len`.
     TornTail,
-    /// A bad frame with data after it: the log is damaged at `offset`.
+    /// A bad frame that no crash explains (a frame logged after it was
+    /// durable follows it, or its checksum fails with data after it and no
+    /// lost sector): the log is damaged at `offset`.
     Corrupt { offset: u64, reason: String },
 }
 

@@ -4,10 +4,11 @@
 //! Owns: the files of the state directory — `format` (the version of
 //! what follows; a directory of another version is refused, never
 //! misread), `snap-G` (the durable state at the start of generation G, one
-//! frame) and `log-G` (the records logged in generation G). Recovery loads the newest snapshot and replays every
-//! log of its generation and later ones in order, zeroes a torn tail (a
-//! write a crash cut short) and refuses to start on damage in the middle,
-//! naming the file and offset. Must not: interpret records (the core does)
+//! frame) and `log-G` (the records logged in generation G). Recovery loads
+//! the newest snapshot and replays every log of its generation and later
+//! ones in order, zeroes a torn tail (a write a crash cut short, see
+//! [`frame`] for how it is told from damage) and refuses to start on
+//! damage, naming the file and offset. Must not: interpret records (the core does)
 //! or touch data files.
 //!
 //! A snapshot is taken in two steps so that group commits need not wait for

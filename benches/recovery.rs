@@ -17,7 +17,9 @@
 //! appends, release (80 % of the records carry data).
 //!
 //! `DLM_BENCH_RECORDS` (default `100000,1000000`) lists the log lengths; free
-//! words (`locks`, `appends`) filter the mixes.
+//! words (`locks`, `appends`) filter the mixes. With `DLM_BENCH_KEEP` set, a
+//! copy of each generated state is left in `target/bench-tmp/kept-MIX-N`
+//! (to profile a start by hand).
 
 #[allow(dead_code)]
 mod common;
@@ -136,6 +138,21 @@ fn generate(dir: &Path, records: u64, mix: Mix) -> Result<()> {
     }
     wal.sync()?;
     files.sync()?;
+    Ok(())
+}
+
+/// Copies the files of `from` (and of its subdirectories) into `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
     Ok(())
 }
 
@@ -306,6 +323,14 @@ fn run(mix: Mix, records: u64) -> Result<Vec<serde_json::Value>> {
     let generated = Instant::now();
     generate(&dir, records, mix)?;
     let generate_secs = generated.elapsed().as_secs_f64();
+    if std::env::var_os("DLM_BENCH_KEEP").is_some() {
+        // For profiling a start by hand: `dlm server --data-dir <this>`.
+        let base = tmp.path().parent().unwrap_or(tmp.path());
+        let kept = base.join(format!("kept-{}-{records}", mix.name()));
+        let _ = std::fs::remove_dir_all(&kept);
+        copy_dir(&dir, &kept)?;
+        println!("kept a copy of the state as generated: {}", kept.display());
+    }
     let mut rows = Vec::new();
     let mut snapshot_cost = (0.0, 0.0, 0.0);
     for state in ["log", "snapshot"] {

@@ -16,8 +16,10 @@
 //! (for a failed checksum, only if a sector of the bad frame reads as
 //! never written: all zeros). One with `synced` past `at` was written after
 //! `at` was durable: the bad frame is damage. The checksum covers `synced`
-//! and the payload; the length is not covered, so a damaged length in the
-//! last durable write that reaches the zeros ahead is cut like a torn one.
+//! and the payload, not the length: a bad frame that would be cut as torn
+//! but checks at another length than its header gives is a whole record
+//! with a damaged length (the last durable record's, reaching the zeros
+//! ahead, say), and is refused as damage instead.
 //!
 //! Log segments are preallocated with zeros (an fdatasync of blocks that
 //! already exist need not update the file's size, which makes every group
@@ -239,7 +241,8 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
         }
         let next = at + (HEADER + len) as u64;
         if size < next {
-            break torn_or_damaged(src, at, "a length past the end of the file")?;
+            let end = torn_or_damaged(src, at, "a length past the end of the file")?;
+            break damaged_length(src, at, &header, end)?;
         }
         if !checks(&header, src.get(at + HEADER as u64, len)?) {
             // Data after it proves nothing by itself: a device may have
@@ -261,7 +264,7 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
                     ),
                 };
             }
-            break end;
+            break damaged_length(src, at, &header, end)?;
         }
         at = next;
     };
@@ -294,8 +297,9 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
 /// after it, looks like that write torn by a crash: a bad checksum is cut
 /// as torn only if the record also has a sector that reads as never
 /// written (see `has_unwritten_sector`), or nothing but zeros after it
-/// (a write cut short); a zero length, or a length past the end, is cut
-/// (as a log that trusts a torn tail must).
+/// (a write cut short), and, as for a length past the end, only if the
+/// record does not check at another length (see `damaged_length`); a zero
+/// length is cut (as a log that trusts a torn tail must).
 ///
 /// Every byte position is a candidate, and each whose length fits costs a
 /// checksum over that length. The checksums are bounded in total (the
@@ -335,6 +339,55 @@ fn torn_or_damaged<S: Source>(src: &mut S, at: u64, bad: &str) -> Result<ScanEnd
         p += 1;
     }
     Ok(ScanEnd::TornTail)
+}
+
+/// `end`, what a bad frame at `at` with a non-zero length was found to
+/// mean, unless it is a torn tail and the frame checks at another length
+/// than its header gives: then the frame is a whole record whose length
+/// field was damaged (the last durable record's, say, reaching the zeros
+/// ahead), and cutting it would drop an acknowledged record.
+///
+/// A write torn by a crash does not check at another length but by chance
+/// (2^-32 for each length tried, one per byte up to the last non-zero one
+/// after `at`, plus [`SLACK`]); such a chance refuses the start, it drops
+/// nothing. The checksum is worked out byte by byte over those bytes (at
+/// most once per start, on the bad-frame path).
+fn damaged_length<S: Source>(
+    src: &mut S,
+    at: u64,
+    header: &[u8; HEADER],
+    end: ScanEnd,
+) -> Result<ScanEnd, S::Error> {
+    if end != ScanEnd::TornTail {
+        return Ok(end);
+    }
+    let stated = length(header);
+    let start = at + HEADER as u64;
+    let stop = src
+        .dirty_end(at)?
+        .saturating_add(SLACK)
+        .min(src.size())
+        .min(start + MAX_PAYLOAD as u64);
+    let Some(most) = stop.checked_sub(start).filter(|n| *n > 0) else {
+        return Ok(end);
+    };
+    let want = checksum(header);
+    let mut crc = crc32c::crc32c(&synced(header).to_le_bytes());
+    let payload = src.get(start, most as usize)?;
+    for (i, byte) in payload.iter().enumerate() {
+        crc = crc32c::crc32c_append(crc, std::slice::from_ref(byte));
+        let len = i + 1;
+        if crc == want && len != stated {
+            return Ok(ScanEnd::Corrupt {
+                offset: at,
+                reason: format!(
+                    "the record's header gives {stated} bytes, but it checks with {len}: \
+                     its length is damaged"
+                ),
+            });
+        }
+    }
+    Ok(end)
 }
 
 /// Bytes of the smallest unit a device writes whole or not at all, as far
@@ -626,13 +679,35 @@ mod tests {
                 "zeros {zeros}"
             );
         }
-        // The last record's length damaged: nothing good after it, so it
-        // cannot be told from a torn write (and nothing after it is lost).
+        // The last record's length damaged, with nothing after it: the
+        // record checks at its true length, so it is damage, not a write
+        // cut short (cutting it would drop an acknowledged record).
         let last = buf.len() - HEADER - 5;
-        let mut bad = buf.clone();
-        bad[last + 3] = 0x01;
-        bad.resize(buf.len() + 64, 0);
-        assert_eq!(scan(&bad).end, ScanEnd::TornTail);
+        for (byte, value, zeros) in [(3, 0x01, 64), (0, 0x40, 64), (0, 0x40, 4096), (0, 0x06, 0)] {
+            let mut bad = buf.clone();
+            bad[last + byte] = value;
+            bad.resize(buf.len() + zeros, 0);
+            let s = scan(&bad);
+            assert_eq!(s.valid_len, last as u64);
+            assert!(
+                matches!(&s.end, ScanEnd::Corrupt { offset, reason }
+                    if *offset == last as u64 && reason.contains("checks with 5")),
+                "byte {byte} = {value:#x}, {zeros} zeros: {:?}",
+                s.end
+            );
+        }
+        // The same record cut short instead (the write torn): no length
+        // checks, and it is cut.
+        for cut in 1..5 {
+            let mut torn = buf[..buf.len() - cut].to_vec();
+            torn.resize(buf.len() + 64, 0);
+            let s = scan(&torn);
+            assert_eq!(
+                (s.valid_len, s.end),
+                (last as u64, ScanEnd::TornTail),
+                "cut {cut}"
+            );
+        }
     }
 
     #[test]

@@ -105,8 +105,9 @@ pub enum ScanEnd {
     /// Safe to cut at `valid_len`.
     TornTail,
     /// A bad frame that no crash explains (a frame logged after it was
-    /// durable follows it, or its checksum fails with data after it and no
-    /// lost sector): the log is damaged at `offset`.
+    /// durable follows it, its checksum fails with data after it and no
+    /// lost sector, or it checks at another length than its header gives):
+    /// the log is damaged at `offset`.
     Corrupt { offset: u64, reason: String },
 }
 

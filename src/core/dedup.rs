@@ -88,6 +88,10 @@ pub struct Dedup {
     /// The floors' keys with their hashes, in the order they would go
     /// (the snapshot's order too).
     floor_order: VecDeque<(u64, ClientId, Prefix)>,
+    /// During a replay: how many of the answers still to be replayed are
+    /// ones this table would evict before the replay ends (see
+    /// [`Dedup::plan_replay`]).
+    doomed: u64,
 }
 
 /// At least this many floors are kept (one per client instance whose answers
@@ -206,6 +210,7 @@ impl Dedup {
             floors: HashTable::new(),
             floor_capacity: capacity.max(FLOORS_KEPT),
             floor_order: VecDeque::new(),
+            doomed: 0,
         }
     }
 
@@ -417,8 +422,54 @@ impl Dedup {
         self.evict();
     }
 
+    /// Before a replay of a log that holds `answers` answers. Answers leave
+    /// the table oldest first, so all but the last `capacity` of the log's
+    /// answers, and every answer the table holds before the replay, would
+    /// be evicted before the replay ends. [`Dedup::replayed`] passes over
+    /// the log's doomed ones: the answers already held are evicted first,
+    /// then each doomed answer's floor is raised as it comes (the order in
+    /// which their evictions would raise them), and none of them enters the
+    /// table. That leaves the table an answer-by-answer replay leaves,
+    /// because the core never answers an id it remembers: an answer in a
+    /// log never replaces one in the table. (A log written under a smaller
+    /// capacity can break that; then an id answered twice keeps its last
+    /// answer or its floor, as an eviction would leave it.) A count that is
+    /// too low only passes over fewer; one too high would pass over answers
+    /// that should stay, so it must come from the log itself.
+    pub fn plan_replay(&mut self, answers: u64) {
+        self.doomed = answers.saturating_sub(self.capacity as u64);
+    }
+
+    /// Takes a replayed answer: remembers it, or passes over it if the
+    /// plan says it would be evicted before the replay ends.
+    pub fn replayed(&mut self, answer: Arc<AnswerSnapshot>) {
+        if self.doomed == 0 {
+            self.answer(answer);
+            return;
+        }
+        self.doomed -= 1;
+        // Everything remembered is older than this answer, so it would go
+        // first, in its order.
+        self.evict_to(0);
+        // Only waiters are left, and a replay has none; if one had this id,
+        // the answer would replace it and go with it.
+        if !self.seen.is_empty() {
+            let hash = self.hash(answer.client, &answer.request_id);
+            let mine = |e: &Entry| e.is(answer.client, &answer.request_id);
+            if let Ok(slot) = self.seen.find_entry(hash, mine) {
+                slot.remove();
+            }
+        }
+        self.raise_floor(answer.client, &answer.request_id);
+    }
+
     fn evict(&mut self) {
-        while self.order.len() > self.capacity {
+        self.evict_to(self.capacity);
+    }
+
+    /// Evicts the oldest answers until at most `keep` are left.
+    fn evict_to(&mut self, keep: usize) {
+        while self.order.len() > keep {
             let Some((hash, old)) = self.order.pop_front() else {
                 break;
             };

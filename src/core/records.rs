@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::staging::{FileIndex, FileLengths};
 use super::time::Millis;
-use super::types::{ClientId, Fence, LockName, Reply, RequestKind, Token};
+use super::types::{ClientId, Fence, LockName, LockView, RefusalCode, Reply, RequestKind, Token};
 
 /// One change to durable state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,9 +165,122 @@ impl Snapshot {
     }
 }
 
+/// How many [`Change::Answered`] changes the encoded record `payload`
+/// holds, read without building the record: strings and bytes are
+/// borrowed, nothing is allocated (except for a status reply, which no
+/// log holds today). Recovery counts a log's answers this way while it
+/// checks the log, before the replay (see `Core::plan_replay`); 0 when the
+/// bytes are not a whole record of this shape, which is safe there (a
+/// count too low only plans less).
+pub fn count_answers(payload: &[u8]) -> u64 {
+    match postcard::take_from_bytes::<RecordShape>(payload) {
+        Ok((record, [])) => record.changes.0,
+        Ok(_) | Err(_) => 0,
+    }
+}
+
+/// [`Record`] as [`count_answers`] reads it. Each `*Shape` type below has
+/// the fields of the type it mirrors, in the same order and encoding, with
+/// strings and bytes borrowed (the test `shapes_read_every_change_as_it_is`
+/// holds them to it).
+#[derive(Deserialize)]
+struct RecordShape {
+    changes: AnswersIn,
+}
+
+/// A `Vec<Change>` read element by element, counting the answers.
+struct AnswersIn(u64);
+
+impl<'de> Deserialize<'de> for AnswersIn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Count;
+        impl<'de> serde::de::Visitor<'de> for Count {
+            type Value = u64;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence of changes")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+                let mut answers = 0;
+                while let Some(change) = seq.next_element::<ChangeShape<'de>>()? {
+                    answers += u64::from(matches!(change, ChangeShape::Answered(_)));
+                }
+                Ok(answers)
+            }
+        }
+        deserializer.deserialize_seq(Count).map(AnswersIn)
+    }
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+enum ChangeShape<'a> {
+    Granted {
+        lock: &'a str,
+        client: ClientId,
+        token: &'a str,
+        fence: Fence,
+        lease: Millis,
+    },
+    Released {
+        lock: &'a str,
+        fence: Fence,
+    },
+    Ended {
+        lock: &'a str,
+        fence: Fence,
+    },
+    Staged {
+        fence: Fence,
+        file: FileIndex,
+        content: &'a [u8],
+    },
+    Answered(#[serde(borrow)] AnswerShape<'a>),
+    LeaseSet {
+        lock: &'a str,
+        fence: Fence,
+        lease: Millis,
+    },
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct AnswerShape<'a> {
+    client: ClientId,
+    request_id: &'a str,
+    kind: RequestKind,
+    #[serde(borrow)]
+    reply: ReplyShape<'a>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+enum ReplyShape<'a> {
+    Done,
+    Granted {
+        lock: &'a str,
+        token: &'a str,
+        fence: Fence,
+        lease: Millis,
+    },
+    Renewed {
+        lease: Millis,
+    },
+    Status {
+        locks: Vec<LockView>,
+        last_fence: Fence,
+    },
+    Refused {
+        code: RefusalCode,
+        message: &'a str,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::staging::FileIndex;
     use crate::core::types::{GrantInfo, RequestId};
 
     /// `Change` as it was before answers were shared: logs written then
@@ -309,5 +422,134 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
         let back: Vec<Change> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back, new);
+    }
+
+    /// One of each change, with an answer of each reply. A match with no
+    /// catch-all below makes a new variant fail to compile here until it
+    /// is added to this list and to the shapes.
+    fn every_change() -> Vec<Change> {
+        let answer = |reply| {
+            Change::Answered(Arc::new(AnswerSnapshot {
+                client: -7,
+                request_id: "6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b#12".into(),
+                kind: RequestKind::Acquire,
+                reply,
+            }))
+        };
+        let replies = vec![
+            Reply::Done,
+            Reply::Granted(GrantInfo {
+                lock: "jobs".into(),
+                token: "0badc0de".into(),
+                fence: Fence(300),
+                lease: Millis(30_000),
+            }),
+            Reply::Renewed {
+                lease: Millis(1 << 40),
+            },
+            Reply::Status {
+                locks: vec![LockView {
+                    lock: "x".into(),
+                    holder: Some(4),
+                    fence: Fence(2),
+                    lease_left: Millis(9),
+                    waiters: vec![(5, true), (-6, false)],
+                    staged_appends: 3,
+                }],
+                last_fence: Fence(u64::MAX),
+            },
+            Reply::refused(RefusalCode::RequestExpired, "gone"),
+        ];
+        for reply in &replies {
+            match reply {
+                Reply::Done
+                | Reply::Granted(_)
+                | Reply::Renewed { .. }
+                | Reply::Status { .. }
+                | Reply::Refused(_) => {}
+            }
+        }
+        let mut changes = vec![
+            Change::Granted {
+                lock: "".into(),
+                client: i32::MIN,
+                token: "t".into(),
+                fence: Fence(1),
+                lease: Millis(10),
+            },
+            Change::Released {
+                lock: "a lock".into(),
+                fence: Fence(2),
+            },
+            Change::Ended {
+                lock: "\u{e9}".into(),
+                fence: Fence(3),
+            },
+            Change::Staged {
+                fence: Fence(4),
+                file: FileIndex::parse("file_99").unwrap(),
+                content: Bytes::from_static(&[0, 1, 2, 255]),
+            },
+            Change::LeaseSet {
+                lock: "l".into(),
+                fence: Fence(5),
+                lease: Millis(77),
+            },
+        ];
+        changes.extend(replies.into_iter().map(answer));
+        for change in &changes {
+            match change {
+                Change::Granted { .. }
+                | Change::Released { .. }
+                | Change::Ended { .. }
+                | Change::Staged { .. }
+                | Change::Answered(_)
+                | Change::LeaseSet { .. } => {}
+            }
+        }
+        changes
+    }
+
+    #[test]
+    fn shapes_read_every_change_as_it_is() {
+        let changes = every_change();
+        let answers = |changes: &[Change]| {
+            changes
+                .iter()
+                .filter(|c| matches!(c, Change::Answered(_)))
+                .count() as u64
+        };
+        let all = Record {
+            changes: changes.clone(),
+        };
+        let bytes = postcard::to_allocvec(&all).unwrap();
+        assert_eq!(count_answers(&bytes), 5);
+        assert_eq!(count_answers(&bytes), answers(&all.changes));
+        // Each change alone, and every pair in both orders: a shape that
+        // read one field too many or too few would misplace the next.
+        for a in &changes {
+            for b in &changes {
+                let record = Record {
+                    changes: vec![a.clone(), b.clone()],
+                };
+                let bytes = postcard::to_allocvec(&record).unwrap();
+                assert_eq!(
+                    count_answers(&bytes),
+                    answers(&record.changes),
+                    "{record:?}"
+                );
+            }
+        }
+        assert_eq!(
+            count_answers(&postcard::to_allocvec(&Record::default()).unwrap()),
+            0
+        );
+        // Not a whole record: counted as none (a count too low is safe).
+        assert_eq!(count_answers(&bytes[..bytes.len() - 1]), 0);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(count_answers(&longer), 0);
+        assert_eq!(count_answers(&[]), 0);
+        assert_eq!(count_answers(&[0xff; 9]), 0);
     }
 }

@@ -217,6 +217,19 @@ impl Source for Bytes<'_> {
 /// # Errors
 /// The source's read errors.
 pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> {
+    check_source_each(src, |_| {})
+}
+
+/// [`check_source`], handing each good frame's payload to `each` as it goes
+/// (recovery counts what the records hold while it checks them). A payload
+/// handed on may still be followed by damage that refuses the whole source.
+///
+/// # Errors
+/// Read errors.
+pub fn check_source_each<S: Source>(
+    src: &mut S,
+    mut each: impl FnMut(&[u8]),
+) -> Result<(u64, ScanEnd), S::Error> {
     let size = src.size();
     let mut at = 0u64;
     let end = loop {
@@ -267,6 +280,7 @@ pub fn check_source<S: Source>(src: &mut S) -> Result<(u64, ScanEnd), S::Error> 
             }
             break damaged_length(src, at, &header, end)?;
         }
+        each(src.get(at + HEADER as u64, len)?);
         at = next;
     };
     Ok((at, end))

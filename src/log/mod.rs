@@ -42,7 +42,7 @@ pub mod read;
 use std::io;
 use std::sync::Arc;
 
-use crate::core::records::{Change, Record, Snapshot};
+use crate::core::records::{count_answers, Change, Record, Snapshot};
 use crate::storage::{Dir, DirFile};
 
 use frame::{ScanEnd, Source};
@@ -65,6 +65,16 @@ pub enum LogError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What the checked log holds, known before its first record is handed on
+/// ([`Wal::recover_each`]'s `start` gets it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogCounts {
+    /// Answers ([`crate::core::records::Change::Answered`]) in the records
+    /// that will be handed on, as [`count_answers`] reads them: never more
+    /// than there are.
+    pub answers: u64,
 }
 
 /// What a recovery that hands each record to a visitor found
@@ -247,12 +257,17 @@ struct CheckedSegment {
 /// Reads segment `name` in chunks and checks its frames (the records are
 /// walked again later, so memory holds a chunk, not the log). Damage is an
 /// error; a torn tail is reported in the [`ScanEnd`].
-fn check_segment(dir: &dyn Dir, name: &str) -> Result<(CheckedSegment, ScanEnd), LogError> {
+fn check_segment(
+    dir: &dyn Dir,
+    name: &str,
+    answers: &mut u64,
+) -> Result<(CheckedSegment, ScanEnd), LogError> {
     let Some(mut segment) = open_segment(dir, name)? else {
         return Ok((CheckedSegment::default(), ScanEnd::Clean));
     };
     let read_err = |e| io_err(dir, name)(e);
-    let (valid, end) = frame::check_source(&mut segment).map_err(read_err)?;
+    let count = |payload: &[u8]| *answers += count_answers(payload);
+    let (valid, end) = frame::check_source_each(&mut segment, count).map_err(read_err)?;
     if let ScanEnd::Corrupt { offset, reason } = end {
         return Err(LogError::Corrupt {
             file: dir.describe(name),
@@ -332,7 +347,7 @@ impl Wal {
             dir,
             prealloc,
             initial,
-            |snapshot| Ok((snapshot, Vec::new())),
+            |snapshot, _| Ok((snapshot, Vec::new())),
             |(_, records), record| {
                 records.push(record);
                 Ok(())
@@ -374,7 +389,7 @@ impl Wal {
         dir: Box<dyn Dir>,
         prealloc: u64,
         initial: impl FnOnce() -> Snapshot,
-        start: impl FnOnce(Snapshot) -> Result<S, E>,
+        start: impl FnOnce(Snapshot, LogCounts) -> Result<S, E>,
         mut each: impl FnMut(&mut S, Record) -> Result<(), E>,
     ) -> Result<Reopened<S>, E> {
         let dir: Arc<dyn Dir> = Arc::from(dir);
@@ -423,7 +438,7 @@ impl Wal {
             wal.preallocate(BLOCK)?;
             write_snapshot_file(wal.dir.as_ref(), 0, &snapshot)?;
             return Ok(Reopened {
-                state: start(snapshot)?,
+                state: start(snapshot, LogCounts::default())?,
                 wal,
                 torn_bytes: 0,
             });
@@ -470,7 +485,6 @@ impl Wal {
         if segments.first() != Some(&generation) {
             segments.insert(0, generation);
         }
-        let mut state = start(snapshot)?;
         let mut records = 0;
         let mut torn_bytes = 0;
         // A torn tail is allowed only in the last segment that holds data:
@@ -485,9 +499,13 @@ impl Wal {
         // Segments with records, checked whole before any record is handed
         // on: name, and where its records end.
         let mut checked = Vec::new();
+        // Answers in the checked segments (a torn tail's are never counted:
+        // it ends the last segment with data).
+        let mut answers = 0;
         for g in &segments {
             let name = log_name(*g);
-            let (seg, end) = check_segment(dir.as_ref(), &name)?;
+            let mut in_segment = 0;
+            let (seg, end) = check_segment(dir.as_ref(), &name, &mut in_segment)?;
             if current.is_some() && seg.valid == 0 && seg.dirty_end == 0 {
                 unused.push((*g, seg.size));
                 continue;
@@ -508,6 +526,7 @@ impl Wal {
             }
             if seg.valid > 0 {
                 checked.push((name, seg.valid));
+                answers += in_segment;
             }
             current = Some((*g, seg));
         }
@@ -523,6 +542,7 @@ impl Wal {
                 .and_then(|mut segment| segment.sync_data())
                 .map_err(io_err(dir.as_ref(), name))?;
         }
+        let mut state = start(snapshot, LogCounts { answers })?;
         // Every segment's frames and checksums are good: hand the records
         // on, segment by segment, each record as soon as it is decoded.
         for (name, valid) in checked {
@@ -1014,8 +1034,8 @@ fn write_snapshot_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::records::Change;
-    use crate::core::types::Fence;
+    use crate::core::records::{AnswerSnapshot, Change};
+    use crate::core::types::{Fence, Reply, RequestKind};
     use crate::storage::FsDir;
 
     fn record(n: u64) -> Record {
@@ -1548,19 +1568,33 @@ mod tests {
 
     /// The records `recover_each` handed on, and how many it counted (or
     /// why it refused).
+    /// `start` is told how many answers the records hold: checked here
+    /// against the records handed on, whenever all of them were.
     fn streamed(path: &std::path::Path) -> (Vec<Record>, Result<u64, LogError>) {
         let mut seen = Vec::new();
+        let mut counted = None;
         let result = Wal::recover_each(
             Box::new(FsDir::open(path).unwrap()),
             0,
             Snapshot::default,
-            |_snapshot| Ok(()),
+            |_snapshot, counts| {
+                counted = Some(counts.answers);
+                Ok(())
+            },
             |(), record| {
                 seen.push(record);
                 Ok::<_, LogError>(())
             },
         )
         .map(|r| r.wal.records_since_snapshot());
+        if result.is_ok() {
+            let answers = seen
+                .iter()
+                .flat_map(|r| &r.changes)
+                .filter(|c| matches!(c, Change::Answered(_)))
+                .count() as u64;
+            assert_eq!(counted, Some(answers));
+        }
         (seen, result)
     }
 
@@ -1666,6 +1700,51 @@ mod tests {
         assert!(seen.is_empty(), "not even log-0's record: {seen:?}");
     }
 
+    /// `start` is told how many answers the records to be handed on hold:
+    /// those of a torn tail, cut off, are not counted.
+    #[test]
+    fn the_answers_counted_are_those_of_the_records_handed_on() {
+        let answered = |n: u64, answers: u64| Record {
+            changes: std::iter::once(Change::Ended {
+                lock: format!("l{n}"),
+                fence: Fence(n),
+            })
+            .chain((0..answers).map(|i| {
+                Change::Answered(Arc::new(AnswerSnapshot {
+                    client: 1,
+                    request_id: format!("r{n}.{i}").into(),
+                    kind: RequestKind::Release,
+                    reply: Reply::Done,
+                }))
+            }))
+            .collect(),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = Wal::recover_with(
+            Box::new(FsDir::open(tmp.path()).unwrap()),
+            0,
+            Snapshot::default,
+        )
+        .unwrap();
+        let logged = [answered(0, 2), answered(1, 0), answered(2, 3)];
+        for record in &logged {
+            r.wal.append(record);
+        }
+        r.wal.sync().unwrap();
+        r.wal.append(&answered(3, 4));
+        r.wal.sync().unwrap();
+        drop(r);
+        let log = tmp.path().join(log_name(0));
+        let mut bytes = std::fs::read(&log).unwrap();
+        let end = frame::scan(&bytes).valid_len as usize;
+        bytes[end - 3..end].fill(0);
+        std::fs::write(&log, &bytes).unwrap();
+        // (`streamed` checks the count against the records handed on: 5.)
+        let (seen, count) = streamed(tmp.path());
+        assert_eq!(seen, logged);
+        assert_eq!(count.unwrap(), 3);
+    }
+
     #[test]
     fn a_torn_tail_before_a_segment_with_data_stops_recovery_before_any_record_is_handed_on() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1712,7 +1791,7 @@ mod tests {
             Box::new(FsDir::open(tmp.path()).unwrap()),
             DEFAULT_PREALLOC,
             Snapshot::default,
-            |_snapshot| Ok(()),
+            |_snapshot, _| Ok(()),
             |(), _record| {
                 handed += 1;
                 if handed == 2 {

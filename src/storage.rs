@@ -85,6 +85,15 @@ pub trait DirFile: Send {
     /// # Errors
     /// I/O errors; after a failed sync the file's state is unknown.
     fn sync_data(&mut self) -> io::Result<()>;
+    /// A hint that `len` bytes at `offset` will be read soon: the kernel may
+    /// start reading them now, while the caller works on what it has.
+    /// Nothing by default; a failed hint is ignored.
+    fn will_read(&self, _offset: u64, _len: u64) {}
+    /// A hint to start writing back to the disk what was written at
+    /// `offset..offset + len`, without waiting, so that a later
+    /// [`DirFile::sync_data`] has less to wait for. Not a durability step.
+    /// Nothing by default; a failed hint is ignored.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
 /// A [`Dir`] on the local filesystem.
@@ -364,6 +373,41 @@ impl DirFile for FsFile {
     fn sync_data(&mut self) -> io::Result<()> {
         // One fdatasync covers both descriptors: they share the inode.
         self.file.sync_data()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn will_read(&self, offset: u64, len: u64) {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a valid descriptor owned by `self.file`, which outlives
+        // the call; the call only reads its arguments.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn start_writeback(&self, offset: u64, len: u64) {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: as above.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 }
 

@@ -75,6 +75,12 @@ impl SegmentReader {
             ));
         }
         self.start = from;
+        // A reader goes forward: let the disk read the next chunk while
+        // this one is worked on (a cold start reads the whole log).
+        let end = from + n as u64;
+        if end < self.size {
+            self.file.will_read(end, self.chunk as u64);
+        }
         Ok(())
     }
 

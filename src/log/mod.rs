@@ -1700,6 +1700,17 @@ mod tests {
         assert!(seen.is_empty(), "not even log-0's record: {seen:?}");
     }
 
+    /// Zeroes the last 3 bytes of `log-0`'s last record, as a crash that
+    /// wrote only part of it leaves it; returns the segment's path.
+    fn tear_last_record(dir: &std::path::Path) -> std::path::PathBuf {
+        let log = dir.join(log_name(0));
+        let mut bytes = std::fs::read(&log).unwrap();
+        let end = frame::scan(&bytes).valid_len as usize;
+        bytes[end - 3..end].fill(0);
+        std::fs::write(&log, &bytes).unwrap();
+        log
+    }
+
     /// `start` is told how many answers the records to be handed on hold:
     /// those of a torn tail, cut off, are not counted.
     #[test]
@@ -1734,11 +1745,7 @@ mod tests {
         r.wal.append(&answered(3, 4));
         r.wal.sync().unwrap();
         drop(r);
-        let log = tmp.path().join(log_name(0));
-        let mut bytes = std::fs::read(&log).unwrap();
-        let end = frame::scan(&bytes).valid_len as usize;
-        bytes[end - 3..end].fill(0);
-        std::fs::write(&log, &bytes).unwrap();
+        tear_last_record(tmp.path());
         // (`streamed` checks the count against the records handed on: 5.)
         let (seen, count) = streamed(tmp.path());
         assert_eq!(seen, logged);
@@ -1759,11 +1766,7 @@ mod tests {
         r.wal.sync().unwrap();
         drop(r);
         // log-0's last record cut short, with log-1's data after it.
-        let log = tmp.path().join(log_name(0));
-        let mut bytes = std::fs::read(&log).unwrap();
-        let end = frame::scan(&bytes).valid_len as usize;
-        bytes[end - 3..end].fill(0);
-        std::fs::write(&log, &bytes).unwrap();
+        tear_last_record(tmp.path());
         let (seen, count) = streamed(tmp.path());
         let text = count.expect_err("refused").to_string();
         assert!(text.contains("incomplete record before the end"), "{text}");
@@ -1780,11 +1783,7 @@ mod tests {
         r.wal.sync().unwrap();
         drop(r);
         // A torn tail, which a recovery that got to the end would zero.
-        let log = tmp.path().join(log_name(0));
-        let mut bytes = std::fs::read(&log).unwrap();
-        let end = frame::scan(&bytes).valid_len as usize;
-        bytes[end - 3..end].fill(0);
-        std::fs::write(&log, &bytes).unwrap();
+        let log = tear_last_record(tmp.path());
         let before = std::fs::read(&log).unwrap();
         let mut handed = 0;
         let result = Wal::recover_each(

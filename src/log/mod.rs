@@ -362,7 +362,9 @@ impl Wal {
         })
     }
 
-    /// [`Wal::recover_with`] handing the snapshot to `start` and then each
+    /// [`Wal::recover_with`] handing the snapshot to `start`, with what the
+    /// checked log holds ([`LogCounts`], known once every segment was
+    /// checked, before any record is handed on), and then each
     /// record, as soon as it is decoded, to `each` (in log order), instead
     /// of collecting them: neither the log's bytes nor its decoded records
     /// are ever all in memory at once (segments are read in chunks, see
@@ -499,13 +501,12 @@ impl Wal {
         // Segments with records, checked whole before any record is handed
         // on: name, and where its records end.
         let mut checked = Vec::new();
-        // Answers in the checked segments (a torn tail's are never counted:
-        // it ends the last segment with data).
+        // Answers in the good frames of every segment (a torn tail's are
+        // not counted: only frames before it are good).
         let mut answers = 0;
         for g in &segments {
             let name = log_name(*g);
-            let mut in_segment = 0;
-            let (seg, end) = check_segment(dir.as_ref(), &name, &mut in_segment)?;
+            let (seg, end) = check_segment(dir.as_ref(), &name, &mut answers)?;
             if current.is_some() && seg.valid == 0 && seg.dirty_end == 0 {
                 unused.push((*g, seg.size));
                 continue;
@@ -526,7 +527,6 @@ impl Wal {
             }
             if seg.valid > 0 {
                 checked.push((name, seg.valid));
-                answers += in_segment;
             }
             current = Some((*g, seg));
         }
@@ -1568,6 +1568,7 @@ mod tests {
 
     /// The records `recover_each` handed on, and how many it counted (or
     /// why it refused).
+    ///
     /// `start` is told how many answers the records hold: checked here
     /// against the records handed on, whenever all of them were.
     fn streamed(path: &std::path::Path) -> (Vec<Record>, Result<u64, LogError>) {

@@ -647,9 +647,14 @@ impl Core {
             return Some(Reply::refused(RefusalCode::InvalidArgument, reason));
         }
         let now = self.now;
-        let state = self.locks.entry(lock.clone()).or_default();
-        match &mut state.holder {
-            Some(grant) if grant.client == client => {
+        // Looked up by reference: a free lock is granted under the
+        // request's own name, which becomes the table's key (no copy of it
+        // made just to look it up).
+        match self.locks.get_mut(&lock) {
+            Some(LockState {
+                holder: Some(grant),
+                ..
+            }) if grant.client == client => {
                 // Re-acquire by the holder: the same grant, with a renewed
                 // lease (like a renew: durable only if its length changed).
                 let old = grant.deadline;
@@ -662,12 +667,10 @@ impl Core {
                 self.timers.arm(new, Timer::Lease(lock));
                 Some(Reply::Granted(info))
             }
-            None => {
-                let lease = lease.unwrap_or(self.config.default_lease);
-                let info = self.grant(lock, client, lease, step);
-                Some(Reply::Granted(info))
-            }
-            Some(grant) => {
+            Some(LockState {
+                holder: Some(grant),
+                waiters,
+            }) => {
                 if wait == Some(Millis(0)) {
                     let reason = format!("lock {lock:?} is held by client {}", grant.client);
                     return Some(Reply::refused(RefusalCode::LockHeld, reason));
@@ -686,7 +689,7 @@ impl Core {
                 if let Some(at) = waiter.wait_deadline {
                     self.timers.arm(at, Timer::Wait(id));
                 }
-                state.waiters.push_back(waiter);
+                waiters.push_back(waiter);
                 if self.tracing {
                     step.traces.push(Trace::Enqueued {
                         lock: lock.clone(),
@@ -700,6 +703,12 @@ impl Core {
                     self.dedup.wait(client, request_id, id);
                 }
                 None
+            }
+            // Free (a lock without a holder has no waiters).
+            _ => {
+                let lease = lease.unwrap_or(self.config.default_lease);
+                let info = self.grant(lock, client, lease, step);
+                Some(Reply::Granted(info))
             }
         }
     }

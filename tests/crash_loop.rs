@@ -11,7 +11,7 @@
 #[macro_use]
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{ServerProcess, Wire};
@@ -49,6 +49,11 @@ struct GrantRecord {
 
 struct Shared {
     stop: AtomicBool,
+    /// Acknowledged releases so far, and a wake-up for each: the fault
+    /// injector waits for one between two kills, so progress does not
+    /// depend on how fast the machine restarts the server.
+    commits: AtomicUsize,
+    progress: tokio::sync::Notify,
     /// Grants in the order they were acknowledged.
     fences: Mutex<Vec<SeenGrant>>,
     grants: Mutex<Vec<GrantRecord>>,
@@ -87,7 +92,11 @@ async fn run_client(client: Client, shared: Arc<Shared>) {
         }
         let outcome = if appended_all {
             match client.release(&grant).await {
-                Ok(()) => Outcome::Committed,
+                Ok(()) => {
+                    shared.commits.fetch_add(1, Ordering::SeqCst);
+                    shared.progress.notify_waiters();
+                    Outcome::Committed
+                }
                 Err(Error::LeaseLost | Error::NotHeld) => Outcome::NotCommitted,
                 Err(e) => {
                     eprintln!("client {id}: release unknown: {e}");
@@ -113,6 +122,8 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once(wire: Wire) {
         ServerProcess::start_over(wire, &["--lease-ms", "5000", "--snapshot-every", "32"]);
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
+        commits: AtomicUsize::new(0),
+        progress: tokio::sync::Notify::new(),
         fences: Mutex::new(Vec::new()),
         grants: Mutex::new(Vec::new()),
     });
@@ -121,14 +132,26 @@ async fn crash_loop_keeps_every_acknowledged_release_exactly_once(wire: Wire) {
         .collect();
 
     // Fault injection: kill at pseudo-random moments (a fixed LCG, so the
-    // schedule of delays is the same every run).
+    // schedule of delays is the same every run), each after at least one
+    // release was acknowledged since the previous kill (a slow machine gets
+    // the same number of commits to check, later).
     let mut lcg: u64 = 0x2545_f491_4f6c_dd1d;
     for _ in 0..KILLS {
+        let before = shared.commits.load(Ordering::SeqCst);
         lcg = lcg
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let delay = 10 + (lcg >> 33) % 90;
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        loop {
+            let notified = shared.progress.notified();
+            if shared.commits.load(Ordering::SeqCst) > before {
+                break;
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(60), notified)
+                .await
+                .expect("a release is acknowledged between two kills");
+        }
         tokio::task::block_in_place(|| server.restart());
     }
     shared.stop.store(true, Ordering::SeqCst);

@@ -118,40 +118,75 @@ struct Floor {
 /// the UUID lowercase and hyphenated (`8-4-4-4-12` hex digits, what the
 /// `uuid` crate prints), SEQ a decimal number with no leading zero.
 pub fn sequenced(id: &str) -> Option<(Prefix, u64)> {
-    let (prefix, seq) = id.split_once('#')?;
-    let canonical = !seq.is_empty()
-        && seq.len() <= 20
-        && seq.bytes().all(|b| b.is_ascii_digit())
-        && (seq == "0" || !seq.starts_with('0'));
-    if !canonical {
+    // On every new request's path (and every eviction's): read in place,
+    // byte by byte, with no search for the `#` (it can only be at 36).
+    let (uuid, rest) = id.as_bytes().split_first_chunk::<36>()?;
+    let (&hash, digits) = rest.split_first()?;
+    if hash != b'#' {
         return None;
     }
-    Some((parse_uuid(prefix)?, seq.parse().ok()?))
+    let seq = parse_seq(digits)?;
+    Some((parse_uuid_bytes(uuid)?, seq))
+}
+
+/// A decimal number with no sign and no leading zero, up to `u64::MAX`.
+fn parse_seq(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for &b in digits {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+    }
+    Some(value)
 }
 
 /// A lowercase hyphenated UUID as a number (`None` for any other text).
-/// On every new request's path: a table lookup per digit, no branch but
-/// the shape's.
 pub fn parse_uuid(text: &str) -> Option<Prefix> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 36
-        || bytes[8] != b'-'
-        || bytes[13] != b'-'
-        || bytes[18] != b'-'
-        || bytes[23] != b'-'
-    {
+    parse_uuid_bytes(text.as_bytes().try_into().ok()?)
+}
+
+/// [`parse_uuid`] of its 36 bytes: a table lookup per digit into two
+/// 64-bit halves (a shift of a `u128` costs several instructions), over
+/// groups of fixed length (unrolled), no branch but the shape's.
+fn parse_uuid_bytes(bytes: &[u8; 36]) -> Option<Prefix> {
+    let (g1, rest) = bytes.split_first_chunk::<8>()?;
+    let (&d1, rest) = rest.split_first()?;
+    let (g2, rest) = rest.split_first_chunk::<4>()?;
+    let (&d2, rest) = rest.split_first()?;
+    let (g3, rest) = rest.split_first_chunk::<4>()?;
+    let (&d3, rest) = rest.split_first()?;
+    let (g4, rest) = rest.split_first_chunk::<4>()?;
+    let (&d4, g5) = rest.split_first()?;
+    let g5: &[u8; 12] = g5.try_into().ok()?;
+    if [d1, d2, d3, d4] != [b'-'; 4] {
         return None;
     }
-    let mut value: Prefix = 0;
     let mut bad = 0u8;
-    for range in [0..8, 9..13, 14..18, 19..23, 24..36] {
-        for &b in &bytes[range] {
-            let digit = HEX[usize::from(b)];
-            bad |= digit;
-            value = (value << 4) | Prefix::from(digit & 0x0f);
-        }
+    let high = hex_group(
+        hex_group(hex_group(0, g1, &mut bad), g2, &mut bad),
+        g3,
+        &mut bad,
+    );
+    let low = hex_group(hex_group(0, g4, &mut bad), g5, &mut bad);
+    (bad & 0xf0 == 0).then_some((Prefix::from(high) << 64) | Prefix::from(low))
+}
+
+/// `value` followed by the hex digits of `group`; a byte that is not one
+/// sets high bits in `bad`.
+#[inline(always)]
+fn hex_group<const N: usize>(value: u64, group: &[u8; N], bad: &mut u8) -> u64 {
+    let mut value = value;
+    for &b in group {
+        let digit = HEX[usize::from(b)];
+        *bad |= digit;
+        value = (value << 4) | u64::from(digit & 0x0f);
     }
-    (bad & 0xf0 == 0).then_some(value)
+    value
 }
 
 /// The value of each lowercase hex digit; 0xff for every other byte.
@@ -560,8 +595,49 @@ mod tests {
             format!("x{P}#1"),
             format!("{}-#1", &P[..35]),
             format!("{}g#1", &P[..35]),
+            format!("{P}#\u{e9}"),
+            format!("{}\u{e9}#1", &P[..34]),
         ] {
             assert_eq!(sequenced(&id), None, "{id:?}");
+        }
+    }
+
+    /// The plain reading of the one spelling, to check the fast one by.
+    fn sequenced_plainly(id: &str) -> Option<(Prefix, u64)> {
+        let (prefix, seq) = id.split_once('#')?;
+        let hex: String = prefix.split('-').collect();
+        let groups: Vec<usize> = prefix.split('-').map(str::len).collect();
+        let canonical_uuid = groups == [8, 4, 4, 4, 12]
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let canonical_seq = !seq.is_empty()
+            && seq.bytes().all(|b| b.is_ascii_digit())
+            && (seq == "0" || !seq.starts_with('0'));
+        if !(canonical_uuid && canonical_seq) {
+            return None;
+        }
+        Some((Prefix::from_str_radix(&hex, 16).ok()?, seq.parse().ok()?))
+    }
+
+    #[test]
+    fn the_fast_reading_of_an_id_is_the_plain_one() {
+        let mut ids = vec![p(1), p(0), p(u64::MAX), format!("{P}#18446744073709551616")];
+        // Every byte (one of each class) at every place of a sequenced id.
+        let base = p(907);
+        for at in 0..base.len() {
+            for b in [
+                b'0', b'9', b'a', b'f', b'g', b'A', b'-', b'#', b'/', b':', 0x7f,
+            ] {
+                let mut bytes = base.clone().into_bytes();
+                bytes[at] = b;
+                ids.push(String::from_utf8(bytes).expect("ASCII"));
+            }
+            ids.push(format!("{}{}", &base[..at], &base[at + 1..]));
+            ids.push(format!("{}0{}", &base[..at], &base[at..]));
+        }
+        for id in ids {
+            assert_eq!(sequenced(&id), sequenced_plainly(&id), "{id:?}");
         }
     }
 

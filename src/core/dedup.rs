@@ -94,6 +94,11 @@ pub struct Dedup {
     doomed: u64,
 }
 
+/// The hash of a (client, request id) under one table's keys
+/// ([`Dedup::id_hash`]); only that table makes one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdHash(u64);
+
 /// At least this many floors are kept (one per client instance whose answers
 /// were forgotten: ~100 bytes each), whatever the answers' capacity: a
 /// client's floor may be dropped only after this many other instances had a
@@ -253,6 +258,14 @@ impl Dedup {
         self.hasher.hash_one((client, id))
     }
 
+    /// The hash of `(client, id)` under this table's keys: for a caller
+    /// that looks an id up and then remembers its answer, so that the id
+    /// is hashed once, not twice ([`Dedup::get_hashed`],
+    /// [`Dedup::answer_hashed`]).
+    pub fn id_hash(&self, client: ClientId, id: &str) -> IdHash {
+        IdHash(self.hash(client, id))
+    }
+
     fn floor_hash(&self, client: ClientId, prefix: Prefix) -> u64 {
         self.hasher.hash_one((client, prefix))
     }
@@ -260,20 +273,28 @@ impl Dedup {
     /// The slot of `(client, id)`, found or vacant, and its hash.
     fn slot(&mut self, client: ClientId, id: &str) -> (Slot<'_, Entry>, u64) {
         let hash = self.hash(client, id);
+        (self.slot_hashed(hash, client, id), hash)
+    }
+
+    /// The slot of `(client, id)` whose hash is `hash`.
+    fn slot_hashed(&mut self, hash: u64, client: ClientId, id: &str) -> Slot<'_, Entry> {
         let hasher = &self.hasher;
-        let slot = self.seen.entry(
+        self.seen.entry(
             hash,
             |e| e.is(client, id),
             |e| hasher.hash_one((e.client, &*e.id)),
-        );
-        (slot, hash)
+        )
     }
 
     /// What is known of `(client, request_id)`.
     pub fn get(&self, client: ClientId, request_id: &str) -> Option<&Seen> {
-        let hash = self.hash(client, request_id);
+        self.get_hashed(self.id_hash(client, request_id), client, request_id)
+    }
+
+    /// [`Dedup::get`] of an id whose [`Dedup::id_hash`] is `hash`.
+    pub fn get_hashed(&self, hash: IdHash, client: ClientId, request_id: &str) -> Option<&Seen> {
         self.seen
-            .find(hash, |e| e.is(client, request_id))
+            .find(hash.0, |e| e.is(client, request_id))
             .map(|e| &e.seen)
     }
 
@@ -384,7 +405,19 @@ impl Dedup {
 
     /// Marks the request as served by a queued waiter.
     pub fn wait(&mut self, client: ClientId, request_id: &str, waiter: WaiterId) {
-        match self.slot(client, request_id).0 {
+        self.wait_hashed(self.id_hash(client, request_id), client, request_id, waiter);
+    }
+
+    /// [`Dedup::wait`] of an id whose [`Dedup::id_hash`] is `hash`.
+    pub fn wait_hashed(
+        &mut self,
+        hash: IdHash,
+        client: ClientId,
+        request_id: &str,
+        waiter: WaiterId,
+    ) {
+        debug_assert_eq!(hash.0, self.hash(client, request_id));
+        match self.slot_hashed(hash.0, client, request_id) {
             Slot::Occupied(mut slot) => {
                 let old = std::mem::replace(&mut slot.get_mut().seen, Seen::Waiting(waiter));
                 // The core asks only for ids it has no answer to; if one
@@ -420,8 +453,16 @@ impl Dedup {
     /// answer and a restart keeps more answers: the replay must end with the
     /// answer the live server gave last.)
     pub fn answer(&mut self, answer: Arc<AnswerSnapshot>) {
-        let (slot, hash) = self.slot(answer.client, &answer.request_id);
-        match slot {
+        let hash = self.id_hash(answer.client, &answer.request_id);
+        self.answer_hashed(hash, answer);
+    }
+
+    /// [`Dedup::answer`] of an answer whose id's [`Dedup::id_hash`] is
+    /// `hash`.
+    pub fn answer_hashed(&mut self, hash: IdHash, answer: Arc<AnswerSnapshot>) {
+        debug_assert_eq!(hash.0, self.hash(answer.client, &answer.request_id));
+        let hash = hash.0;
+        match self.slot_hashed(hash, answer.client, &answer.request_id) {
             Slot::Occupied(mut slot) => {
                 let entry = slot.get_mut();
                 // A waiter's entry made its own copy of the id: share the

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use super::dedup::WaiterId;
+use super::dedup::{IdHash, WaiterId};
 use super::staging::StagedAppend;
 use super::time::{Millis, Time};
 use super::types::{CallId, ClientId, Fence, GrantInfo, LockName, RequestId, Token};
@@ -45,6 +45,8 @@ pub struct Waiter {
     pub id: WaiterId,
     pub client: ClientId,
     pub request_id: RequestId,
+    /// Its [`super::dedup::Dedup::id_hash`], when it is deduplicated.
+    pub request_hash: Option<IdHash>,
     /// Calls waiting for the answer: one, or more when a retry arrived while
     /// the first call was still open; none while cut off.
     pub calls: Vec<CallId>,

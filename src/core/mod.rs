@@ -44,7 +44,7 @@ use std::sync::Arc;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use dedup::{Dedup, Keys, Seen, WaiterId};
+use dedup::{Dedup, IdHash, Keys, Seen, WaiterId};
 use locks::{validate_lock_name, Grant, LockState, Waiter};
 use records::{AnswerSnapshot, Change, GrantSnapshot, Record, Snapshot};
 use staging::{FileIndex, FileLengths, FileWrite, StagedAppend};
@@ -538,8 +538,10 @@ impl Core {
         let kind = request.kind();
         let client = request.client().unwrap_or_default();
         let dedup = !request_id.is_empty() && kind != RequestKind::Status && !self.plants.dedup_off;
-        if dedup {
-            match self.dedup.get(client, &request_id) {
+        // The id is hashed once, for the lookup and for the answer.
+        let id_hash = dedup.then(|| self.dedup.id_hash(client, &request_id));
+        if let Some(hash) = id_hash {
+            match self.dedup.get_hashed(hash, client, &request_id) {
                 Some(Seen::Answered(answer)) => {
                     let reply = if answer.kind == kind {
                         answer.reply.clone()
@@ -581,7 +583,7 @@ impl Core {
                 lock,
                 wait,
                 lease,
-            } => self.acquire(call, client, &request_id, lock, wait, lease, step),
+            } => self.acquire(call, client, &request_id, id_hash, lock, wait, lease, step),
             Request::Release {
                 client,
                 lock,
@@ -602,8 +604,8 @@ impl Core {
             Request::Status => Some(self.status()),
         };
         if let Some(reply) = outcome {
-            if dedup {
-                self.remember(client, request_id, kind, &reply, step);
+            if let Some(hash) = id_hash {
+                self.remember(client, request_id, Some(hash), kind, &reply, step);
             }
             step.replies.push((call, reply));
         }
@@ -630,6 +632,7 @@ impl Core {
         call: CallId,
         client: ClientId,
         request_id: &str,
+        id_hash: Option<IdHash>,
         lock: LockName,
         wait: Option<Millis>,
         lease: Option<Millis>,
@@ -681,6 +684,7 @@ impl Core {
                     id,
                     client,
                     request_id: request_id.to_owned(),
+                    request_hash: id_hash,
                     calls: vec![call],
                     lease: lease.unwrap_or(self.config.default_lease),
                     wait_deadline: wait.map(|w| now.plus(w)),
@@ -699,8 +703,8 @@ impl Core {
                 }
                 self.waiter_locks.insert(id, lock);
                 self.open_calls.insert(call, id);
-                if !request_id.is_empty() && !self.plants.dedup_off {
-                    self.dedup.wait(client, request_id, id);
+                if let Some(hash) = id_hash {
+                    self.dedup.wait_hashed(hash, client, request_id, id);
                 }
                 None
             }
@@ -819,6 +823,7 @@ impl Core {
             self.remember(
                 waiter.client,
                 waiter.request_id,
+                waiter.request_hash,
                 RequestKind::Acquire,
                 &reply,
                 step,
@@ -837,6 +842,7 @@ impl Core {
         &mut self,
         client: ClientId,
         request_id: RequestId,
+        hash: Option<IdHash>,
         kind: RequestKind,
         reply: &Reply,
         step: &mut Step,
@@ -844,13 +850,14 @@ impl Core {
         if matches!(reply, Reply::Refused(r) if r.code == RefusalCode::InvalidArgument) {
             return;
         }
+        let hash = hash.unwrap_or_else(|| self.dedup.id_hash(client, &request_id));
         let answer = Arc::new(AnswerSnapshot {
             client,
             request_id: request_id.into(),
             kind,
             reply: reply.clone(),
         });
-        self.dedup.answer(answer.clone());
+        self.dedup.answer_hashed(hash, answer.clone());
         step.changes.push(Change::Answered(answer));
     }
 

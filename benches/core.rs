@@ -18,6 +18,10 @@
 //!
 //! `DLM_BENCH_SECS` (default 3) and `DLM_BENCH_WARMUP_SECS` (default 1) set
 //! the time per variant; free words filter the variants by substring.
+//! `DLM_BENCH_OPS` stops each variant after that many lock operations in
+//! all, warm-up included: a fixed amount of work, for counting instructions
+//! under `valgrind --tool=callgrind` (e.g. `DLM_BENCH_OPS=400000
+//! DLM_BENCH_WARMUP_SECS=0 DLM_BENCH_SECS=600`).
 
 #[allow(dead_code)]
 mod common;
@@ -64,8 +68,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Most lock operations per variant (the time bound comes first).
+/// Most lock operations per variant (the time bound comes first), unless
+/// `DLM_BENCH_OPS` says otherwise.
 const MAX_OPS: u64 = 2_000_000_000;
+
+fn max_ops() -> u64 {
+    std::env::var("DLM_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_OPS)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
@@ -97,6 +109,7 @@ impl Variant {
 /// thousand operations, so leases and timers behave as in a busy server.
 struct Driver {
     core: Core,
+    max_ops: u64,
     next_call: u64,
     ops: u64,
     request_ids: bool,
@@ -111,6 +124,7 @@ impl Driver {
     fn new(request_ids: bool, encode: bool) -> Driver {
         Driver {
             core: Core::new(CoreConfig::default(), [7; 32]),
+            max_ops: max_ops(),
             next_call: 0,
             ops: 0,
             request_ids,
@@ -175,7 +189,7 @@ fn uncontended(driver: &mut Driver, until: Instant) {
     const LOCKS: usize = 10_000;
     let names: Vec<String> = (0..LOCKS).map(|i| format!("lock-{i}")).collect();
     let mut i = 0usize;
-    while driver.ops < MAX_OPS {
+    while driver.ops < driver.max_ops {
         // Check the clock every 1024 cycles only.
         if i.is_multiple_of(1024) && Instant::now() >= until {
             break;
@@ -235,7 +249,7 @@ fn contended(driver: &mut Driver, lock: &str, until: Instant) {
         queue.push_back((client, call));
     }
     let mut i = 0u64;
-    while driver.ops < MAX_OPS {
+    while driver.ops < driver.max_ops {
         if i.is_multiple_of(1024) && Instant::now() >= until {
             break;
         }

@@ -165,25 +165,38 @@ pub enum ReplayError {
 struct Step {
     changes: Vec<Change>,
     writes: Vec<FileWrite>,
-    replies: Vec<(CallId, Reply)>,
+    /// The replies, as outputs already: the vector handed out, with the
+    /// rest put in front of them (one allocation per call, not two).
+    replies: Vec<Output>,
     traces: Vec<Trace>,
 }
 
 impl Step {
-    fn finish(self) -> Vec<Output> {
-        let mut out = Vec::with_capacity(1 + self.writes.len() + self.replies.len());
-        out.extend(self.traces.into_iter().map(Output::Trace));
-        if !self.changes.is_empty() {
-            out.push(Output::Persist(Record {
-                changes: self.changes,
-            }));
+    fn reply(&mut self, (call, reply): (CallId, Reply)) {
+        if self.replies.capacity() == 0 {
+            // Room for the record and a second reply without growing.
+            self.replies.reserve_exact(4);
         }
-        out.extend(self.writes.into_iter().map(Output::Write));
-        out.extend(
-            self.replies
-                .into_iter()
-                .map(|(call, reply)| Output::Reply { call, reply }),
-        );
+        self.replies.push(Output::Reply { call, reply });
+    }
+
+    fn finish(self) -> Vec<Output> {
+        let persist = (!self.changes.is_empty()).then(|| {
+            Output::Persist(Record {
+                changes: self.changes,
+            })
+        });
+        let mut out = self.replies;
+        if persist.is_none() && self.traces.is_empty() && self.writes.is_empty() {
+            return out;
+        }
+        let front = self
+            .traces
+            .into_iter()
+            .map(Output::Trace)
+            .chain(persist)
+            .chain(self.writes.into_iter().map(Output::Write));
+        out.splice(0..0, front);
         out
     }
 }
@@ -531,8 +544,7 @@ impl Core {
         // remembered (nor echoed into a remembered refusal), or the table's
         // bound in answers would be no bound in bytes.
         if let Err(reason) = check_arguments(&request_id, &request) {
-            step.replies
-                .push((call, Reply::refused(RefusalCode::InvalidArgument, reason)));
+            step.reply((call, Reply::refused(RefusalCode::InvalidArgument, reason)));
             return;
         }
         let kind = request.kind();
@@ -548,7 +560,7 @@ impl Core {
                     } else {
                         reused_request_id()
                     };
-                    step.replies.push((call, reply));
+                    step.reply((call, reply));
                     return;
                 }
                 Some(Seen::Waiting(waiter)) => {
@@ -556,7 +568,7 @@ impl Core {
                     if kind == RequestKind::Acquire {
                         self.reattach(waiter, call);
                     } else {
-                        step.replies.push((call, reused_request_id()));
+                        step.reply((call, reused_request_id()));
                     }
                     return;
                 }
@@ -568,8 +580,7 @@ impl Core {
                         "request id {request_id:?} is older than the answers this server \
                          still remembers: it may or may not have taken effect"
                     );
-                    step.replies
-                        .push((call, Reply::refused(RefusalCode::RequestExpired, reason)));
+                    step.reply((call, Reply::refused(RefusalCode::RequestExpired, reason)));
                     return;
                 }
                 None => {}
@@ -607,7 +618,7 @@ impl Core {
             if let Some(hash) = id_hash {
                 self.remember(client, request_id, Some(hash), kind, &reply, step);
             }
-            step.replies.push((call, reply));
+            step.reply((call, reply));
         }
     }
 
@@ -666,8 +677,7 @@ impl Core {
                 grant.deadline = now.plus(lease);
                 let info = grant.info(&lock);
                 let new = grant.deadline;
-                self.timers.disarm(old, &Timer::Lease(lock.clone()));
-                self.timers.arm(new, Timer::Lease(lock));
+                self.timers.rearm(old, new, Timer::Lease(lock));
                 Some(Reply::Granted(info))
             }
             Some(LockState {
@@ -777,7 +787,7 @@ impl Core {
             return;
         };
         self.timers
-            .disarm(grant.deadline, &Timer::Lease(lock.to_owned()));
+            .disarm(grant.deadline, Timer::Lease(lock.to_owned()));
         if released {
             step.changes.push(Change::Released {
                 lock: lock.to_owned(),
@@ -830,7 +840,7 @@ impl Core {
             );
         }
         for call in waiter.calls {
-            step.replies.push((call, reply.clone()));
+            step.reply((call, reply.clone()));
         }
     }
 
@@ -890,10 +900,10 @@ impl Core {
             self.open_calls.remove(call);
         }
         if let Some(at) = waiter.wait_deadline {
-            self.timers.disarm(at, &Timer::Wait(id));
+            self.timers.disarm(at, Timer::Wait(id));
         }
         if let Some(at) = waiter.detached_until {
-            self.timers.disarm(at, &Timer::Detached(id));
+            self.timers.disarm(at, Timer::Detached(id));
         }
         Some(waiter)
     }
@@ -910,7 +920,7 @@ impl Core {
         let kept = waiter.detached_until.take();
         self.open_calls.insert(call, id);
         if let Some(at) = kept {
-            self.timers.disarm(at, &Timer::Detached(id));
+            self.timers.disarm(at, Timer::Detached(id));
         }
     }
 
@@ -1000,8 +1010,7 @@ impl Core {
         set_lease(lock, grant, lease, step);
         grant.deadline = now.plus(lease);
         let new = grant.deadline;
-        self.timers.disarm(old, &Timer::Lease(lock.to_owned()));
-        self.timers.arm(new, Timer::Lease(lock.to_owned()));
+        self.timers.rearm(old, new, Timer::Lease(lock.to_owned()));
         Reply::Renewed { lease }
     }
 

@@ -34,9 +34,22 @@ impl Timers {
         self.pending.insert((at, timer));
     }
 
-    /// Disarms `timer` at `at` (no-op if not armed).
-    pub fn disarm(&mut self, at: Time, timer: &Timer) {
-        self.pending.remove(&(at, timer.clone()));
+    /// Disarms `timer` at `at` (no-op if not armed). Takes the timer by
+    /// value: the set's key is the pair, so a borrowed timer would be
+    /// copied (a lock name allocated) just to look it up.
+    pub fn disarm(&mut self, at: Time, timer: Timer) {
+        self.pending.remove(&(at, timer));
+    }
+
+    /// Moves `timer` from `old` to `new` (arms it at `new` if it was not
+    /// armed at `old`), keeping the key the set holds.
+    pub fn rearm(&mut self, old: Time, new: Time, timer: Timer) {
+        let probe = (old, timer);
+        let timer = match self.pending.take(&probe) {
+            Some((_, kept)) => kept,
+            None => probe.1,
+        };
+        self.pending.insert((new, timer));
     }
 
     /// The earliest deadline.
@@ -50,5 +63,33 @@ impl Timers {
             Some((at, _)) if *at <= now => self.pending.pop_first(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rearmed_timer_fires_at_its_new_time_only() {
+        let mut timers = Timers::default();
+        let lease = || Timer::Lease("a".to_owned());
+        timers.arm(Time::from_millis(5), lease());
+        timers.arm(Time::from_millis(7), Timer::Wait(1));
+        timers.rearm(Time::from_millis(5), Time::from_millis(9), lease());
+        // Not armed at the old time: armed at the new one all the same.
+        timers.rearm(Time::from_millis(1), Time::from_millis(8), Timer::Wait(2));
+        timers.disarm(Time::from_millis(7), Timer::Wait(1));
+        let mut fired = Vec::new();
+        while let Some(due) = timers.pop_due(Time::from_millis(100)) {
+            fired.push(due);
+        }
+        assert_eq!(
+            fired,
+            [
+                (Time::from_millis(8), Timer::Wait(2)),
+                (Time::from_millis(9), lease()),
+            ]
+        );
     }
 }

@@ -786,17 +786,17 @@ impl Core {
         let Some(grant) = state.holder.take() else {
             return;
         };
-        self.timers
-            .disarm(grant.deadline, Timer::Lease(lock.to_owned()));
+        // The name the lease timer was found by goes into the record.
+        let name = self.timers.disarm_lease(grant.deadline, lock.to_owned());
         if released {
             step.changes.push(Change::Released {
-                lock: lock.to_owned(),
+                lock: name,
                 fence: grant.fence,
             });
             self.files.commit(grant.staged, &mut step.writes);
         } else {
             step.changes.push(Change::Ended {
-                lock: lock.to_owned(),
+                lock: name,
                 fence: grant.fence,
             });
         }

@@ -41,6 +41,20 @@ impl Timers {
         self.pending.remove(&(at, timer));
     }
 
+    /// Disarms the lease timer of `lock` at `at` and gives the name back
+    /// (the set's own copy when the timer was armed), for the caller to use
+    /// again: ending a grant needs the name for its record too.
+    pub fn disarm_lease(&mut self, at: Time, lock: LockName) -> LockName {
+        let probe = (at, Timer::Lease(lock));
+        match self.pending.take(&probe) {
+            Some((_, Timer::Lease(kept))) => kept,
+            _ => match probe.1 {
+                Timer::Lease(name) => name,
+                Timer::Wait(_) | Timer::Detached(_) => LockName::new(),
+            },
+        }
+    }
+
     /// Moves `timer` from `old` to `new` (arms it at `new` if it was not
     /// armed at `old`), keeping the key the set holds.
     pub fn rearm(&mut self, old: Time, new: Time, timer: Timer) {
@@ -80,6 +94,15 @@ mod tests {
         // Not armed at the old time: armed at the new one all the same.
         timers.rearm(Time::from_millis(1), Time::from_millis(8), Timer::Wait(2));
         timers.disarm(Time::from_millis(7), Timer::Wait(1));
+        timers.arm(Time::from_millis(3), Timer::Lease("b".to_owned()));
+        assert_eq!(
+            timers.disarm_lease(Time::from_millis(3), "b".to_owned()),
+            "b"
+        );
+        assert_eq!(
+            timers.disarm_lease(Time::from_millis(4), "c".to_owned()),
+            "c"
+        );
         let mut fired = Vec::new();
         while let Some(due) = timers.pop_due(Time::from_millis(100)) {
             fired.push(due);

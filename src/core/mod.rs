@@ -172,7 +172,7 @@ struct Step {
 }
 
 impl Step {
-    fn reply(&mut self, (call, reply): (CallId, Reply)) {
+    fn reply(&mut self, call: CallId, reply: Reply) {
         if self.replies.capacity() == 0 {
             // Room for the record and a second reply without growing.
             self.replies.reserve_exact(4);
@@ -544,7 +544,7 @@ impl Core {
         // remembered (nor echoed into a remembered refusal), or the table's
         // bound in answers would be no bound in bytes.
         if let Err(reason) = check_arguments(&request_id, &request) {
-            step.reply((call, Reply::refused(RefusalCode::InvalidArgument, reason)));
+            step.reply(call, Reply::refused(RefusalCode::InvalidArgument, reason));
             return;
         }
         let kind = request.kind();
@@ -560,7 +560,7 @@ impl Core {
                     } else {
                         reused_request_id()
                     };
-                    step.reply((call, reply));
+                    step.reply(call, reply);
                     return;
                 }
                 Some(Seen::Waiting(waiter)) => {
@@ -568,7 +568,7 @@ impl Core {
                     if kind == RequestKind::Acquire {
                         self.reattach(waiter, call);
                     } else {
-                        step.reply((call, reused_request_id()));
+                        step.reply(call, reused_request_id());
                     }
                     return;
                 }
@@ -580,7 +580,7 @@ impl Core {
                         "request id {request_id:?} is older than the answers this server \
                          still remembers: it may or may not have taken effect"
                     );
-                    step.reply((call, Reply::refused(RefusalCode::RequestExpired, reason)));
+                    step.reply(call, Reply::refused(RefusalCode::RequestExpired, reason));
                     return;
                 }
                 None => {}
@@ -618,7 +618,7 @@ impl Core {
             if let Some(hash) = id_hash {
                 self.remember(client, request_id, Some(hash), kind, &reply, step);
             }
-            step.reply((call, reply));
+            step.reply(call, reply);
         }
     }
 
@@ -840,7 +840,7 @@ impl Core {
             );
         }
         for call in waiter.calls {
-            step.reply((call, reply.clone()));
+            step.reply(call, reply.clone());
         }
     }
 

@@ -38,32 +38,34 @@ impl Timers {
     /// value: the set's key is the pair, so a borrowed timer would be
     /// copied (a lock name allocated) just to look it up.
     pub fn disarm(&mut self, at: Time, timer: Timer) {
-        self.pending.remove(&(at, timer));
+        self.take(at, timer);
     }
 
     /// Disarms the lease timer of `lock` at `at` and gives the name back
     /// (the set's own copy when the timer was armed), for the caller to use
     /// again: ending a grant needs the name for its record too.
     pub fn disarm_lease(&mut self, at: Time, lock: LockName) -> LockName {
-        let probe = (at, Timer::Lease(lock));
-        match self.pending.take(&probe) {
-            Some((_, Timer::Lease(kept))) => kept,
-            _ => match probe.1 {
-                Timer::Lease(name) => name,
-                Timer::Wait(_) | Timer::Detached(_) => LockName::new(),
-            },
+        match self.take(at, Timer::Lease(lock)) {
+            Timer::Lease(name) => name,
+            Timer::Wait(_) | Timer::Detached(_) => LockName::new(),
         }
     }
 
     /// Moves `timer` from `old` to `new` (arms it at `new` if it was not
     /// armed at `old`), keeping the key the set holds.
     pub fn rearm(&mut self, old: Time, new: Time, timer: Timer) {
-        let probe = (old, timer);
-        let timer = match self.pending.take(&probe) {
+        let timer = self.take(old, timer);
+        self.pending.insert((new, timer));
+    }
+
+    /// Disarms `timer` at `at` and gives back the timer: the set's own key
+    /// when it was armed, else the one given (the two are equal).
+    fn take(&mut self, at: Time, timer: Timer) -> Timer {
+        let probe = (at, timer);
+        match self.pending.take(&probe) {
             Some((_, kept)) => kept,
             None => probe.1,
-        };
-        self.pending.insert((new, timer));
+        }
     }
 
     /// The earliest deadline.

@@ -179,7 +179,7 @@ fn granted_token(outputs: &[Output], call: CallId) -> Option<String> {
         Output::Reply {
             call: c,
             reply: Reply::Granted(info),
-        } if *c == call => Some(info.token.clone()),
+        } if *c == call => Some(info.token.to_string()),
         _ => None,
     })
 }
@@ -198,14 +198,14 @@ fn uncontended(driver: &mut Driver, until: Instant) {
         let client = k as i32;
         let (call, outputs) = driver.call(Request::Acquire {
             client,
-            lock: names[k].clone(),
+            lock: names[k].as_str().into(),
             wait: None,
             lease: None,
         });
         let token = granted_token(&outputs, call).expect("an uncontended acquire is granted");
         let (_, outputs) = driver.call(Request::Release {
             client,
-            lock: names[k].clone(),
+            lock: names[k].as_str().into(),
             token,
         });
         assert!(
@@ -229,7 +229,7 @@ fn contended(driver: &mut Driver, lock: &str, until: Instant) {
     let lock = lock.to_owned();
     let (call, outputs) = driver.call(Request::Acquire {
         client: 0,
-        lock: lock.clone(),
+        lock: lock.as_str().into(),
         wait: None,
         lease: None,
     });
@@ -238,7 +238,7 @@ fn contended(driver: &mut Driver, lock: &str, until: Instant) {
     for client in 1..WAITERS {
         let (call, outputs) = driver.call(Request::Acquire {
             client,
-            lock: lock.clone(),
+            lock: lock.as_str().into(),
             wait: None,
             lease: None,
         });
@@ -256,7 +256,7 @@ fn contended(driver: &mut Driver, lock: &str, until: Instant) {
         let (client, token) = holder;
         let (_, outputs) = driver.call(Request::Release {
             client,
-            lock: lock.clone(),
+            lock: lock.as_str().into(),
             token,
         });
         let (next, next_call) = queue.pop_front().expect("a waiter");
@@ -264,7 +264,7 @@ fn contended(driver: &mut Driver, lock: &str, until: Instant) {
         holder = (next, token);
         let (call, outputs) = driver.call(Request::Acquire {
             client,
-            lock: lock.clone(),
+            lock: lock.as_str().into(),
             wait: None,
             lease: None,
         });

@@ -112,7 +112,7 @@ fn generate(dir: &Path, records: u64, mix: Mix) -> Result<()> {
         };
         let acquire = Request::Acquire {
             client,
-            lock: lock.clone(),
+            lock: lock.as_str().into(),
             wait: None,
             lease: None,
         };
@@ -123,15 +123,15 @@ fn generate(dir: &Path, records: u64, mix: Mix) -> Result<()> {
                     client,
                     file: format!("file_{}", (i + k) % 100),
                     content: payload.clone(),
-                    token: token.clone(),
+                    token: token.to_string(),
                 };
                 handle(&mut core, &mut wal, &mut files, append)?;
             }
         }
         let release = Request::Release {
             client,
-            lock,
-            token,
+            lock: lock.into(),
+            token: token.to_string(),
         };
         handle(&mut core, &mut wal, &mut files, release)?;
         i += 1;

@@ -29,6 +29,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use dlm::core::records::{Change, GrantSnapshot};
+use dlm::core::types::{LockName, Token};
 use dlm::core::Trace;
 
 /// What a client learned of one operation.
@@ -90,11 +91,11 @@ pub struct History {
     pub appends: Vec<AppendRec>,
     pub token_ops: Vec<TokenOp>,
     /// Server side: intervals per token, and the current grant per lock.
-    intervals: BTreeMap<String, Vec<Interval>>,
-    fences: BTreeMap<String, (String, u64)>,
-    current: BTreeMap<String, (String, u64)>,
+    intervals: BTreeMap<Token, Vec<Interval>>,
+    fences: BTreeMap<Token, (LockName, u64)>,
+    current: BTreeMap<LockName, (Token, u64)>,
     /// Server side: wait queues as the trace reports them.
-    queues: BTreeMap<String, VecDeque<u64>>,
+    queues: BTreeMap<LockName, VecDeque<u64>>,
     /// Violations found while the run went on.
     pub violations: Vec<String>,
 }
@@ -244,7 +245,7 @@ impl History {
     fn check_grants(&self, out: &mut Vec<String>) {
         let mut per_lock: BTreeMap<&str, Vec<(u64, u64, &str)>> = BTreeMap::new();
         for (token, rec) in &self.grants {
-            let Some(first) = self.intervals.get(token).and_then(|v| v.first()) else {
+            let Some(first) = self.intervals.get(token.as_str()).and_then(|v| v.first()) else {
                 out.push(format!(
                     "client {} was told it holds lock {:?} with fence {} ({}), a grant the server never made",
                     rec.client,
@@ -254,8 +255,8 @@ impl History {
                 ));
                 continue;
             };
-            if let Some((lock, fence)) = self.fences.get(token) {
-                if *fence != rec.fence || *lock != rec.lock {
+            if let Some((lock, fence)) = self.fences.get(token.as_str()) {
+                if *fence != rec.fence || **lock != *rec.lock {
                     out.push(format!(
                         "token {} told fence {} but granted fence {fence}",
                         short(token),
@@ -299,11 +300,14 @@ impl History {
 
     fn check_token_ops(&self, out: &mut Vec<String>) {
         for op in &self.token_ops {
-            let current = self.intervals.get(&op.token).is_some_and(|intervals| {
-                intervals
-                    .iter()
-                    .any(|i| i.start <= op.acked && i.end.is_none_or(|end| end >= op.invoked))
-            });
+            let current = self
+                .intervals
+                .get(op.token.as_str())
+                .is_some_and(|intervals| {
+                    intervals
+                        .iter()
+                        .any(|i| i.start <= op.acked && i.end.is_none_or(|end| end >= op.invoked))
+                });
             if !current {
                 out.push(format!(
                     "stale token: {} accepted with token {} that was not current between {} and {}",

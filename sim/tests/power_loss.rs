@@ -25,7 +25,7 @@ const PREALLOC: u64 = 8192;
 fn record(n: u64) -> Record {
     Record {
         changes: vec![Change::Ended {
-            lock: format!("lock-{n}"),
+            lock: format!("lock-{n}").into(),
             fence: Fence(n),
         }],
     }
@@ -51,7 +51,7 @@ fn sequence(disk: &SimDisk, acked: &mut Vec<u64>) -> Result<(), LogError> {
             // Over a block per record: the segments grow past their zeros
             // (a block plus `PREALLOC` at first) within three records.
             if let Change::Ended { lock, .. } = &mut record.changes[0] {
-                lock.push_str(&"x".repeat(5000));
+                *lock = format!("{lock}{}", "x".repeat(5000)).into();
             }
             wal.append(&record);
             wal.sync()?;

@@ -29,9 +29,9 @@ pub struct Grant {
 
 impl Grant {
     /// The grant as its holder sees it.
-    pub fn info(&self, lock: &str) -> GrantInfo {
+    pub fn info(&self, lock: &LockName) -> GrantInfo {
         GrantInfo {
-            lock: lock.to_owned(),
+            lock: lock.clone(),
             token: self.token.clone(),
             fence: self.fence,
             lease: self.lease,

@@ -157,7 +157,7 @@ pub enum ReplayError {
     AlreadyHeld { lock: LockName, fence: Fence },
     /// A release, an end or an append names a grant that is not current.
     #[error("change names grant {fence:?} of lock {lock:?}, which is not current")]
-    NotCurrent { lock: LockName, fence: Fence },
+    NotCurrent { lock: String, fence: Fence },
 }
 
 /// What one input did, gathered so it can be emitted in the safe order.
@@ -375,7 +375,7 @@ impl Core {
                 Change::Answered(answer) => self.dedup.replayed(answer),
                 Change::LeaseSet { lock, fence, lease } => {
                     let not_current = || ReplayError::NotCurrent {
-                        lock: lock.clone(),
+                        lock: lock.to_string(),
                         fence,
                     };
                     let grant = self
@@ -512,7 +512,7 @@ impl Core {
                     .and_then(|s| s.holder.as_ref())
                     .is_some_and(|g| g.deadline == at);
                 if due {
-                    self.end_grant(&lock, false, step);
+                    self.end_grant(lock, false, step);
                 }
             }
             Timer::Wait(id) => {
@@ -599,13 +599,13 @@ impl Core {
                 client,
                 lock,
                 token,
-            } => Some(self.release(client, &lock, &token, step)),
+            } => Some(self.release(client, lock, &token, step)),
             Request::Renew {
                 client,
                 lock,
                 token,
                 lease,
-            } => Some(self.renew(client, &lock, &token, lease, step)),
+            } => Some(self.renew(client, lock, &token, lease, step)),
             Request::Append {
                 client,
                 file,
@@ -767,36 +767,38 @@ impl Core {
     }
 
     fn new_token(&mut self) -> Token {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut bytes = [0u8; 16];
         self.rng.fill_bytes(&mut bytes);
-        let mut token = String::with_capacity(32);
-        for b in bytes {
-            token.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-            token.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+        // Spelled on the stack: the shared string is the one allocation.
+        let mut hex = [0u8; 32];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 15)];
         }
-        token
+        Token::from(std::str::from_utf8(&hex).unwrap_or_default())
     }
 
     /// Ends the current grant of `lock` (committing its staged appends when
     /// `released`) and grants the lock to the next waiter.
-    fn end_grant(&mut self, lock: &str, released: bool, step: &mut Step) {
-        let Some(state) = self.locks.get_mut(lock) else {
+    fn end_grant(&mut self, lock: LockName, released: bool, step: &mut Step) {
+        let Some(state) = self.locks.get_mut(&lock) else {
             return;
         };
         let Some(grant) = state.holder.take() else {
             return;
         };
-        // The name the lease timer was found by goes into the record.
-        let name = self.timers.disarm_lease(grant.deadline, lock.to_owned());
+        self.timers
+            .disarm(grant.deadline, Timer::Lease(LockName::clone(&lock)));
         if released {
             step.changes.push(Change::Released {
-                lock: name,
+                lock: LockName::clone(&lock),
                 fence: grant.fence,
             });
             self.files.commit(grant.staged, &mut step.writes);
         } else {
             step.changes.push(Change::Ended {
-                lock: name,
+                lock: LockName::clone(&lock),
                 fence: grant.fence,
             });
         }
@@ -804,8 +806,8 @@ impl Core {
     }
 
     /// Grants the free lock `lock` to its first waiter, or forgets the lock.
-    fn grant_next(&mut self, lock: &str, step: &mut Step) {
-        let next = self.locks.get(lock).and_then(|state| {
+    fn grant_next(&mut self, lock: LockName, step: &mut Step) {
+        let next = self.locks.get(&lock).and_then(|state| {
             if self.plants.lifo_grants {
                 state.waiters.back().map(|w| w.id)
             } else {
@@ -815,12 +817,12 @@ impl Core {
         let fence = self.next_fence();
         match next.and_then(|id| self.remove_waiter(id, Some(fence), step)) {
             Some(waiter) => {
-                let info = self.grant(lock.to_owned(), waiter.client, waiter.lease, step);
+                let info = self.grant(lock, waiter.client, waiter.lease, step);
                 self.answer_waiter(waiter, Reply::Granted(info), step);
             }
             None => {
-                if self.locks.get(lock).is_some_and(LockState::is_idle) {
-                    self.locks.remove(lock);
+                if self.locks.get(&lock).is_some_and(LockState::is_idle) {
+                    self.locks.remove(&lock);
                 }
             }
         }
@@ -958,7 +960,7 @@ impl Core {
                 format!("lock {lock:?} is not held"),
             ));
         };
-        if grant.token != token {
+        if *grant.token != *token {
             return Err(Reply::refused(
                 RefusalCode::InvalidToken,
                 format!(
@@ -978,8 +980,8 @@ impl Core {
         Ok(grant)
     }
 
-    fn release(&mut self, client: ClientId, lock: &str, token: &str, step: &mut Step) -> Reply {
-        if let Err(refusal) = self.check_token(client, lock, token) {
+    fn release(&mut self, client: ClientId, lock: LockName, token: &str, step: &mut Step) -> Reply {
+        if let Err(refusal) = self.check_token(client, &lock, token) {
             return refusal;
         }
         self.end_grant(lock, true, step);
@@ -989,7 +991,7 @@ impl Core {
     fn renew(
         &mut self,
         client: ClientId,
-        lock: &str,
+        lock: LockName,
         token: &str,
         lease: Option<Millis>,
         step: &mut Step,
@@ -998,19 +1000,19 @@ impl Core {
             Ok(lease) => lease,
             Err(refusal) => return refusal,
         };
-        if let Err(refusal) = self.check_token(client, lock, token) {
+        if let Err(refusal) = self.check_token(client, &lock, token) {
             return refusal;
         }
         let now = self.now;
-        let Some(grant) = self.locks.get_mut(lock).and_then(|s| s.holder.as_mut()) else {
+        let Some(grant) = self.locks.get_mut(&lock).and_then(|s| s.holder.as_mut()) else {
             return Reply::refused(RefusalCode::LockNotHeld, "lock is not held");
         };
         let old = grant.deadline;
         let lease = lease.unwrap_or(grant.lease);
-        set_lease(lock, grant, lease, step);
+        set_lease(&lock, grant, lease, step);
         grant.deadline = now.plus(lease);
         let new = grant.deadline;
-        self.timers.rearm(old, new, Timer::Lease(lock.to_owned()));
+        self.timers.rearm(old, new, Timer::Lease(lock));
         Reply::Renewed { lease }
     }
 
@@ -1089,7 +1091,7 @@ impl Core {
             .filter(|(_, s)| s.holder.as_ref().is_some_and(|g| g.client == client))
             .map(|(name, _)| name.clone())
             .collect();
-        for lock in &held {
+        for lock in held {
             self.end_grant(lock, false, step);
         }
         Reply::Done
@@ -1130,11 +1132,11 @@ impl Core {
 /// Makes `lease` the length of `grant`'s leases from now on, logging it if
 /// it changed: the holder was told this length, so a restart (which gives
 /// every grant a fresh lease of its length) must not give it a shorter one.
-fn set_lease(lock: &str, grant: &mut Grant, lease: Millis, step: &mut Step) {
+fn set_lease(lock: &LockName, grant: &mut Grant, lease: Millis, step: &mut Step) {
     if grant.lease != lease {
         grant.lease = lease;
         step.changes.push(Change::LeaseSet {
-            lock: lock.to_owned(),
+            lock: LockName::clone(lock),
             fence: grant.fence,
             lease,
         });

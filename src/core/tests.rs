@@ -188,7 +188,7 @@ impl Harness {
     }
 
     fn view(&mut self, lock: &str) -> Option<LockView> {
-        self.status().into_iter().find(|v| v.lock == lock)
+        self.status().into_iter().find(|v| *v.lock == *lock)
     }
 
     fn holder(&mut self, lock: &str) -> Option<ClientId> {
@@ -338,7 +338,7 @@ fn acquire(client: ClientId) -> Request {
 fn acquire_lock(client: ClientId, lock: &str, wait: Option<u64>, lease: Option<u64>) -> Request {
     Request::Acquire {
         client,
-        lock: lock.to_owned(),
+        lock: lock.into(),
         wait: wait.map(Millis),
         lease: lease.map(Millis),
     }
@@ -352,7 +352,7 @@ fn release(client: ClientId, token: &str) -> Request {
 fn release_lock(client: ClientId, lock: &str, token: &str) -> Request {
     Request::Release {
         client,
-        lock: lock.to_owned(),
+        lock: lock.into(),
         token: token.to_owned(),
     }
 }
@@ -365,7 +365,7 @@ fn renew(client: ClientId, token: &str) -> Request {
 fn renew_lock(client: ClientId, lock: &str, token: &str, lease: Option<u64>) -> Request {
     Request::Renew {
         client,
-        lock: lock.to_owned(),
+        lock: lock.into(),
         token: token.to_owned(),
         lease: lease.map(Millis),
     }
@@ -617,7 +617,7 @@ fn lease_runs_out_at_exactly_its_deadline() {
     assert_eq!(
         h.changes_since(mark),
         vec![Change::Ended {
-            lock: DEFAULT_LOCK.to_owned(),
+            lock: DEFAULT_LOCK.into(),
             fence: grant.fence
         }]
     );
@@ -902,7 +902,7 @@ fn idempotent_acquire_immediate_grant() {
     let Reply::Granted(grant) = reply else {
         panic!("expected a grant, got {reply:?}");
     };
-    assert_eq!(h.grants_since(mark), vec![(String::new(), 1, grant.fence)]);
+    assert_eq!(h.grants_since(mark), vec![("".into(), 1, grant.fence)]);
 
     // After the release, a late copy gets the old answer, not a new grant.
     h.done("r", release(1, &grant.token));
@@ -926,7 +926,7 @@ fn idempotent_acquire_queued() {
     h.done("", release(9, &holder.token));
     let grant = h.granted(first);
     assert_eq!(h.granted(copy), grant);
-    assert_eq!(h.grants_since(mark), vec![(String::new(), 1, grant.fence)]);
+    assert_eq!(h.grants_since(mark), vec![("".into(), 1, grant.fence)]);
 
     let mark = h.records.len();
     let late = h.call("q", acquire(1));
@@ -1381,7 +1381,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 
     let long = "x".repeat(5_000);
     let oversize = "y".repeat(MAX_APPEND + 1);
-    let t = grant.token.as_str();
+    let t = &*grant.token;
     use RefusalCode::*;
     let cases: Vec<(Request, RefusalCode)> = vec![
         (append(1, "../x", "z", t), InvalidArgument),
@@ -1584,22 +1584,22 @@ fn replay_of_record_naming_non_current_grant_returns_err() {
     };
     let granted = |lock: &str, fence: u64| {
         record(Change::Granted {
-            lock: lock.to_owned(),
+            lock: lock.into(),
             client: 1,
-            token: "t".to_owned(),
+            token: "t".into(),
             fence: Fence(fence),
             lease: Millis(LEASE),
         })
     };
     let released = |lock: &str, fence: u64| {
         record(Change::Released {
-            lock: lock.to_owned(),
+            lock: lock.into(),
             fence: Fence(fence),
         })
     };
     let ended = |lock: &str, fence: u64| {
         record(Change::Ended {
-            lock: lock.to_owned(),
+            lock: lock.into(),
             fence: Fence(fence),
         })
     };
@@ -1629,7 +1629,7 @@ fn replay_of_record_naming_non_current_grant_returns_err() {
     assert_eq!(
         core.replay(granted("", 2)),
         Err(ReplayError::AlreadyHeld {
-            lock: String::new(),
+            lock: "".into(),
             fence: Fence(2)
         })
     );

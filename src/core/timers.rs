@@ -41,16 +41,6 @@ impl Timers {
         self.take(at, timer);
     }
 
-    /// Disarms the lease timer of `lock` at `at` and gives the name back
-    /// (the set's own copy when the timer was armed), for the caller to use
-    /// again: ending a grant needs the name for its record too.
-    pub fn disarm_lease(&mut self, at: Time, lock: LockName) -> LockName {
-        match self.take(at, Timer::Lease(lock)) {
-            Timer::Lease(name) => name,
-            Timer::Wait(_) | Timer::Detached(_) => LockName::new(),
-        }
-    }
-
     /// Moves `timer` from `old` to `new` (arms it at `new` if it was not
     /// armed at `old`), keeping the key the set holds.
     pub fn rearm(&mut self, old: Time, new: Time, timer: Timer) {
@@ -89,22 +79,17 @@ mod tests {
     #[test]
     fn a_rearmed_timer_fires_at_its_new_time_only() {
         let mut timers = Timers::default();
-        let lease = || Timer::Lease("a".to_owned());
+        let lease = || Timer::Lease("a".into());
         timers.arm(Time::from_millis(5), lease());
         timers.arm(Time::from_millis(7), Timer::Wait(1));
         timers.rearm(Time::from_millis(5), Time::from_millis(9), lease());
         // Not armed at the old time: armed at the new one all the same.
         timers.rearm(Time::from_millis(1), Time::from_millis(8), Timer::Wait(2));
         timers.disarm(Time::from_millis(7), Timer::Wait(1));
-        timers.arm(Time::from_millis(3), Timer::Lease("b".to_owned()));
-        assert_eq!(
-            timers.disarm_lease(Time::from_millis(3), "b".to_owned()),
-            "b"
-        );
-        assert_eq!(
-            timers.disarm_lease(Time::from_millis(4), "c".to_owned()),
-            "c"
-        );
+        timers.arm(Time::from_millis(3), Timer::Lease("b".into()));
+        timers.disarm(Time::from_millis(3), Timer::Lease("b".into()));
+        // Not armed: nothing happens.
+        timers.disarm(Time::from_millis(4), Timer::Lease("c".into()));
         let mut fired = Vec::new();
         while let Some(due) = timers.pop_due(Time::from_millis(100)) {
             fired.push(due);

@@ -4,6 +4,8 @@
 //! Nothing here does anything; these are plain values. Transports convert
 //! their wire messages to and from these types.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -17,10 +19,14 @@ pub type ClientId = i32;
 pub type RequestId = String;
 
 /// Name of a lock. The empty name is the default lock, which also guards the files.
-pub type LockName = String;
+///
+/// Shared, not copied: one grant's name sits in the lock table, its lease
+/// timer, its record, its reply and its remembered answer at once.
+pub type LockName = Arc<str>;
 
 /// The opaque secret that proves a grant (hex, unguessable in production).
-pub type Token = String;
+/// Shared like [`LockName`].
+pub type Token = Arc<str>;
 
 /// Fencing number of a grant: strictly increasing, never reused.
 #[derive(
@@ -35,7 +41,9 @@ pub struct CallId(pub u64);
 /// The name of the default lock.
 pub const DEFAULT_LOCK: &str = "";
 
-/// What a client asks of the core.
+/// What a client asks of the core. A token here is only compared with the
+/// grant's, so it stays the caller's string; a lock name may become a key of
+/// the lock table, so it is already shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Hello: registers the client; never changes what it holds.
@@ -54,13 +62,13 @@ pub enum Request {
     Release {
         client: ClientId,
         lock: LockName,
-        token: Token,
+        token: String,
     },
     /// Extend the lease of the grant proven by `token`.
     Renew {
         client: ClientId,
         lock: LockName,
-        token: Token,
+        token: String,
         lease: Option<Millis>,
     },
     /// Stage an append to `file` under the default lock's grant.
@@ -68,7 +76,7 @@ pub enum Request {
         client: ClientId,
         file: String,
         content: Bytes,
-        token: Token,
+        token: String,
     },
     /// A read-only view of the lock table.
     Status,

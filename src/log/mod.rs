@@ -1041,7 +1041,7 @@ mod tests {
     fn record(n: u64) -> Record {
         Record {
             changes: vec![Change::Ended {
-                lock: format!("l{n}"),
+                lock: format!("l{n}").into(),
                 fence: Fence(n),
             }],
         }
@@ -1086,7 +1086,7 @@ mod tests {
         let mut r = open(tmp.path()).unwrap();
         r.wal.set_split_bytes(SPLIT_RECORD_BYTES);
         let ended = |n: u64| Change::Ended {
-            lock: format!("{n:0>200}"),
+            lock: format!("{n:0>200}").into(),
             fence: Fence(n),
         };
         let answered = |n: u64| {
@@ -1109,9 +1109,9 @@ mod tests {
             long.changes.push(ended(n));
             if n % 3 == 0 {
                 long.changes.push(Change::Granted {
-                    lock: format!("{n:0>200}"),
+                    lock: format!("{n:0>200}").into(),
                     client: 2,
-                    token: "t".repeat(40),
+                    token: "t".repeat(40).into(),
                     fence: Fence(1000 + n),
                     lease: crate::core::time::Millis(30_000),
                 });
@@ -1502,7 +1502,7 @@ mod tests {
     fn an_unsynced_write_whose_later_sectors_alone_reached_the_disk_is_cut() {
         let long = |n: u64| Record {
             changes: vec![Change::Ended {
-                lock: format!("{n}-{}", "x".repeat(300)),
+                lock: format!("{n}-{}", "x".repeat(300)).into(),
                 fence: Fence(n),
             }],
         };
@@ -1718,7 +1718,7 @@ mod tests {
     fn the_answers_counted_are_those_of_the_records_handed_on() {
         let answered = |n: u64, answers: u64| Record {
             changes: std::iter::once(Change::Ended {
-                lock: format!("l{n}"),
+                lock: format!("l{n}").into(),
                 fence: Fence(n),
             })
             .chain((0..answers).map(|i| {

@@ -857,7 +857,7 @@ mod tests {
         // Something in file_7 to read: acquire, append, release.
         let default = |client| Request::Acquire {
             client,
-            lock: String::new(),
+            lock: "".into(),
             wait: None,
             lease: None,
         };
@@ -868,7 +868,7 @@ mod tests {
             client: 2,
             file: "file_7".to_owned(),
             content: bytes::Bytes::from(content),
-            token: grant.token.clone(),
+            token: grant.token.to_string(),
         };
         assert!(matches!(
             handle.call(String::new(), append).await,
@@ -876,8 +876,8 @@ mod tests {
         ));
         let release = Request::Release {
             client: 2,
-            lock: String::new(),
-            token: grant.token,
+            lock: "".into(),
+            token: grant.token.to_string(),
         };
         assert!(matches!(
             handle.call(String::new(), release).await,
@@ -942,7 +942,7 @@ mod tests {
         until_reached(reached_rx).await;
         let acquire = Request::Acquire {
             client: 1,
-            lock: "x".to_owned(),
+            lock: "x".into(),
             wait: None,
             lease: None,
         };
@@ -970,7 +970,7 @@ mod tests {
             request_id: String::new(),
             request: Request::Acquire {
                 client: 7,
-                lock: "kept".to_owned(),
+                lock: "kept".into(),
                 wait: None,
                 lease: None,
             },

@@ -80,7 +80,7 @@ fn lock_response(reply: &Reply) -> LockResponse {
         ..LockResponse::default()
     };
     if let Reply::Granted(grant) = reply {
-        out.token = grant.token.clone();
+        out.token = grant.token.to_string();
         out.fencing_token = grant.fence.0;
         out.lease_ms = grant.lease.0;
     }
@@ -109,7 +109,7 @@ pub async fn client_init(
 pub async fn lock_acquire(handle: &Handle, args: LockArgs) -> Result<LockResponse, ShuttingDown> {
     let request = Request::Acquire {
         client: args.client_id,
-        lock: args.lock_name,
+        lock: args.lock_name.into(),
         wait: args.wait_timeout_ms.map(Millis),
         lease: args.lease_ms.map(Millis),
     };
@@ -124,7 +124,7 @@ pub async fn lock_acquire(handle: &Handle, args: LockArgs) -> Result<LockRespons
 pub async fn lock_release(handle: &Handle, args: LockArgs) -> Result<LockResponse, ShuttingDown> {
     let request = Request::Release {
         client: args.client_id,
-        lock: args.lock_name,
+        lock: args.lock_name.into(),
         token: args.token,
     };
     let reply = handle.call(args.request_id, request).await?;
@@ -153,7 +153,7 @@ pub async fn file_append(handle: &Handle, args: FileArgs) -> Result<proto::Respo
 pub async fn renew_lease(handle: &Handle, args: LeaseArgs) -> Result<LeaseResponse, ShuttingDown> {
     let request = Request::Renew {
         client: args.client_id,
-        lock: args.lock_name,
+        lock: args.lock_name.into(),
         token: args.token,
         lease: args.lease_ms.map(Millis),
     };
@@ -232,7 +232,7 @@ pub async fn lock_status(handle: &Handle) -> Result<StatusResponse, ShuttingDown
         out.locks = locks
             .into_iter()
             .map(|view| LockInfo {
-                lock_name: view.lock,
+                lock_name: view.lock.to_string(),
                 holder_client_id: view.holder.unwrap_or_default(),
                 fencing_token: view.fence.0,
                 lease_left_ms: view.lease_left.0,

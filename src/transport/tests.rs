@@ -60,7 +60,7 @@ impl Served {
     async fn fill(&self, file: &str, len: usize) {
         let acquire = Request::Acquire {
             client: 1,
-            lock: String::new(),
+            lock: "".into(),
             wait: None,
             lease: None,
         };
@@ -71,14 +71,14 @@ impl Served {
             client: 1,
             file: file.to_owned(),
             content: Bytes::from(vec![b'x'; len]),
-            token: grant.token.clone(),
+            token: grant.token.to_string(),
         };
         let appended = self.handle.call(String::new(), append).await;
         assert!(matches!(appended, Ok(Reply::Done)), "{appended:?}");
         let release = Request::Release {
             client: 1,
-            lock: String::new(),
-            token: grant.token,
+            lock: "".into(),
+            token: grant.token.to_string(),
         };
         let released = self.handle.call(String::new(), release).await;
         assert!(matches!(released, Ok(Reply::Done)), "{released:?}");

@@ -173,7 +173,7 @@ impl World {
             } else if now >= renewed_at + lease / 3 {
                 let request = Request::Renew {
                     client: id,
-                    lock,
+                    lock: lock.into(),
                     token,
                     lease: Some(Millis(lease)),
                 };
@@ -201,7 +201,7 @@ impl World {
             } else {
                 let request = Request::Release {
                     client: id,
-                    lock,
+                    lock: lock.into(),
                     token,
                 };
                 self.start_op(i, OpKind::Release, request);
@@ -213,7 +213,7 @@ impl World {
             let wait = self.rng.chance(0.25).then(|| self.rng.between(50, 2_000));
             let request = Request::Acquire {
                 client: id,
-                lock: lock.clone(),
+                lock: lock.as_str().into(),
                 wait: wait.map(Millis),
                 lease: Some(Millis(lease)),
             };
@@ -408,7 +408,7 @@ impl World {
                 };
                 self.clients[i].holding = Some(Holding {
                     lock,
-                    token: grant.token,
+                    token: grant.token.to_string(),
                     lease: grant.lease.0,
                     renewed_at: now,
                     appends_left,

@@ -8,6 +8,11 @@
 //!   where the filesystem allows it, each block rewritten a few times with
 //!   new bytes, as group commits at low load do). Every write carries new
 //!   bytes (a counter), so no layer can skip a write it has seen.
+//! - fsync after an idle gap: the `log` write again, each after the disk sat
+//!   idle for [`IDLE_GAP`]. On a VM a durable write that follows an idle
+//!   spell can cost twice one that follows another write (the host stops
+//!   polling the virtual disk when it goes quiet), and a contended handoff
+//!   or a lone client leaves gaps of about this length between writes.
 //! - loopback round trip: a 64-byte TCP ping-pong with `TCP_NODELAY`.
 //!
 //! A durable lock service can not hand a contended lock over faster than one
@@ -35,17 +40,20 @@ pub struct Limits {
     pub fsync_overwrite: Latency,
     /// 4 KiB block into a preallocated file as dlm's log writes it + fdatasync.
     pub fsync_log: Latency,
+    /// The same, each write after the disk sat idle for [`IDLE_GAP`].
+    pub fsync_log_after_idle: Latency,
     /// 64-byte TCP round trip on loopback.
     pub tcp_rtt: Latency,
 }
 
 impl Limits {
-    /// Measures all three, each for at most `each` (and a bounded count).
+    /// Measures them all, each for at most `each` (and a bounded count).
     pub fn measure(dir: &Path, each: Duration) -> Limits {
         Limits {
             fsync_append: fsync_latency(dir, true, each).unwrap_or_default(),
             fsync_overwrite: fsync_latency(dir, false, each).unwrap_or_default(),
-            fsync_log: fsync_log_latency(dir, each).unwrap_or_default(),
+            fsync_log: fsync_log_latency(dir, Duration::ZERO, each).unwrap_or_default(),
+            fsync_log_after_idle: fsync_log_latency(dir, IDLE_GAP, each).unwrap_or_default(),
             tcp_rtt: tcp_rtt(each).unwrap_or_default(),
         }
     }
@@ -60,13 +68,16 @@ impl Limits {
             .fold(f64::INFINITY, f64::min)
     }
 
-    /// Four report lines.
+    /// Five report lines.
     pub fn lines(&self) -> String {
         format!(
-            "  fsync 4 KiB append   : {}\n  fsync 4 KiB overwrite: {}\n  fsync 4 KiB dlm log  : {}\n  TCP loopback RTT     : {}",
+            "  fsync 4 KiB append   : {}\n  fsync 4 KiB overwrite: {}\n  fsync 4 KiB dlm log  : {}\n  \
+             same, after {} ms idle: {}\n  TCP loopback RTT     : {}",
             self.fsync_append.line(),
             self.fsync_overwrite.line(),
             self.fsync_log.line(),
+            IDLE_GAP.as_secs_f64() * 1e3,
+            self.fsync_log_after_idle.line(),
             self.tcp_rtt.line()
         )
     }
@@ -112,13 +123,19 @@ pub fn fsync_latency(dir: &Path, append: bool, span: Duration) -> std::io::Resul
     Ok(Latency::of(&hist))
 }
 
+/// How long the disk sits idle before each write of the `after idle` probe:
+/// about what a contended handoff leaves between two durable writes here
+/// (the round trip to the next holder and back, and both sides' work).
+pub const IDLE_GAP: Duration = Duration::from_micros(250);
+
 /// Latency of a 4 KiB block write + fdatasync into a preallocated, zero-filled
-/// file opened as dlm opens its log, looped for at most `span` and at most
-/// 20,000 times.
+/// file opened as dlm opens its log, each after `idle` without disk writes
+/// (the sleep is not timed), looped for at most `span` and at most 20,000
+/// times.
 ///
 /// # Errors
 /// I/O errors of the probe file.
-pub fn fsync_log_latency(dir: &Path, span: Duration) -> std::io::Result<Latency> {
+pub fn fsync_log_latency(dir: &Path, idle: Duration, span: Duration) -> std::io::Result<Latency> {
     use dlm::storage::{Dir, FsDir};
     const SPACE: u64 = 8 << 20;
     let probes = FsDir::open(dir)?;
@@ -139,6 +156,9 @@ pub fn fsync_log_latency(dir: &Path, span: Duration) -> std::io::Result<Latency>
         let offset = (i / 16 * 4096) % SPACE;
         let at = (i % 16) as usize * 256;
         block[at..at + 8].copy_from_slice(&(i + 1).to_le_bytes());
+        if !idle.is_zero() {
+            std::thread::sleep(idle);
+        }
         let t = Instant::now();
         file.write_at(offset, &block)?;
         file.sync_data()?;

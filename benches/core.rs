@@ -143,7 +143,7 @@ impl Driver {
             // The client library's form, UUID#SEQ: each answer evicted
             // from the dedup table raises its (client, prefix) floor.
             self.next_request += 1;
-            format!("6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b#{}", self.next_request)
+            request_id(self.next_request)
         } else {
             String::new()
         };
@@ -172,6 +172,28 @@ impl Driver {
         }
         (id, outputs)
     }
+}
+
+/// `PREFIX#n`, built the way a transport hands an id over: one allocation
+/// and a copy, no formatting machinery (`format!` cost the driver ~480
+/// instructions per call, 8 % of the loop, which is not the core's work).
+fn request_id(n: u64) -> String {
+    const PREFIX: &str = "6f1c2e0a-5d3b-4f7e-9a2b-1c3d4e5f6a7b#";
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut id = String::with_capacity(PREFIX.len() + digits.len() - at);
+    id.push_str(PREFIX);
+    id.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    id
 }
 
 fn granted_token(outputs: &[Output], call: CallId) -> Option<String> {

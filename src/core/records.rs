@@ -283,24 +283,24 @@ mod tests {
     use crate::core::staging::FileIndex;
     use crate::core::types::{GrantInfo, RequestId};
 
-    /// `Change` as it was before answers were shared: logs written then
-    /// must read the same now.
+    /// `Change` as it was before answers, lock names and tokens were
+    /// shared: logs written then must read the same now.
     #[derive(Serialize, Deserialize)]
     #[allow(dead_code)]
     enum OldChange {
         Granted {
-            lock: LockName,
+            lock: String,
             client: ClientId,
-            token: Token,
+            token: String,
             fence: Fence,
             lease: Millis,
         },
         Released {
-            lock: LockName,
+            lock: String,
             fence: Fence,
         },
         Ended {
-            lock: LockName,
+            lock: String,
             fence: Fence,
         },
         Staged {
@@ -422,6 +422,71 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
         let back: Vec<Change> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back, new);
+    }
+
+    #[test]
+    fn shared_names_and_tokens_encode_as_the_strings_they_were() {
+        #[derive(Serialize)]
+        struct OldGrantInfo {
+            lock: String,
+            token: String,
+            fence: Fence,
+            lease: Millis,
+        }
+        let new = vec![
+            Change::Granted {
+                lock: "jobs".into(),
+                client: 2,
+                token: "0badc0de".into(),
+                fence: Fence(7),
+                lease: Millis(30_000),
+            },
+            Change::Released {
+                lock: "jobs".into(),
+                fence: Fence(7),
+            },
+            Change::Ended {
+                lock: "".into(),
+                fence: Fence(8),
+            },
+        ];
+        let old = vec![
+            OldChange::Granted {
+                lock: "jobs".into(),
+                client: 2,
+                token: "0badc0de".into(),
+                fence: Fence(7),
+                lease: Millis(30_000),
+            },
+            OldChange::Released {
+                lock: "jobs".into(),
+                fence: Fence(7),
+            },
+            OldChange::Ended {
+                lock: String::new(),
+                fence: Fence(8),
+            },
+        ];
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
+        let back: Vec<Change> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, new);
+        let info = GrantInfo {
+            lock: "jobs".into(),
+            token: "0badc0de".into(),
+            fence: Fence(7),
+            lease: Millis(1),
+        };
+        let old_info = OldGrantInfo {
+            lock: "jobs".into(),
+            token: "0badc0de".into(),
+            fence: Fence(7),
+            lease: Millis(1),
+        };
+        assert_eq!(
+            postcard::to_allocvec(&info).unwrap(),
+            postcard::to_allocvec(&old_info).unwrap()
+        );
     }
 
     /// One of each change, with an answer of each reply. A match with no

@@ -157,7 +157,7 @@ pub enum ReplayError {
     AlreadyHeld { lock: LockName, fence: Fence },
     /// A release, an end or an append names a grant that is not current.
     #[error("change names grant {fence:?} of lock {lock:?}, which is not current")]
-    NotCurrent { lock: String, fence: Fence },
+    NotCurrent { lock: LockName, fence: Fence },
 }
 
 /// What one input did, gathered so it can be emitted in the safe order.
@@ -360,7 +360,7 @@ impl Core {
                     content,
                 } => {
                     let not_current = || ReplayError::NotCurrent {
-                        lock: DEFAULT_LOCK.to_owned(),
+                        lock: DEFAULT_LOCK.into(),
                         fence,
                     };
                     let state = self.locks.get_mut(DEFAULT_LOCK).ok_or_else(not_current)?;
@@ -375,7 +375,7 @@ impl Core {
                 Change::Answered(answer) => self.dedup.replayed(answer),
                 Change::LeaseSet { lock, fence, lease } => {
                     let not_current = || ReplayError::NotCurrent {
-                        lock: lock.to_string(),
+                        lock: lock.clone(),
                         fence,
                     };
                     let grant = self
@@ -393,7 +393,7 @@ impl Core {
 
     fn take_current(&mut self, lock: &str, fence: Fence) -> Result<Grant, ReplayError> {
         let not_current = || ReplayError::NotCurrent {
-            lock: lock.to_owned(),
+            lock: lock.into(),
             fence,
         };
         let state = self.locks.get_mut(lock).ok_or_else(not_current)?;

@@ -1611,7 +1611,7 @@ fn replay_of_record_naming_non_current_grant_returns_err() {
         })
     };
     let not_current = |lock: &str, fence: u64| ReplayError::NotCurrent {
-        lock: lock.to_owned(),
+        lock: lock.into(),
         fence: Fence(fence),
     };
 

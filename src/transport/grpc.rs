@@ -129,12 +129,13 @@ impl GrpcService {
 #[derive(Clone)]
 struct Held(Arc<HeldReply>);
 
-/// The tonic service `S`, with each response's `Held` share (a file
-/// read's part of the read-reply budget) moved into its body's data: HTTP/2 keeps a data frame's bytes until they are
-/// written to the connection (as its flow control allows), and drops them
-/// then, or when the stream or connection ends; the share goes with the
-/// last of them. Without it, the share went back as soon as tonic had the
-/// encoded reply, while a peer that never read it kept it in memory.
+/// The tonic service `S`, with each response's `Held` share (a file read's
+/// part of the read-reply budget) moved into its body's data: HTTP/2 keeps
+/// a data frame's bytes until they are written to the connection (as its
+/// flow control allows), and drops them then, or when the stream or
+/// connection ends; the share goes with the last of them. Without it, the
+/// share went back as soon as tonic had the encoded reply, while a peer
+/// that never read it kept it in memory.
 #[derive(Clone)]
 pub struct HoldReplies<S>(S);
 

@@ -35,27 +35,18 @@ impl Timers {
     }
 
     /// Disarms `timer` at `at` (no-op if not armed). Takes the timer by
-    /// value: the set's key is the pair, so a borrowed timer would be
-    /// copied (a lock name allocated) just to look it up.
+    /// value: the set's key is the pair, and a lock name is shared, so the
+    /// caller's copy costs a reference count.
     pub fn disarm(&mut self, at: Time, timer: Timer) {
-        self.take(at, timer);
+        self.pending.remove(&(at, timer));
     }
 
     /// Moves `timer` from `old` to `new` (arms it at `new` if it was not
-    /// armed at `old`), keeping the key the set holds.
+    /// armed at `old`).
     pub fn rearm(&mut self, old: Time, new: Time, timer: Timer) {
-        let timer = self.take(old, timer);
-        self.pending.insert((new, timer));
-    }
-
-    /// Disarms `timer` at `at` and gives back the timer: the set's own key
-    /// when it was armed, else the one given (the two are equal).
-    fn take(&mut self, at: Time, timer: Timer) -> Timer {
-        let probe = (at, timer);
-        match self.pending.take(&probe) {
-            Some((_, kept)) => kept,
-            None => probe.1,
-        }
+        let key = (old, timer);
+        self.pending.remove(&key);
+        self.pending.insert((new, key.1));
     }
 
     /// The earliest deadline.

@@ -8,6 +8,11 @@ use tracing_subscriber::EnvFilter;
 
 use dlm::server::ServerConfig;
 
+/// mimalloc rather than glibc's malloc: the server allocates and frees
+/// small blocks on several threads for every call (see `Cargo.toml`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// dlm — a distributed lock manager: named locks under leases, FIFO waiters,
 /// fencing numbers, and atomic critical sections over file_0 … file_99.
 #[derive(Parser)]

@@ -163,6 +163,8 @@ fn parse_uuid_bytes(bytes: &[u8; 36]) -> Option<Prefix> {
     if [d1, d2, d3, d4] != [b'-'; 4] {
         return None;
     }
+    // Every slice below is in range (the last word ends at 36): the
+    // fallback is never taken, and would read as bad digits if it were.
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
     let half = |at: usize| {
         u64::from(u32::from_le_bytes(

@@ -42,17 +42,24 @@ pub enum Plant {
     /// A retry whose answer the dedup table forgot is served again (no
     /// floors: `REQUEST_EXPIRED` is never sent).
     FloorsOff,
+    /// The server holds a grant handed to a waiter until the next acquire
+    /// arrives: nothing lost, nothing applied twice, the waiter only hears
+    /// late (or from the dedup table when its cut-off attempt re-attaches).
+    /// Tier 2 only: it is planted in the production server's engine, which
+    /// tier 1 models instead of running.
+    LateGrants,
 }
 
 impl Plant {
     /// Every plant, with its command-line name.
-    pub const ALL: [(&'static str, Plant); 6] = [
+    pub const ALL: [(&'static str, Plant); 7] = [
         ("dedup-off", Plant::DedupOff),
         ("reply-before-fsync", Plant::ReplyBeforeFsync),
         ("lifo-grants", Plant::LifoGrants),
         ("stale-appends", Plant::StaleAppends),
         ("no-rearm", Plant::NoRearm),
         ("floors-off", Plant::FloorsOff),
+        ("late-grants", Plant::LateGrants),
     ];
 
     /// The plant named `name`.

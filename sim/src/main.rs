@@ -94,6 +94,12 @@ fn parse() -> Args {
         );
         std::process::exit(2);
     }
+    if args.tier == 1 && args.plant == Some(Plant::LateGrants) {
+        eprintln!(
+            "late-grants is planted in the server's engine, which tier 1 models rather than runs: use --tier 2"
+        );
+        std::process::exit(2);
+    }
     args
 }
 

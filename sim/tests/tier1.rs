@@ -58,7 +58,12 @@ fn the_same_seed_twice_gives_the_same_trace() {
 
 #[test]
 fn every_planted_bug_is_caught_within_a_few_hundred_seeds() {
-    for (name, plant) in Plant::ALL {
+    // late-grants is planted in the production server, which tier 1
+    // models rather than runs: tier 2 catches it.
+    let plants = Plant::ALL
+        .into_iter()
+        .filter(|(_, p)| *p != Plant::LateGrants);
+    for (name, plant) in plants {
         let caught = (0..300).find(|&seed| {
             !tier1::run_seed(seed, Some(plant), false)
                 .violations

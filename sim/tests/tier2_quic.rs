@@ -1,7 +1,7 @@
 //! Tier-2 simulation over QUIC in CI (the real server, log, QUIC transport
 //! and client on turmoil's UDP): a fixed range of seeds, regression seeds, same-seed
-//! determinism of the trace and of the packet schedule, and a planted bug
-//! caught through the QUIC relay.
+//! determinism of the trace and of the packet schedule, and planted bugs
+//! caught over QUIC.
 //!
 //! A seed takes about 1.2 s in the debug profile; the fixed range is sized
 //! so that this file runs in about 25 s on 2 cores (the sweeps run
@@ -14,6 +14,10 @@ use dlm_sim::Plant;
 const REGRESSIONS: &[u64] = &[
     // A late grant handed out after its lease ran out (see tier2.rs).
     3, 13,
+    // The promptness check's first bound: a renew's answer took 2 and 10
+    // ms more than a round trip once the faults were over (quinn's state
+    // after the chaos); QUIC now gets one more trip.
+    685, 701,
 ];
 
 fn assert_clean(seed: u64) {
@@ -87,16 +91,20 @@ fn the_same_quic_seed_twice_gives_the_same_trace_and_packet_schedule() {
 }
 
 #[test]
-fn a_planted_bug_is_caught_over_quic() {
+fn planted_bugs_are_caught_over_quic() {
     // Duplicates come from the QUIC relay: with the server's dedup off,
-    // some are applied twice.
-    let caught = (0..100).find(|&seed| {
-        !tier2::run_seed_over(Transport::Quic, seed, Some(Plant::DedupOff), false)
-            .violations
-            .is_empty()
-    });
-    assert!(
-        caught.is_some(),
-        "dedup-off was not caught in 100 QUIC seeds"
-    );
+    // some are applied twice. A grant the server holds back reaches its
+    // client later than the network allows once the faults are over.
+    for plant in [Plant::DedupOff, Plant::LateGrants] {
+        let caught = (0..100).find(|&seed| {
+            !tier2::run_seed_over(Transport::Quic, seed, Some(plant), false)
+                .violations
+                .is_empty()
+        });
+        assert!(
+            caught.is_some(),
+            "{} was not caught in 100 QUIC seeds",
+            plant.name()
+        );
+    }
 }

@@ -102,6 +102,14 @@ pub struct Plants {
     pub stale_appends: bool,
     /// Serve a retry whose answer was forgotten (never `RequestExpired`).
     pub floors_off: bool,
+    /// Not the core's: the server holds the answer to a waiting call (a
+    /// grant handed over, a wait that ran out: any answer to another call
+    /// than the one being stepped) until the next acquire arrives — the
+    /// waiter's own at the latest, when its attempt is cut off and
+    /// re-attaches. Nothing is lost and nothing applied twice; the waiter
+    /// only hears late, or from the dedup table. Read by
+    /// [`crate::server::Node::start`].
+    pub late_grants: bool,
 }
 
 /// Something that happened to the core: a call, or a call cut off.
@@ -306,6 +314,11 @@ impl Core {
     /// Turns planted bugs on (tests of the checker only).
     pub fn set_plants(&mut self, plants: Plants) {
         self.plants = plants;
+    }
+
+    /// The planted bugs turned on (none in production).
+    pub fn plants(&self) -> Plants {
+        self.plants
     }
 
     /// Before [`Core::replay`]: the log to be replayed holds `answers`

@@ -34,7 +34,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard, TryLockError};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::core::time::Time;
-use crate::core::types::{CallId, Reply};
+use crate::core::types::{CallId, Reply, RequestKind};
 use crate::core::{Core, Input, Output};
 
 use super::writer::{Batch, Job, Persister, WriterError};
@@ -57,6 +57,10 @@ pub(super) struct State {
     /// Calls whose futures were dropped before their reply, not yet told to
     /// the core (see [`Engine::dropped`]).
     pub dropped: Vec<CallId>,
+    /// Planted bug (`Plants::late_grants`): answers to other calls than the
+    /// one stepped, held until the next acquire. Always `None` in
+    /// production.
+    pub late_grants: Option<Vec<(oneshot::Sender<Reply>, Reply)>>,
 }
 
 /// The persister, held by whoever is writing.
@@ -171,12 +175,16 @@ impl Engine {
             return false;
         }
         self.apply_dropped(&mut state);
+        let stepped = match (&input, &reply) {
+            (Input::Call { request, .. }, Some((id, _))) => Some((*id, request.kind())),
+            _ => None,
+        };
         if let Some((id, to)) = reply {
             state.pending.insert(id, to);
         }
         let now = self.clock.now();
         let outputs = state.core.handle(now, input);
-        self.queue_outputs(&mut state, outputs);
+        self.queue_outputs(&mut state, outputs, stepped);
         true
     }
 
@@ -202,7 +210,7 @@ impl Engine {
         for id in std::mem::take(&mut state.dropped) {
             state.pending.remove(&id);
             let outputs = state.core.handle(now, Input::CallDropped(id));
-            self.queue_outputs(state, outputs);
+            self.queue_outputs(state, outputs, None);
         }
     }
 
@@ -215,7 +223,7 @@ impl Engine {
         self.apply_dropped(&mut state);
         let now = self.clock.now();
         let outputs = state.core.tick(now);
-        self.queue_outputs(&mut state, outputs);
+        self.queue_outputs(&mut state, outputs, None);
     }
 
     /// Queues a job that must run after everything queued so far.
@@ -229,7 +237,14 @@ impl Engine {
         true
     }
 
-    fn queue_outputs(&self, state: &mut State, outputs: Vec<Output>) {
+    /// Queues the outputs of one step of the core; `stepped` is the call
+    /// stepped and its kind, if it was one.
+    fn queue_outputs(
+        &self,
+        state: &mut State,
+        outputs: Vec<Output>,
+        stepped: Option<(CallId, RequestKind)>,
+    ) {
         if let Some(observer) = &mut state.observer {
             let now = state.core.now();
             for output in &outputs {
@@ -237,6 +252,11 @@ impl Engine {
             }
         }
         let mut batch = Batch::default();
+        if let (Some(late), Some((_, RequestKind::Acquire))) = (&mut state.late_grants, stepped) {
+            // Planted: what was held leaves with the next acquire's batch
+            // (after its group's fsync: nothing leaves before it is durable).
+            batch.replies.append(late);
+        }
         for output in outputs {
             match output {
                 Output::Persist(record) => batch.records.push(record),
@@ -244,7 +264,12 @@ impl Engine {
                 Output::Trace(_) => {}
                 Output::Reply { call, reply } => {
                     if let Some(to) = state.pending.remove(&call) {
-                        batch.replies.push((to, reply));
+                        match &mut state.late_grants {
+                            Some(late) if stepped.is_none_or(|(id, _)| id != call) => {
+                                late.push((to, reply));
+                            }
+                            _ => batch.replies.push((to, reply)),
+                        }
                     }
                 }
             }

@@ -527,7 +527,6 @@ impl Node {
             reply_bytes: engine::ReplyBudget::new(config.max_read_reply_bytes),
             blocking_reads: mode == WriterMode::Thread,
             state: Mutex::new(engine::State {
-                core,
                 observer: recovered.observer,
                 pending: HashMap::new(),
                 queue: Vec::new(),
@@ -536,6 +535,8 @@ impl Node {
                 timer_at: None,
                 closed: false,
                 dropped: Vec::new(),
+                late_grants: core.plants().late_grants.then(Vec::new),
+                core,
             }),
             io: Mutex::new(engine::Io {
                 persister,

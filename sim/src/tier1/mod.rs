@@ -264,7 +264,9 @@ impl World {
             Some(Plant::LifoGrants) => plants.lifo_grants = true,
             Some(Plant::StaleAppends) => plants.stale_appends = true,
             Some(Plant::NoRearm) => plants.no_rearm = true,
-            Some(Plant::ReplyBeforeFsync) | None => {}
+            // ReplyBeforeFsync is planted in the modelled writer; tier 1 has
+            // no LateGrants (the command line refuses it).
+            Some(Plant::ReplyBeforeFsync | Plant::LateGrants) | None => {}
         }
         plants
     }

@@ -149,21 +149,44 @@ impl Worker {
         now
     }
 
-    /// The operation ended with `result`.
+    /// The operation ended with `result`. One that does not wait for a
+    /// lock must be answered promptly once the run has settled.
     fn end(&self, op: &'static str, result: impl FnOnce() -> String) -> u64 {
         let now = now_ms();
         let reconnects = self.handshakes.as_ref().map_or(0, Handshakes::reconnects);
         self.shared.with(|s| {
             s.faults.reconnects += reconnects;
             let client = &mut s.clients[self.index];
-            client.op = None;
+            let invoked = client.op.take().map(|(_, invoked)| invoked);
             if s.healed {
                 client.ops_since_heal += 1;
             }
-            s.trace
-                .log(now, format!("c{} <- {op} {}", self.id, result()));
+            let result = result();
+            if let Some(invoked) = invoked.filter(|_| !matches!(op, "acquire" | "lock")) {
+                s.prompt(self.index, 2, invoked, now, || format!("{op} ({result})"));
+            }
+            s.trace.log(now, format!("c{} <- {op} {result}", self.id));
         });
         now
+    }
+
+    /// The client learned that it holds `token`: recorded, and checked to
+    /// have reached it promptly after the server's last answer about it
+    /// (the grant, or the renew that confirmed a grant that came late).
+    fn granted(&self, lock: &str, token: &str, fence: u64) {
+        let now = now_ms();
+        self.shared.with(|s| {
+            s.history.grant_acked(self.id, lock, token, fence);
+            // The grant itself, or a later answer to this client: the
+            // library renews a grant that came late before handing it out.
+            let grant = s.grant_answers.get(&(lock.to_owned(), fence)).copied();
+            let later = s.client_answers.get(&self.id).copied();
+            if let Some(answered) = grant.max(later.filter(|_| grant.is_some())) {
+                s.prompt(self.index, 1, answered, now, || {
+                    format!("the grant of {lock:?} fence {fence}")
+                });
+            }
+        });
     }
 
     async fn pause(&mut self, lo: u64, hi: u64) {
@@ -235,10 +258,7 @@ impl Worker {
         });
         match result {
             Ok(grant) => {
-                self.shared.with(|s| {
-                    s.history
-                        .grant_acked(self.id, lock, &grant.token, grant.fence)
-                });
+                self.granted(lock, &grant.token, grant.fence);
                 self.hold(grant).await;
             }
             Err(Error::SessionClosed) => self.init().await,
@@ -348,8 +368,7 @@ impl Worker {
             Err(_) => return self.pause(0, 50).await,
         };
         let token = guard.token().to_owned();
-        self.shared
-            .with(|s| s.history.grant_acked(self.id, "x", &token, guard.fence()));
+        self.granted("x", &token, guard.fence());
         let hold = self.lease / 2;
         self.pause(0, hold).await;
         let slot = self.release_started(&token);

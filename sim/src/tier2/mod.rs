@@ -25,9 +25,11 @@
 //! (`bounce`), power losses (`crash`: unsynced bytes lost or torn), and power
 //! cuts aimed at the instant between a log write and its fsync or between the
 //! fsync and the replies. Then a heal phase turns faults off and checks
-//! liveness; the clients stop, the leases must all run out, and the files are
-//! read, read again after one more power loss, and checked with the same
-//! [`History`] as tier 1.
+//! liveness and, once settled, promptness (every answer reaches its client
+//! as soon as the network's latency allows: [`PROMPT_SLACK_MS`]); the
+//! clients stop, the leases must all run out, and the files are read, read
+//! again after one more power loss, and checked with the same [`History`]
+//! as tier 1.
 //!
 //! Over QUIC (`--transport quic`, [`run_seed_over`]) the same hosts speak
 //! dlm's QUIC transport on turmoil's UDP instead (see `quic` and
@@ -36,8 +38,9 @@
 //! ends with the hash of the packet schedule.
 //!
 //! Planted bugs: the core's (dedup off, LIFO grants, stale appends, no
-//! re-arm) go to `recover`; reply-before-fsync is planted in the disk, whose
-//! log fsyncs then do nothing.
+//! re-arm) and the engine's (late grants) go to `recover`;
+//! reply-before-fsync is planted in the disk, whose log fsyncs then do
+//! nothing.
 //!
 //! Determinism: a fixed epoch, turmoil's RNG from the seed, and every other
 //! random choice from seeded generators (the server's token seed at each
@@ -60,7 +63,7 @@ mod storage;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, SystemTime};
 
@@ -162,6 +165,23 @@ impl Scenario {
 /// queue ahead of it, a reconnect and backoff.
 pub const LIVENESS_BOUND_MS: u64 = 6_000;
 
+/// How long after the heal the promptness checks start (ms): connections
+/// that died in the chaos are noticed and dialled again, servers restarted
+/// at the heal are serving, and stalls begun before it are over.
+pub const SETTLE_MS: u64 = 2_000;
+
+/// Once settled, the network's latency is all that may stand between the
+/// server's answer and its client: a grant reaches its client within one
+/// trip of the route after the server's last answer about it (server →
+/// relay → client: each hop takes at most `latency_max`), and an operation
+/// that does not wait is answered within a round trip. This much more is
+/// allowed (ms) for scheduling within a simulated millisecond.
+///
+/// An answer held back in the server (a bug the other checks miss: the
+/// waiter re-attaches and gets it from the dedup table, and nothing is lost
+/// or applied twice) fails this check; see `Plant::LateGrants`.
+pub const PROMPT_SLACK_MS: u64 = 5;
+
 /// After every client stopped, every lease must have run out within this
 /// (ms). A waiting acquire in flight at the stop is cut off at its deadline
 /// (at most 1 s later), its place is kept for one lease (at most 1.2 s), and
@@ -247,6 +267,14 @@ pub(crate) struct State {
     pub history: History,
     pub faults: Faults,
     pub healed: bool,
+    /// When the promptness checks start: [`SETTLE_MS`] after the heal.
+    pub settled_at: Option<u64>,
+    /// When the server's core last answered a call with each grant (by
+    /// lock and fence): a waiter's grant, or a retry's answer from the
+    /// dedup table.
+    pub grant_answers: BTreeMap<(String, u64), u64>,
+    /// When it last decided an answer to each client (by id).
+    pub client_answers: BTreeMap<i32, u64>,
     pub server_rng: SimRng,
     pub relay_rng: SimRng,
     pub clients: Vec<ClientState>,
@@ -272,6 +300,33 @@ impl State {
     pub fn log(&mut self, line: impl FnOnce() -> String) {
         let now = now_ms();
         self.trace.log(now, line());
+    }
+
+    /// Promptness: once settled, something `since` ms ago (an operation
+    /// invoked, a grant answered) must have reached workload client `index`
+    /// by `now`, `trips` one-way trips of its route later.
+    pub fn prompt(
+        &mut self,
+        index: usize,
+        trips: u64,
+        since: u64,
+        now: u64,
+        what: impl FnOnce() -> String,
+    ) {
+        let hops = if self.clients[index].via_relay { 2 } else { 1 };
+        // Over QUIC, an answer was seen to take one trip longer: quinn's
+        // state after the chaos's losses (its congestion window, its loss
+        // timers) may hold a packet back.
+        let trips = trips + u64::from(self.transport == Transport::Quic);
+        let bound = trips * hops * self.scenario.latency_max + PROMPT_SLACK_MS;
+        if self.settled_at.is_some_and(|at| since >= at) && now - since > bound {
+            self.problems.push(format!(
+                "promptness: {} at {since} reached client {} at {now}, {} ms later, with no fault left (bound {bound} ms)",
+                what(),
+                self.clients[index].id,
+                now - since
+            ));
+        }
     }
 }
 
@@ -363,6 +418,9 @@ impl Driver {
             history: History::of_library_clients(),
             faults: Faults::default(),
             healed: false,
+            settled_at: None,
+            grant_answers: BTreeMap::new(),
+            client_answers: BTreeMap::new(),
             server_rng: SimRng::new(rng.next_u64()),
             relay_rng: SimRng::new(rng.next_u64()),
             clients,
@@ -712,8 +770,10 @@ impl Driver {
             }
             self.sim.release(a.as_str(), "checker");
         }
+        let settled_at = self.now() + SETTLE_MS;
         self.shared.with(|s| {
             s.healed = true;
+            s.settled_at = Some(settled_at);
             s.disk.armed = None;
             for client in &mut s.clients {
                 client.ops_since_heal = 0;

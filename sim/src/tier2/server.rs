@@ -10,6 +10,8 @@
 
 use std::sync::Arc;
 
+use dlm::core::records::Change;
+use dlm::core::types::Reply;
 use dlm::core::{Output, Plants};
 use dlm::server::{recover, Clock, Node, ServerConfig, WriterMode};
 use dlm::transport::grpc::GrpcService;
@@ -47,6 +49,7 @@ fn plants(plant: Option<Plant>) -> Plants {
         Some(Plant::LifoGrants) => plants.lifo_grants = true,
         Some(Plant::StaleAppends) => plants.stale_appends = true,
         Some(Plant::NoRearm) => plants.no_rearm = true,
+        Some(Plant::LateGrants) => plants.late_grants = true,
         // Planted in the disk: fsyncs of the log do nothing.
         Some(Plant::ReplyBeforeFsync) | None => {}
     }
@@ -126,9 +129,21 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
                 Output::Persist(record) => {
                     for change in &record.changes {
                         s.history.on_change(now, change);
+                        // The answer to a call with a request id, such as the
+                        // renew that confirms a grant that came late.
+                        if let Change::Answered(answer) = change {
+                            s.client_answers.insert(answer.client, now);
+                        }
                     }
                 }
                 Output::Trace(trace) => s.history.on_trace(now, trace),
+                Output::Reply {
+                    reply: Reply::Granted(grant),
+                    ..
+                } => {
+                    s.grant_answers
+                        .insert((grant.lock.to_string(), grant.fence.0), now);
+                }
                 Output::Write(_) | Output::Reply { .. } => {}
             }
             s.trace.log(now, format!("server {}", describe(output)));

@@ -177,15 +177,18 @@ impl Worker {
         let now = now_ms();
         self.shared.with(|s| {
             s.history.grant_acked(self.id, lock, token, fence);
+            let Some(&grant) = s.grant_answers.get(&(lock.to_owned(), fence)) else {
+                return;
+            };
             // The grant itself, or a later answer to this client: the
             // library renews a grant that came late before handing it out.
-            let grant = s.grant_answers.get(&(lock.to_owned(), fence)).copied();
-            let later = s.client_answers.get(&self.id).copied();
-            if let Some(answered) = grant.max(later.filter(|_| grant.is_some())) {
-                s.prompt(self.index, 1, answered, now, || {
-                    format!("the grant of {lock:?} fence {fence}")
-                });
-            }
+            let answered = s
+                .client_answers
+                .get(&self.id)
+                .map_or(grant, |&a| a.max(grant));
+            s.prompt(self.index, 1, answered, now, || {
+                format!("the grant of {lock:?} fence {fence}")
+            });
         });
     }
 

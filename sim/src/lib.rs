@@ -42,9 +42,10 @@ pub enum Plant {
     /// A retry whose answer the dedup table forgot is served again (no
     /// floors: `REQUEST_EXPIRED` is never sent).
     FloorsOff,
-    /// The server holds a grant handed to a waiter until the next acquire
-    /// arrives: nothing lost, nothing applied twice, the waiter only hears
-    /// late (or from the dedup table when its cut-off attempt re-attaches).
+    /// The server holds the answer to a waiting call (a grant handed over,
+    /// a wait that ran out) until the next acquire arrives: nothing lost,
+    /// nothing applied twice, the waiter only hears late (or from the dedup
+    /// table when its cut-off attempt re-attaches).
     /// Tier 2 only: it is planted in the production server's engine, which
     /// tier 1 models instead of running.
     LateGrants,

@@ -81,23 +81,23 @@ impl Bound {
         Bound::check(config)?;
         let mut config = config.clone();
         let (quic_by_transport, wants_tls) = tls_needs(&config);
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| listen_error(config.listen, source))?;
-        if quic_by_transport {
-            // QUIC on the port gRPC got (which matters for port 0), over UDP.
-            config.listen_quic = Some(
-                grpc.local_addr()
-                    .map_err(|e| listen_error(config.listen, e))?,
-            );
-        }
-        let config = &config;
-        let quic_socket = match config.listen_quic {
-            Some(addr) => {
-                Some(std::net::UdpSocket::bind(addr).map_err(|source| listen_error(addr, source))?)
-            }
-            None => None,
+        let (grpc, quic_socket) = if quic_by_transport {
+            let (grpc, socket, addr) = bind_shared_port(config.listen).await?;
+            config.listen_quic = Some(addr);
+            (grpc, Some(socket))
+        } else {
+            let grpc = TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| listen_error(config.listen, source))?;
+            let socket = match config.listen_quic {
+                Some(addr) => Some(
+                    std::net::UdpSocket::bind(addr).map_err(|source| listen_error(addr, source))?,
+                ),
+                None => None,
+            };
+            (grpc, socket)
         };
+        let config = &config;
         let mut bound = Bound::grpc_only(grpc, config);
         bound.grpc_limits.max_connections = fit_descriptors(bound.grpc_limits.max_connections);
         if !wants_tls {
@@ -314,6 +314,34 @@ fn server_tls(config: &ServerConfig) -> Result<(ServerTls, Option<PathBuf>), Ser
             Ok((tls, Some(certs.ca_cert)))
         }
         _ => Err(ServerError::Config("--cert and --key go together".into())),
+    }
+}
+
+/// Binds gRPC (TCP) and QUIC (UDP) on one port of `listen`. For port 0 the
+/// port TCP gets may be taken on UDP by another socket (a client's ephemeral
+/// port): then another port is tried, a few times (the TCP ports tried are
+/// held until the end, so that none comes back).
+async fn bind_shared_port(
+    listen: SocketAddr,
+) -> Result<(TcpListener, std::net::UdpSocket, SocketAddr), ServerError> {
+    const TRIES: usize = 16;
+    let mut taken = Vec::new();
+    loop {
+        let grpc = TcpListener::bind(listen)
+            .await
+            .map_err(|source| listen_error(listen, source))?;
+        let addr = grpc.local_addr().map_err(|e| listen_error(listen, e))?;
+        match std::net::UdpSocket::bind(addr) {
+            Ok(socket) => return Ok((grpc, socket, addr)),
+            Err(e)
+                if listen.port() == 0
+                    && e.kind() == io::ErrorKind::AddrInUse
+                    && taken.len() + 1 < TRIES =>
+            {
+                taken.push(grpc);
+            }
+            Err(source) => return Err(listen_error(addr, source)),
+        }
     }
 }
 

@@ -578,7 +578,6 @@ impl Core {
                     return;
                 }
                 Some(Seen::Waiting(waiter)) => {
-                    let waiter = *waiter;
                     if kind == RequestKind::Acquire {
                         self.reattach(waiter, call);
                     } else {

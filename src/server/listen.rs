@@ -324,12 +324,19 @@ fn server_tls(config: &ServerConfig) -> Result<(ServerTls, Option<PathBuf>), Ser
 async fn bind_shared_port(
     listen: SocketAddr,
 ) -> Result<(TcpListener, std::net::UdpSocket, SocketAddr), ServerError> {
+    shared_port(listen, bind_tcp)
+}
+
+/// [`bind_shared_port`] with the TCP bind given (a test forces the UDP
+/// port to be taken).
+fn shared_port(
+    listen: SocketAddr,
+    mut bind_tcp: impl FnMut(SocketAddr) -> io::Result<TcpListener>,
+) -> Result<(TcpListener, std::net::UdpSocket, SocketAddr), ServerError> {
     const TRIES: usize = 16;
     let mut taken = Vec::new();
     loop {
-        let grpc = TcpListener::bind(listen)
-            .await
-            .map_err(|source| listen_error(listen, source))?;
+        let grpc = bind_tcp(listen).map_err(|source| listen_error(listen, source))?;
         let addr = grpc.local_addr().map_err(|e| listen_error(listen, e))?;
         match std::net::UdpSocket::bind(addr) {
             Ok(socket) => return Ok((grpc, socket, addr)),
@@ -345,9 +352,56 @@ async fn bind_shared_port(
     }
 }
 
+/// A listening TCP socket on `addr`, as `TcpListener::bind` makes one
+/// (`SO_REUSEADDR`, a backlog of 1,024), without its name lookup.
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Port 0: the port TCP got is held on UDP by another socket, so the
+    /// bind tries another (forced here: the first TCP bind is steered to a
+    /// port whose UDP side the test holds). A port given explicitly fails
+    /// at once instead.
+    #[tokio::test]
+    async fn a_port_taken_on_udp_is_passed_over_for_port_zero_only() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut binds = 0;
+        let (grpc, udp, addr) = shared_port(any, |addr| {
+            binds += 1;
+            bind_tcp(if binds == 1 { taken } else { addr })
+        })
+        .expect("another port");
+        assert_eq!(binds, 2, "one more try");
+        assert_ne!(addr.port(), taken.port());
+        assert_eq!(grpc.local_addr().unwrap(), addr);
+        assert_eq!(udp.local_addr().unwrap(), addr);
+        drop((grpc, udp));
+
+        let mut binds = 0;
+        let refused = shared_port(taken, |addr| {
+            binds += 1;
+            bind_tcp(addr)
+        });
+        assert!(
+            matches!(&refused, Err(e) if e.to_string().contains(&taken.to_string())),
+            "{:?}",
+            refused.map(|(_, _, addr)| addr)
+        );
+        assert_eq!(binds, 1, "no retry on an explicit port");
+    }
 
     #[test]
     fn connection_limits_and_keepalive_times_that_cannot_work_are_refused() {

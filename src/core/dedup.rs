@@ -20,7 +20,7 @@
 //! forgotten, as before.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use hashbrown::hash_table::Entry as Slot;
@@ -263,6 +263,33 @@ impl BuildHasher for Keys {
     }
 }
 
+impl Keys {
+    /// The hash of a (client, request id): the client and the id's length
+    /// in one word, then the id's bytes. Whole words from the start, so
+    /// SipHash takes the id eight bytes at a time (hashing the pair as a
+    /// tuple wrote a 4-byte client first, which left every word of the id
+    /// to be assembled across two: ~30 % more instructions). One word of
+    /// fixed layout, then the bytes: two different pairs never write the
+    /// same bytes.
+    #[inline]
+    pub fn id(&self, client: ClientId, id: &str) -> u64 {
+        let mut h = self.build_hasher();
+        h.write_u64(u64::from(client as u32) | (id.len() as u64) << 32);
+        h.write(id.as_bytes());
+        h.finish()
+    }
+
+    /// The hash of a (client, prefix): three whole words.
+    #[inline]
+    pub fn floor(&self, client: ClientId, prefix: Prefix) -> u64 {
+        let mut h = self.build_hasher();
+        h.write_u64(u64::from(client as u32));
+        h.write_u64((prefix >> 64) as u64);
+        h.write_u64(prefix as u64);
+        h.finish()
+    }
+}
+
 impl Dedup {
     /// An empty table that keeps at most `capacity` answers, hashing with
     /// `keys`.
@@ -281,7 +308,7 @@ impl Dedup {
     }
 
     fn hash(&self, client: ClientId, id: &str) -> u64 {
-        self.hasher.hash_one((client, id))
+        self.hasher.id(client, id)
     }
 
     /// The hash of `(client, id)` under this table's keys: for a caller
@@ -293,7 +320,7 @@ impl Dedup {
     }
 
     fn floor_hash(&self, client: ClientId, prefix: Prefix) -> u64 {
-        self.hasher.hash_one((client, prefix))
+        self.hasher.floor(client, prefix)
     }
 
     /// The answers' slot of `(client, id)` whose hash is `hash`, found or
@@ -308,7 +335,7 @@ impl Dedup {
         self.answered.entry(
             hash,
             |a| answers(a, client, id),
-            |a| hasher.hash_one((a.client, &*a.request_id)),
+            |a| hasher.id(a.client, &a.request_id),
         )
     }
 
@@ -316,11 +343,8 @@ impl Dedup {
     /// vacant.
     fn waiting_slot(&mut self, hash: u64, client: ClientId, id: &str) -> Slot<'_, Waiting> {
         let hasher = &self.hasher;
-        self.waiting.entry(
-            hash,
-            |w| w.is(client, id),
-            |w| hasher.hash_one((w.client, &*w.id)),
-        )
+        self.waiting
+            .entry(hash, |w| w.is(client, id), |w| hasher.id(w.client, &w.id))
     }
 
     /// Takes the waiter of `(client, id)` whose hash is `hash` out of its
@@ -387,7 +411,7 @@ impl Dedup {
         match self.floors.entry(
             hash,
             |f| f.client == client && f.prefix == prefix,
-            |f| hasher.hash_one((f.client, f.prefix)),
+            |f| hasher.floor(f.client, f.prefix),
         ) {
             Slot::Occupied(mut slot) => {
                 let floor = slot.get_mut();

@@ -387,7 +387,7 @@ impl Dedup {
     }
 
     /// Raises the floor of the prefix of a forgotten answer's id.
-    fn raise_floor(&mut self, client: ClientId, request_id: &Arc<str>) {
+    fn raise_floor(&mut self, client: ClientId, request_id: &str) {
         let Some((prefix, seq)) = sequenced(request_id) else {
             return;
         };
@@ -1019,7 +1019,7 @@ mod tests {
         d.wait(1, "a", 9);
         assert!(matches!(d.get(1, "a"), Some(Seen::Waiting(9))));
         let ids: Vec<_> = d.answers().iter().map(|a| a.request_id.clone()).collect();
-        assert_eq!(ids, [Arc::from("b")], "no answer the table no longer holds");
+        assert_eq!(ids, [Box::from("b")], "no answer the table no longer holds");
     }
 
     #[test]

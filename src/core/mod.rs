@@ -878,7 +878,7 @@ impl Core {
         let hash = hash.unwrap_or_else(|| self.dedup.id_hash(client, &request_id));
         let answer = Arc::new(AnswerSnapshot {
             client,
-            request_id: request_id.into(),
+            request_id: request_id.into_boxed_str(),
             kind,
             reply: reply.clone(),
         });

@@ -71,12 +71,13 @@ pub struct GrantSnapshot {
 }
 
 /// A remembered answer as kept in the dedup table, a log record and a
-/// snapshot. The request id is shared with the table's key (`Arc<str>`
-/// encodes as a string).
+/// snapshot (the table and the record share the one `Arc`). The request id
+/// is the caller's `String` moved in, not copied (`Box<str>` encodes as a
+/// string, as the `Arc<str>` it replaced did).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnswerSnapshot {
     pub client: ClientId,
-    pub request_id: Arc<str>,
+    pub request_id: Box<str>,
     pub kind: RequestKind,
     pub reply: Reply,
 }

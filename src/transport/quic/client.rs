@@ -297,12 +297,12 @@ impl QuicConnector {
         }
         let v4: SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = if addrs.iter().all(SocketAddr::is_ipv4) {
-            Endpoint::client(v4)
+            super::client_endpoint(v4)
         } else {
             // Dual stack where the host has IPv6; IPv4 alone where it has
             // not (the IPv6 addresses are then left out, see `resolve`).
-            Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
-                .or_else(|_| Endpoint::client(v4))
+            super::client_endpoint((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+                .or_else(|_| super::client_endpoint(v4))
         }
         .map_err(|e| CallError::Connection(format!("binding a UDP socket: {e}")))?;
         *slot = Some(endpoint.clone());

@@ -19,11 +19,13 @@
 //! one round trip when a connection is made, which a client does once.
 //!
 //! Files: `frame.rs` the framing, `server.rs` the endpoint's accept loop and
-//! one task per stream, `client.rs` one lazily made connection per server.
+//! one task per stream, `client.rs` one lazily made connection per server,
+//! `socket.rs` the UDP socket both sides use on tokio.
 
 pub mod client;
 pub mod frame;
 pub mod server;
+pub mod socket;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,10 +209,36 @@ pub fn server_endpoint(
     endpoint: quinn::EndpointConfig,
     config: quinn::ServerConfig,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(
+    quinn::Endpoint::new_with_abstract_socket(
         endpoint,
         Some(config),
-        socket,
+        socket::UdpSocket::wrap(socket)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A client endpoint bound to `addr` (a wildcard address: `[::]` is made
+/// dual-stack where the host allows), on tokio.
+///
+/// # Errors
+/// When no socket can be bound there.
+pub fn client_endpoint(addr: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        // Not fatal: the caller then reaches IPv6 addresses only.
+        if let Err(e) = socket.set_only_v6(false) {
+            tracing::debug!(error = %e, "a client socket on [::] stays IPv6 only");
+        }
+    }
+    socket.bind(&addr.into())?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket::UdpSocket::wrap(socket.into())?,
         Arc::new(quinn::TokioRuntime),
     )
 }

@@ -18,6 +18,11 @@ const REGRESSIONS: &[u64] = &[
     // ms more than a round trip once the faults were over (quinn's state
     // after the chaos); QUIC now gets one more trip.
     685, 701,
+    // A renew that had to dial a new connection (the last one died in the
+    // chaos while its client stalled) took 98 and 116 ms, past a bound with
+    // no room for the handshake; an operation that dials now gets its round
+    // trip.
+    4859, 4882,
 ];
 
 fn assert_clean(seed: u64) {

@@ -162,8 +162,22 @@ impl Worker {
                 client.ops_since_heal += 1;
             }
             let result = result();
+            if reconnects > 0 {
+                s.trace.log(
+                    now,
+                    format!(
+                        "c{} made {reconnects} new connection(s) since its last answer",
+                        self.id
+                    ),
+                );
+            }
             if let Some(invoked) = invoked.filter(|_| !matches!(op, "acquire" | "lock")) {
-                s.prompt(self.index, 2, invoked, now, || format!("{op} ({result})"));
+                // A round trip, and one more when the call had to dial (the
+                // handshake goes first).
+                let trips = 2 + 2 * u64::from(reconnects > 0);
+                s.prompt(self.index, trips, invoked, now, || {
+                    format!("{op} ({result})")
+                });
             }
             s.trace.log(now, format!("c{} <- {op} {result}", self.id));
         });

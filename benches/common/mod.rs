@@ -82,6 +82,10 @@ pub struct Machine {
     pub kernel: String,
     pub bench_fs: String,
     pub load_at_start: String,
+    /// The idle driver and, under `haltpoll`, the guest's halt polling:
+    /// in a VM, how long an idle vCPU polls before it halts decides what
+    /// a wake-up costs, and so the latency of every one-client row.
+    pub cpuidle: String,
 }
 
 impl Machine {
@@ -113,15 +117,40 @@ impl Machine {
                 .to_owned(),
             bench_fs: filesystem_of(&base),
             load_at_start: load_average(),
+            cpuidle: cpuidle(),
         }
     }
 
     /// One header line.
     pub fn line(&self) -> String {
         format!(
-            "machine: {} cores ({}), {:.0} GiB, Linux {}; bench dirs on {}; load {}",
-            self.cores, self.cpu, self.memory_gib, self.kernel, self.bench_fs, self.load_at_start
+            "machine: {} cores ({}), {:.0} GiB, Linux {}; bench dirs on {}; cpuidle {}; load {}",
+            self.cores,
+            self.cpu,
+            self.memory_gib,
+            self.kernel,
+            self.bench_fs,
+            self.cpuidle,
+            self.load_at_start
         )
+    }
+}
+
+/// The cpuidle driver, e.g. `haltpoll (guest halt polling 0 ns)`, or
+/// `unknown`.
+pub fn cpuidle() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let Some(driver) = read("/sys/devices/system/cpu/cpuidle/current_driver") else {
+        return "unknown".to_owned();
+    };
+    match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        Some(ns) if driver == "haltpoll" => format!("{driver} (guest halt polling {ns} ns)"),
+        _ => driver,
     }
 }
 

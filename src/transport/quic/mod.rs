@@ -209,12 +209,7 @@ pub fn server_endpoint(
     endpoint: quinn::EndpointConfig,
     config: quinn::ServerConfig,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new_with_abstract_socket(
-        endpoint,
-        Some(config),
-        socket::UdpSocket::wrap(socket)?,
-        Arc::new(quinn::TokioRuntime),
-    )
+    endpoint_on(socket, endpoint, Some(config))
 }
 
 /// A client endpoint bound to `addr` (a wildcard address: `[::]` is made
@@ -235,10 +230,20 @@ pub fn client_endpoint(addr: std::net::SocketAddr) -> std::io::Result<quinn::End
         }
     }
     socket.bind(&addr.into())?;
+    endpoint_on(socket.into(), quinn::EndpointConfig::default(), None)
+}
+
+/// An endpoint (a server's when `server` is given) on a bound socket, read
+/// and written through [`socket::UdpSocket`] on tokio.
+fn endpoint_on(
+    socket: std::net::UdpSocket,
+    endpoint: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
     quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        socket::UdpSocket::wrap(socket.into())?,
+        endpoint,
+        server,
+        socket::UdpSocket::wrap(socket)?,
         Arc::new(quinn::TokioRuntime),
     )
 }

@@ -309,9 +309,9 @@ fn quic_failure(error: CallError) -> AttemptError {
         CallError::Connection(m) => AttemptError::Transport(m),
         CallError::BadResponse(m) => AttemptError::Refused(Error::Server(m)),
         CallError::Reset { known, .. } => match known {
-            Some(ErrorCode::Unavailable | ErrorCode::IncompleteRequest) => {
-                AttemptError::Transport(message)
-            }
+            Some(
+                ErrorCode::Unavailable | ErrorCode::IncompleteRequest | ErrorCode::ReplyStalled,
+            ) => AttemptError::Transport(message),
             Some(ErrorCode::DeadlineExceeded) => AttemptError::TimedOut(message),
             Some(ErrorCode::FrameTooLarge) => AttemptError::Refused(Error::BadRequest(
                 "the request is larger than the server accepts".into(),
@@ -341,6 +341,7 @@ mod tests {
             CallError::Connection("lost".into()),
             reset(ErrorCode::Unavailable),
             reset(ErrorCode::IncompleteRequest),
+            reset(ErrorCode::ReplyStalled),
         ] {
             let got = quic_failure(retried.clone());
             assert!(

@@ -25,6 +25,12 @@ struct Served {
 }
 
 async fn serve(budget: u64) -> Served {
+    serve_with(budget, crate::transport::quic::REPLY_STALL_LIMIT).await
+}
+
+/// [`serve`], with QUIC giving up on a read's reply the peer takes no more
+/// of for `reply_stall`.
+async fn serve_with(budget: u64, reply_stall: Duration) -> Served {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(tmp.path().to_path_buf());
     config.transport = ServerTransport::Quic;
@@ -33,6 +39,7 @@ async fn serve(budget: u64) -> Served {
     let mut bound = Bound::bind(&config).await.unwrap();
     // A stop does not wait long for a stalled peer's connection.
     bound.grpc_limits.drain_grace = Duration::from_millis(100);
+    bound.quic_limits.reply_stall = reply_stall;
     let addr = bound.grpc_addr().unwrap();
     let ca = std::fs::read(bound.dev_ca.as_ref().unwrap()).unwrap();
     let (node, _) = Node::start_fs(&config).unwrap();
@@ -306,6 +313,93 @@ async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
     };
     assert_eq!(read.content.len(), 1 << 10);
     served.until_replies(0, 0).await;
+    drop(connection);
+    served.stop().await;
+}
+
+/// A QUIC client (quinn) connected to `served`, and its connection.
+async fn quic_connection(
+    served: &Served,
+) -> (
+    crate::transport::quic::client::QuicConnector,
+    quinn::Connection,
+) {
+    let config = crate::transport::quic::client_config(&served.ca, None).unwrap();
+    let connector = crate::transport::quic::client::QuicConnector::new(
+        &served.addr.to_string(),
+        None,
+        config,
+        None,
+    )
+    .unwrap();
+    let connection = connector.connection().await.unwrap();
+    (connector, connection)
+}
+
+/// A peer that answers the transport (acknowledgements, pings) but never
+/// reads a read's reply holds its share only for the stall limit: the server
+/// then resets the reply with `REPLY_STALLED` and gives the share back, so
+/// the other reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_reply_the_peer_stops_taking_is_reset_and_its_share_given_back() {
+    let budget = 64 << 10;
+    let served = serve_with(budget, Duration::from_secs(2)).await;
+    // Larger than the stream's window: the peer's stack cannot take it all
+    // unless the application reads.
+    served.fill("file_4", 1 << 20).await;
+    served.fill("file_4", 1 << 20).await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: "file_4".to_owned(),
+        })),
+        timeout_ms: 0,
+    };
+    send.write_all(&crate::transport::quic::frame::encode(&request))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    // Held while the reply waits (the stall limit is long enough for this
+    // check to see it), then given back though the stream and its
+    // connection are still open; the reset below shows that the stall
+    // ended the reply.
+    served.until_replies(budget, 0).await;
+    served.until_replies(0, 0).await;
+    let mut buf = vec![0u8; 64 << 10];
+    let error = loop {
+        match tokio::time::timeout(Duration::from_secs(60), recv.read(&mut buf))
+            .await
+            .expect("the reply's stream ends")
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stalled reply ended as if whole"),
+            Err(error) => break error,
+        }
+    };
+    let code = crate::transport::quic::ErrorCode::ReplyStalled.varint();
+    assert_eq!(error, quinn::ReadError::Reset(code));
+    drop(connection);
+    served.stop().await;
+}
+
+/// A request the client resets part-way is answered by a reset
+/// (`CANCELLED`), not by a response that ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_request_reset_by_the_client_gets_its_answer_reset() {
+    let served = serve(64 << 10).await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[40, 1]).await.unwrap();
+    send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(1 << 10))
+        .await
+        .expect("the answer's stream ends");
+    let code = crate::transport::quic::ErrorCode::Cancelled.varint();
+    assert!(
+        matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
+        "{read:?}"
+    );
     drop(connection);
     served.stop().await;
 }

@@ -70,6 +70,11 @@ pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// How long a request may take to arrive whole once its stream is open.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a file read's reply may wait for the peer to take any more of
+/// it before the server resets it with [`ErrorCode::ReplyStalled`] and
+/// gives its share of the read-reply budget back.
+pub const REPLY_STALL_LIMIT: Duration = Duration::from_secs(30);
+
 /// Room in a request frame for everything but an append's content.
 pub const FRAME_OVERHEAD: usize = 64 << 10;
 
@@ -97,6 +102,9 @@ pub enum ErrorCode {
     Cancelled = 0x6,
     /// The request did not arrive whole within the server's time.
     IncompleteRequest = 0x7,
+    /// The client took no more of a file read's reply for
+    /// [`REPLY_STALL_LIMIT`].
+    ReplyStalled = 0x8,
 }
 
 impl ErrorCode {
@@ -117,6 +125,7 @@ impl ErrorCode {
             DeadlineExceeded,
             Cancelled,
             IncompleteRequest,
+            ReplyStalled,
         ]
         .into_iter()
         .find(|code| *code as u64 == raw)
@@ -254,11 +263,11 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_unknown_values_are_none() {
-        for raw in 0..8u64 {
+        for raw in 0..9u64 {
             let code = ErrorCode::from_raw(raw).unwrap();
             assert_eq!(code as u64, raw);
             assert_eq!(code.varint().into_inner(), raw);
         }
-        assert_eq!(ErrorCode::from_raw(8), None);
+        assert_eq!(ErrorCode::from_raw(9), None);
     }
 }

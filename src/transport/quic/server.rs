@@ -19,8 +19,8 @@ use quinn::{Endpoint, Incoming, RecvStream, SendStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::frame;
-use super::{ErrorCode, REQUEST_TIMEOUT};
+use super::frame::{self, FrameError};
+use super::{ErrorCode, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 use crate::proto::{CallRequest, CallResponse};
 use crate::server::Handle;
 use crate::transport::calls;
@@ -35,6 +35,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a request may take to arrive whole.
     pub request_timeout: Duration,
+    /// How long a file read's reply may wait for the peer to take any more
+    /// of it (flow control credit, then the acknowledgement of its end).
+    pub reply_stall: Duration,
 }
 
 impl Limits {
@@ -44,6 +47,7 @@ impl Limits {
             max_request_bytes: max_append_bytes.saturating_add(super::FRAME_OVERHEAD),
             max_connections: MAX_CONNECTIONS,
             request_timeout: REQUEST_TIMEOUT,
+            reply_stall: REPLY_STALL_LIMIT,
         }
     }
 }
@@ -59,6 +63,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
+    let mut refused: u64 = 0;
     tokio::pin!(shutdown);
     loop {
         // `biased`: branches in a fixed order rather than tokio's random
@@ -73,7 +78,18 @@ pub async fn serve(
                         connections.spawn(serve_connection(incoming, handle.clone(), limits, slot));
                     }
                     Err(_) => {
-                        tracing::warn!(peer = %incoming.remote_address(), "too many QUIC connections; refusing");
+                        // One line for the first refusal and then one per
+                        // thousand, as over gRPC: a flood at the cap (cheap
+                        // to send, with any source address) must not turn
+                        // into a flood of log lines.
+                        refused += 1;
+                        if refused == 1 || refused.is_multiple_of(1000) {
+                            tracing::warn!(
+                                peer = %incoming.remote_address(),
+                                refused,
+                                "too many QUIC connections (--max-connections); refusing new ones"
+                            );
+                        }
                         incoming.refuse();
                     }
                 }
@@ -150,6 +166,11 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
             if let Some(code) = error.code() {
                 tracing::debug!(stream = %send.id(), %error, "refusing a bad request frame");
                 refuse(&mut send, &mut recv, code);
+            } else if let FrameError::Reset(_) = error {
+                // The client reset its request: it gave the call up. The
+                // answer's direction is reset too (dropping it would
+                // finish it: an empty response, which is no frame at all).
+                let _ = send.reset(ErrorCode::Cancelled.varint());
             }
             return;
         }
@@ -181,24 +202,57 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
         }
     };
     match answer {
-        Ok((reply, held)) => {
-            let response = CallResponse { reply: Some(reply) };
-            let frame = frame::encode(&response);
-            drop(response);
-            if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
-                drop(frame);
-                if let Some(held) = held {
-                    // A read's share of the budget is given back once the
-                    // peer has the whole reply (quinn holds what it has not
-                    // yet acknowledged), or the stream or connection ends.
-                    let _ = send.stopped().await;
-                    drop(held);
-                }
+        Ok((reply, None)) => {
+            let frame = frame::encode(&CallResponse { reply: Some(reply) });
+            if send.write_all(&frame).await.is_ok() {
+                let _ = send.finish();
             }
+        }
+        Ok((reply, Some(held))) => {
+            let frame = frame::encode(&CallResponse { reply: Some(reply) });
+            // A read's share of the budget is given back once the peer has
+            // the whole reply (quinn holds what it has not yet
+            // acknowledged), or the stream or connection ends, or the peer
+            // stopped taking it: a peer that answers pings but never reads
+            // would otherwise hold the share, and every other read waiting
+            // for the budget, for as long as its connection lives.
+            if let Err(Stalled) = write_reply(&mut send, &frame, limits.reply_stall).await {
+                tracing::debug!(stream = %send.id(), "a read's reply was not taken in time; resetting it");
+                let _ = send.reset(ErrorCode::ReplyStalled.varint());
+            }
+            drop(frame);
+            drop(held);
         }
         Err(_shutting_down) => {
             let _ = send.reset(ErrorCode::Unavailable.varint());
         }
+    }
+}
+
+/// The peer took no more of a reply for the stall limit.
+struct Stalled;
+
+/// Writes a whole reply `frame`, finishes the stream and waits until the
+/// peer has acknowledged all of it (or stopped the stream, or the
+/// connection ended). `Err(Stalled)` when at some point the peer took no
+/// more of it for `stall`: quinn accepts bytes only as the peer's flow
+/// control allows, that is as fast as the peer reads.
+async fn write_reply(send: &mut SendStream, frame: &[u8], stall: Duration) -> Result<(), Stalled> {
+    let mut rest = frame;
+    while !rest.is_empty() {
+        match tokio::time::timeout(stall, send.write(rest)).await {
+            Ok(Ok(n)) => rest = &rest[n..],
+            // Stopped, reset or lost: nobody is waiting for it any more.
+            Ok(Err(_)) => return Ok(()),
+            Err(_elapsed) => return Err(Stalled),
+        }
+    }
+    if send.finish().is_err() {
+        return Ok(());
+    }
+    match tokio::time::timeout(stall, send.stopped()).await {
+        Ok(_) => Ok(()),
+        Err(_elapsed) => Err(Stalled),
     }
 }
 

@@ -21,6 +21,13 @@
 //! datagrams it returned; a socket of quinn's (not connected, no
 //! `IP_RECVERR`) is never given one.
 //!
+//! The rule holds only where quinn reads a batch with one `recvmmsg`
+//! (Linux and Android: `SHORT_BATCH_ENDS_QUEUE`). Elsewhere quinn-udp may
+//! read one datagram per call while offering room for more (OpenBSD,
+//! NetBSD, illumos), so every read would look short and datagrams would
+//! wait for the next one to arrive: there the socket reads until empty, as
+//! quinn's does.
+//!
 //! Must not: change what is sent or received; sends are quinn's, unchanged.
 
 use std::fmt;
@@ -34,6 +41,10 @@ use std::task::{ready, Context, Poll};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
+
+/// Whether a batch shorter than its room means the queue is empty: where
+/// quinn-udp reads batches with `recvmmsg`.
+const SHORT_BATCH_ENDS_QUEUE: bool = cfg!(any(target_os = "linux", target_os = "android"));
 
 /// A bound UDP socket on tokio, for [`quinn::Endpoint::new_with_abstract_socket`].
 pub struct UdpSocket {
@@ -88,7 +99,7 @@ impl AsyncUdpSocket for UdpSocket {
             let mut short = None;
             let read = self.io.try_io(Interest::READABLE, || {
                 let n = self.state.recv((&self.io).into(), bufs, meta)?;
-                if n < room {
+                if SHORT_BATCH_ENDS_QUEUE && n < room {
                     // The queue is empty (it had fewer datagrams than there
                     // was room for): tokio clears the readiness on
                     // `WouldBlock`, and the datagrams go out below.

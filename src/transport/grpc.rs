@@ -27,7 +27,7 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStat
 
 use super::calls;
 use super::tls::ServerTls;
-use super::{Keepalive, MAX_CONNECTIONS};
+use super::{Keepalive, MAX_CONNECTIONS, REQUEST_TIMEOUT};
 use crate::proto::lock_service_server::{LockService, LockServiceServer};
 use crate::proto::{
     self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse,
@@ -78,6 +78,10 @@ pub struct Limits {
     pub keepalive: Keepalive,
     /// How long a stop waits for open calls ([`DRAIN_GRACE`]).
     pub drain_grace: Duration,
+    /// How long a request's body may keep the server waiting for the rest
+    /// of it ([`REQUEST_TIMEOUT`]); then the call is answered
+    /// DEADLINE_EXCEEDED and what arrived of it is dropped.
+    pub request_timeout: Duration,
 }
 
 impl Limits {
@@ -92,6 +96,7 @@ impl Limits {
             max_connections: MAX_CONNECTIONS,
             keepalive: Keepalive::DEFAULT,
             drain_grace: DRAIN_GRACE,
+            request_timeout: REQUEST_TIMEOUT,
         }
     }
 }
@@ -109,18 +114,16 @@ impl GrpcService {
         GrpcService { handle }
     }
 
-    /// The tonic service, with message limits set, whose file reads hold
-    /// their share of the server's read-reply budget until their bytes have
-    /// left.
-    pub fn into_server(
-        self,
-        max_request_bytes: usize,
-    ) -> HoldReplies<LockServiceServer<GrpcService>> {
-        HoldReplies(
-            LockServiceServer::new(self)
-                .max_decoding_message_size(max_request_bytes)
+    /// The tonic service, with the message limits and the request timeout
+    /// of `limits`, whose file reads hold their share of the server's
+    /// read-reply budget until their bytes have left.
+    pub fn into_server(self, limits: &Limits) -> HoldReplies<LockServiceServer<GrpcService>> {
+        HoldReplies {
+            inner: LockServiceServer::new(self)
+                .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            request_timeout: limits.request_timeout,
+        }
     }
 }
 
@@ -136,16 +139,27 @@ struct Held(Arc<HeldReply>);
 /// connection ends; the share goes with the last of them. Without it, the
 /// share went back as soon as tonic had the encoded reply, while a peer
 /// that never read it kept it in memory.
+///
+/// Each request's body must also arrive whole within `request_timeout` of
+/// the first time the server waits for more of it (as over QUIC). tonic
+/// sets aside room for a whole message as soon as its 5-byte prefix
+/// arrives; without the limit, a peer that sent the prefix and part of the
+/// message, and then only answered pings, held that room (up to the
+/// largest request, on each of its streams) for as long as its connection
+/// lived.
 #[derive(Clone)]
-pub struct HoldReplies<S>(S);
+pub struct HoldReplies<S> {
+    inner: S,
+    request_timeout: Duration,
+}
 
 impl<S: NamedService> NamedService for HoldReplies<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for HoldReplies<S>
+impl<S> Service<http::Request<tonic::body::Body>> for HoldReplies<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
     S::Future: Unpin,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -153,11 +167,59 @@ where
     type Future = HoldReply<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        HoldReply(self.0.call(request))
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let limit = self.request_timeout;
+        HoldReply(self.inner.call(request.map(|body| {
+            tonic::body::Body::new(TimedBody {
+                body,
+                limit,
+                timer: None,
+            })
+        })))
+    }
+}
+
+/// A request body that must end within `limit` of the first time it had
+/// nothing to give (a request that arrives with its headers never starts
+/// the timer).
+struct TimedBody {
+    body: tonic::body::Body,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = bytes::Bytes;
+    type Error = GrpcStatus;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, GrpcStatus>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let limit = this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Some(Err(GrpcStatus::deadline_exceeded(format!(
+            "the request did not arrive whole within {} s",
+            limit.as_secs_f64()
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -277,7 +339,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(limits.keepalive.interval))
         .http2_keepalive_timeout(Some(limits.keepalive.timeout))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .add_service(GrpcService::new(handle).into_server(limits.max_request_bytes))
+        .add_service(GrpcService::new(handle).into_server(&limits))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown);
     // The drain after a stop is bounded; past it the server future is
     // dropped (its connections' tasks end with the runtime).
@@ -665,6 +727,49 @@ mod tests {
         let _ = stop.send(());
         serving.await.unwrap();
         node.shutdown().await.unwrap();
+    }
+
+    /// A peer that stopped halfway through a request (and answers pings)
+    /// holds the room set aside for it only until the request timeout: the
+    /// call is then answered DEADLINE_EXCEEDED.
+    #[tokio::test]
+    async fn a_half_sent_request_is_refused_after_the_request_timeout() {
+        let limits = Limits {
+            request_timeout: Duration::from_millis(200),
+            ..Limits::for_max_append(1 << 20)
+        };
+        let (node, addr, stop, serving, _tmp) = start(limits).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let driving = tokio::spawn(connection);
+        let (answer, mut body) = client
+            .send_request(request(addr, "FileAppend"), false)
+            .unwrap();
+        // A message of 100 bytes, of which two are sent, and then nothing:
+        // the connection stays up (h2 answers the server's pings).
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2]), false)
+            .unwrap();
+        // Not a timing assertion: the bound turns a hang into a failure.
+        let answer = tokio::time::timeout(Duration::from_secs(60), answer)
+            .await
+            .expect("the half-sent call is answered")
+            .unwrap();
+        let mut status = answer.headers().get("grpc-status").cloned();
+        if status.is_none() {
+            let mut rest = answer.into_body();
+            while let Some(data) = rest.data().await {
+                let _ = data;
+            }
+            let trailers = rest.trailers().await.unwrap().expect("trailers");
+            status = trailers.get("grpc-status").cloned();
+        }
+        // DEADLINE_EXCEEDED.
+        assert_eq!(status.unwrap(), "4");
+        let _ = stop.send(());
+        serving.await.unwrap();
+        node.shutdown().await.unwrap();
+        drop(client);
+        driving.abort();
     }
 
     /// A peer that stopped halfway through a request (and answers pings)

@@ -45,6 +45,12 @@ impl Keepalive {
     }
 }
 
+/// How long a request may take to arrive whole, once the server is waiting
+/// for the rest of it (QUIC: once its stream is open); then it is refused
+/// (QUIC `INCOMPLETE_REQUEST`, gRPC DEADLINE_EXCEEDED) and what arrived of
+/// it is dropped.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Most connections a server keeps at once, per transport, by default
 /// (`--max-connections`).
 pub const MAX_CONNECTIONS: usize = 4096;

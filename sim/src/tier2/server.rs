@@ -184,7 +184,7 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive.interval))
         .http2_keepalive_timeout(Some(limits.keepalive.timeout))
-        .add_service(GrpcService::new(node.handle()).into_server(limits.max_request_bytes))
+        .add_service(GrpcService::new(node.handle()).into_server(&limits))
         .serve_with_incoming_shutdown(incoming, failed)
         .await;
     let stopped = node.shutdown().await;

@@ -67,8 +67,7 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// a connection that is otherwise silent.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
-/// How long a request may take to arrive whole once its stream is open.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub use super::REQUEST_TIMEOUT;
 
 /// How long a file read's reply may wait for the peer to take any more of
 /// it before the server resets it with [`ErrorCode::ReplyStalled`] and

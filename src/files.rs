@@ -186,6 +186,16 @@ impl Replay<'_> {
     /// I/O errors.
     pub fn apply(&mut self, write: &FileWrite) -> io::Result<()> {
         let i = write.file.get();
+        if write.data.len() > REPLAY_CHUNK {
+            // Written as it is, after what is pending: a buffer grown to the
+            // largest append each file saw (up to 64 MiB, kept for the rest
+            // of the replay) could need 100 of them at once, far more memory
+            // than the server ever needed to take those appends.
+            self.flush(i)?;
+            let result = self.files.write_at(i, write.offset, &write.data);
+            self.files.handles[i].start_writeback(write.offset, write.data.len() as u64);
+            return result;
+        }
         let (offset, bytes) = &self.pending[i];
         let joins = *offset + bytes.len() as u64 == write.offset
             && bytes.len() + write.data.len() <= REPLAY_CHUNK;
@@ -196,7 +206,7 @@ impl Replay<'_> {
         if bytes.is_empty() {
             *offset = write.offset;
             if bytes.capacity() < write.data.len() {
-                bytes.reserve(REPLAY_CHUNK.max(write.data.len()));
+                bytes.reserve_exact(REPLAY_CHUNK);
             }
         }
         bytes.extend_from_slice(&write.data);
@@ -257,6 +267,13 @@ mod tests {
         writes.push(write(0, end[0] + 10, b"after a gap"));
         writes.push(write(1, 5, b"over earlier bytes"));
         writes.push(write(1, end[1], b"and on"));
+        // Writes larger than a chunk, after and before small ones.
+        let big = vec![b'B'; 3 * REPLAY_CHUNK + 17];
+        let at = end[1] + 6;
+        writes.push(write(1, at, &big));
+        writes.push(write(1, at + big.len() as u64, b"after the big one"));
+        writes.push(write(2, 0, b"small first"));
+        writes.push(write(2, 11, &big));
 
         let one_by_one = tempfile::tempdir().unwrap();
         let mut files = DataFiles::open(Box::new(FsDir::open(one_by_one.path()).unwrap())).unwrap();
@@ -268,6 +285,11 @@ mod tests {
         let mut replay = replayed.replay();
         for w in &writes {
             replay.apply(w).unwrap();
+            // No file's buffer grows past a chunk, whatever it was given.
+            assert!(replay
+                .pending
+                .iter()
+                .all(|(_, b)| b.capacity() <= REPLAY_CHUNK));
         }
         replay.finish().unwrap();
         for file in FileIndex::all() {

@@ -620,8 +620,20 @@ impl Wal {
         wal.records = records;
         wal.allocated = size;
         if dirty_end > valid {
-            // Zero the torn bytes (the space stays allocated for new data).
-            wal.write_blocks(block_ceil(dirty_end))?;
+            // Zero the torn bytes (the space stays allocated for new data):
+            // the tail block rewritten, then the blocks after it in bounded
+            // chunks. How far the bytes to zero reach comes from the disk
+            // (a stray byte far past the tear): one buffer that long could
+            // be more memory than there is.
+            wal.write_blocks(block_ceil(valid))?;
+            if dirty_end > block_ceil(valid) {
+                zero_fill(
+                    wal.segment.as_mut(),
+                    block_ceil(valid),
+                    block_ceil(dirty_end),
+                )
+                .map_err(wal.segment_io())?;
+            }
             wal.sync()?;
         }
         wal.preallocate(valid)?;
@@ -1303,6 +1315,58 @@ mod tests {
         assert_eq!(
             r.records, many,
             "written past the kept block, all read back"
+        );
+    }
+
+    /// A torn tail with a stray byte far after it (damage, or a crafted
+    /// file) is zeroed up to that byte in bounded writes, not with one
+    /// buffer as long as the distance.
+    #[test]
+    fn torn_bytes_reaching_far_are_zeroed_in_bounded_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = open(tmp.path()).unwrap();
+        r.wal.write_snapshot(Snapshot::default()).unwrap();
+        r.wal.append(&record(1));
+        // Long enough to hold whole 64-byte units.
+        let long = Record {
+            changes: vec![Change::Ended {
+                lock: "x".repeat(300).into(),
+                fence: Fence(2),
+            }],
+        };
+        r.wal.append(&long);
+        r.wal.sync().unwrap();
+        drop(r);
+        let path = tmp.path().join(log_name(1));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut one = Vec::new();
+        frame::encode(&postcard::to_allocvec(&record(1)).unwrap(), 0, &mut one);
+        // A unit of the second record reads as never written: a torn write.
+        let unit = (one.len() + 64).div_ceil(64) * 64;
+        bytes[unit..unit + 64].fill(0);
+        let far = (16 << 20) + 12_345;
+        bytes.resize(far + 1, 0);
+        bytes[far] = 7;
+        std::fs::write(&path, &bytes).unwrap();
+        let r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(1)]);
+        assert!(r.torn_bytes as usize > far - one.len());
+        assert!(
+            r.wal.scratch.capacity() <= 1 << 20,
+            "a buffer of {} bytes",
+            r.wal.scratch.capacity()
+        );
+        drop(r);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[one.len()..].iter().all(|b| *b == 0), "all zeroed");
+        let mut r = open(tmp.path()).unwrap();
+        assert_eq!(r.records, vec![record(1)]);
+        r.wal.append(&record(3));
+        r.wal.sync().unwrap();
+        drop(r);
+        assert_eq!(
+            open(tmp.path()).unwrap().records,
+            vec![record(1), record(3)]
         );
     }
 

@@ -265,12 +265,7 @@ fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
             config.max_connections
         )));
     }
-    if config.max_append_bytes == 0 || config.max_append_bytes > MOST_APPEND_BYTES {
-        return Err(ServerError::Config(format!(
-            "--max-append-bytes must be between 1 and {MOST_APPEND_BYTES} (64 MiB), got {}",
-            config.max_append_bytes
-        )));
-    }
+    super::check_storage_limits(config)?;
     let most_reply_bytes = super::engine::MOST_READ_REPLY_BYTES;
     if config.max_read_reply_bytes == 0 || config.max_read_reply_bytes > most_reply_bytes {
         return Err(ServerError::Config(format!(
@@ -426,6 +421,8 @@ mod tests {
         no_reads.max_read_reply_bytes = 0;
         let mut uncountable = good.clone();
         uncountable.max_read_reply_bytes = 4 << 30;
+        let mut overflowing = good.clone();
+        overflowing.log_prealloc = u64::MAX;
         for bad in [
             none,
             countless,
@@ -435,6 +432,7 @@ mod tests {
             unrecoverable,
             no_reads,
             uncountable,
+            overflowing,
         ] {
             assert!(
                 matches!(check_limits(&bad), Err(ServerError::Config(_))),

@@ -43,6 +43,7 @@ use crate::storage::{Dir, FsDir};
 
 pub use handle::{Handle, HeldReply, ShuttingDown};
 pub use listen::Bound;
+use listen::MOST_APPEND_BYTES;
 use writer::Persister;
 
 /// Name of the server's own subdirectory of the data directory.
@@ -268,6 +269,29 @@ pub struct Recovered {
     pub observer: Option<Observer>,
 }
 
+/// The most zeros a log keeps ahead of its data (`--log-prealloc`).
+pub const MOST_LOG_PREALLOC: u64 = 1 << 30;
+
+/// The limits that decide what the log may hold, checked before anything is
+/// recovered or served, whoever starts the server (the binary also checks
+/// them before it binds). An append larger than the log's record limit
+/// would be acknowledged and then refuse the next start.
+fn check_storage_limits(config: &ServerConfig) -> Result<(), ServerError> {
+    if config.max_append_bytes == 0 || config.max_append_bytes > MOST_APPEND_BYTES {
+        return Err(ServerError::Config(format!(
+            "--max-append-bytes must be between 1 and {MOST_APPEND_BYTES} (64 MiB), got {}",
+            config.max_append_bytes
+        )));
+    }
+    if config.log_prealloc > MOST_LOG_PREALLOC {
+        return Err(ServerError::Config(format!(
+            "--log-prealloc must be at most {MOST_LOG_PREALLOC} (1 GiB), got {}",
+            config.log_prealloc
+        )));
+    }
+    Ok(())
+}
+
 /// Recovers the durable state from `state` and brings the data files in
 /// `data` to exactly what the log says (re-applying committed writes at their
 /// offsets, trimming uncommitted bytes). `plants` is for the simulation's
@@ -283,6 +307,7 @@ pub fn recover(
     now: Time,
     plants: Plants,
 ) -> Result<Recovered, ServerError> {
+    check_storage_limits(config)?;
     let core_config = config.core_config();
     if core_config.min_lease.0 == 0
         || core_config.min_lease > core_config.max_lease
@@ -724,6 +749,29 @@ mod tests {
         let mut config = ServerConfig::new(dir.to_path_buf());
         config.log_prealloc = 0;
         config
+    }
+
+    /// Whoever starts a server (the binary checks the flags before it
+    /// binds, a library caller may not), limits under which the log could
+    /// acknowledge a record that a later start refuses, or overflow its
+    /// arithmetic, are refused before anything is recovered.
+    #[test]
+    fn a_server_is_not_started_with_limits_its_log_cannot_keep() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut too_large = small_config(tmp.path());
+        too_large.max_append_bytes = super::MOST_APPEND_BYTES + 1;
+        let mut prealloc = small_config(tmp.path());
+        prealloc.log_prealloc = u64::MAX;
+        for bad in [too_large, prealloc] {
+            assert!(
+                matches!(Node::start_fs(&bad), Err(super::ServerError::Config(_))),
+                "{bad:?}"
+            );
+        }
+        let mut largest = small_config(tmp.path());
+        largest.max_append_bytes = super::MOST_APPEND_BYTES;
+        largest.log_prealloc = super::MOST_LOG_PREALLOC;
+        assert!(super::check_storage_limits(&largest).is_ok());
     }
 
     /// Reads of `file_7` wait at the gate: `reached` says one has begun, a

@@ -320,6 +320,9 @@ pub fn recover(
         )));
     }
     let mut files = DataFiles::open(data)?;
+    // Before the log: a new state directory's first snapshot records these
+    // lengths as committed, so the bytes must be durable first.
+    files.sync_all()?;
     let lengths = files.lengths()?;
     // Each record is replayed as soon as it is decoded: a long log is never
     // held in memory as decoded records, and the replay takes them by value.

@@ -515,14 +515,10 @@ async fn release(args: ReleaseArgs) -> Result<(), Failure> {
 
 /// Removes the grant file of `lock` if it holds `token` (the grant is over).
 fn forget(dir: &Path, client_id: i32, lock: &str, token: &str) {
-    if let Ok(Some(saved)) = state::load(dir, client_id, lock) {
-        if saved.token == token {
-            if let Err(e) = state::remove(dir, client_id, lock) {
-                say(format_args!(
-                    "dlm: warning: cannot remove the stale grant file: {e}"
-                ));
-            }
-        }
+    if let Err(e) = state::replace_if(dir, client_id, lock, token, None) {
+        say(format_args!(
+            "dlm: warning: cannot remove the stale grant file: {e}"
+        ));
     }
 }
 
@@ -552,8 +548,10 @@ async fn renew(args: RenewArgs) -> Result<(), Failure> {
         }
     };
     if let Some(saved) = saved {
+        // Only if the file still holds the grant renewed: a release and a
+        // new acquire by other processes meanwhile must not see it come back.
         let updated = SavedGrant { lease, ..saved };
-        if let Err(e) = state::save(&dir, &updated) {
+        if let Err(e) = state::replace_if(&dir, client_id, &lock, &token, Some(&updated)) {
             say(format_args!(
                 "dlm: warning: cannot update the grant file: {e}"
             ));

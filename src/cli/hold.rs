@@ -64,6 +64,12 @@ pub async fn hold(args: HoldArgs) -> i32 {
         Err(e) => return fail(Failure::client(&e, &lock)),
     };
     let own_group = !in_terminal_foreground();
+    // Survive Ctrl-C and wait for CMD, so that the lock is released after
+    // CMD is done: in the terminal's foreground, the terminal sent it to CMD
+    // as well; otherwise CMD is told here. Caught from before CMD starts: a
+    // Ctrl-C between its start and here would have ended dlm and left CMD
+    // running without the lease renewed.
+    let mut interrupts = signal(SignalKind::interrupt()).ok();
     let mut command = tokio::process::Command::new(&args.command[0]);
     command
         .args(&args.command[1..])
@@ -95,10 +101,6 @@ pub async fn hold(args: HoldArgs) -> i32 {
         group: own_group,
     };
     let mut lost = guard.lease_lost();
-    // Survive Ctrl-C and wait for CMD, so that the lock is released after
-    // CMD is done: in the terminal's foreground, the terminal sent it to CMD
-    // as well; otherwise CMD is told here.
-    let mut interrupts = signal(SignalKind::interrupt()).ok();
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,

@@ -90,10 +90,58 @@ pub fn load(dir: &Path, client_id: i32, lock: &str) -> io::Result<Option<SavedGr
     Ok(Some(grant))
 }
 
+/// Holds the state directory's advisory lock (`.lock` in it, made if
+/// needed) until dropped: every change of a grant file is made under it, so
+/// that a `dlm renew` comparing the file's token and writing it back cannot
+/// interleave with a `dlm release` and `dlm acquire` of the same grant in
+/// other processes (it wrote an old grant back over the new one).
+fn locked(dir: &Path) -> io::Result<fs::File> {
+    create_private_dir(dir)?;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let file = options.open(dir.join(".lock"))?;
+    file.lock()?;
+    Ok(file)
+}
+
 /// Writes `grant` atomically (a temporary file renamed over the old one),
 /// creating the directory if needed. Returns the file's path.
 pub fn save(dir: &Path, grant: &SavedGrant) -> io::Result<PathBuf> {
-    create_private_dir(dir)?;
+    let _locked = locked(dir)?;
+    save_locked(dir, grant)
+}
+
+/// Replaces the grant of `lock` for `client_id` with `with` (or removes it,
+/// for `None`) only if the file still holds `token`; says whether it did.
+/// A grant released and acquired again by other processes meanwhile is
+/// left as it is.
+pub fn replace_if(
+    dir: &Path,
+    client_id: i32,
+    lock: &str,
+    token: &str,
+    with: Option<&SavedGrant>,
+) -> io::Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let _locked = locked(dir)?;
+    match load(dir, client_id, lock)? {
+        Some(saved) if saved.token == token => {}
+        _ => return Ok(false),
+    }
+    match with {
+        Some(grant) => save_locked(dir, grant).map(|_| true),
+        None => remove_locked(dir, client_id, lock).map(|()| true),
+    }
+}
+
+fn save_locked(dir: &Path, grant: &SavedGrant) -> io::Result<PathBuf> {
     let path = grant_path(dir, grant.client_id, &grant.lock);
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut file = private_file(&tmp)?;
@@ -106,8 +154,9 @@ pub fn save(dir: &Path, grant: &SavedGrant) -> io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Removes the grant file of `lock` for `client_id`, if any.
-pub fn remove(dir: &Path, client_id: i32, lock: &str) -> io::Result<()> {
+/// Removes the grant file of `lock` for `client_id`, if any (the caller
+/// holds the directory's lock).
+fn remove_locked(dir: &Path, client_id: i32, lock: &str) -> io::Result<()> {
     match fs::remove_file(grant_path(dir, client_id, lock)) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
@@ -234,6 +283,40 @@ mod tests {
         }
     }
 
+    /// `replace_if` changes a grant file only while it holds the token
+    /// the caller used: a renew or a release that raced a new acquire
+    /// leaves the new grant alone.
+    #[test]
+    fn a_grant_file_is_replaced_or_removed_only_while_it_holds_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = grant("jobs");
+        save(dir.path(), &first).unwrap();
+        let renewed = SavedGrant {
+            lease: Duration::from_millis(9000),
+            ..first.clone()
+        };
+        assert!(replace_if(dir.path(), 3, "jobs", &first.token, Some(&renewed)).unwrap());
+        assert_eq!(load(dir.path(), 3, "jobs").unwrap(), Some(renewed.clone()));
+
+        // Released and acquired again elsewhere: a new token.
+        let second = SavedGrant {
+            token: "second".to_owned(),
+            fence: 43,
+            ..first.clone()
+        };
+        save(dir.path(), &second).unwrap();
+        assert!(!replace_if(dir.path(), 3, "jobs", &first.token, Some(&renewed)).unwrap());
+        assert!(!replace_if(dir.path(), 3, "jobs", &first.token, None).unwrap());
+        assert_eq!(load(dir.path(), 3, "jobs").unwrap(), Some(second.clone()));
+        assert!(replace_if(dir.path(), 3, "jobs", "second", None).unwrap());
+        assert_eq!(load(dir.path(), 3, "jobs").unwrap(), None);
+        // No file, or no directory: nothing to replace.
+        assert!(!replace_if(dir.path(), 3, "jobs", "second", None).unwrap());
+        let missing = dir.path().join("missing");
+        assert!(!replace_if(&missing, 3, "jobs", "second", None).unwrap());
+        assert!(!missing.exists());
+    }
+
     #[test]
     fn a_saved_grant_loads_back_and_is_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -243,10 +326,10 @@ mod tests {
             assert!(path.file_name().unwrap().len() < 200, "{path:?}");
             assert_eq!(load(dir.path(), 3, lock).unwrap(), Some(saved), "{lock:?}");
             assert_eq!(load(dir.path(), 4, lock).unwrap(), None);
-            remove(dir.path(), 3, lock).unwrap();
+            assert!(replace_if(dir.path(), 3, lock, &grant(lock).token, None).unwrap());
             assert_eq!(load(dir.path(), 3, lock).unwrap(), None);
         }
-        remove(dir.path(), 3, "never saved").unwrap();
+        assert!(!replace_if(dir.path(), 3, "never saved", "t", None).unwrap());
     }
 
     #[test]

@@ -10,11 +10,13 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -27,7 +29,7 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStat
 
 use super::calls;
 use super::tls::ServerTls;
-use super::{Keepalive, MAX_CONNECTIONS, REQUEST_TIMEOUT};
+use super::{Keepalive, MAX_CONNECTIONS, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 use crate::proto::lock_service_server::{LockService, LockServiceServer};
 use crate::proto::{
     self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse,
@@ -82,6 +84,10 @@ pub struct Limits {
     /// of it ([`REQUEST_TIMEOUT`]); then the call is answered
     /// DEADLINE_EXCEEDED and what arrived of it is dropped.
     pub request_timeout: Duration,
+    /// How long a file read's reply may wait for the peer to take any more
+    /// of it ([`REPLY_STALL_LIMIT`]); then its connection is closed, which
+    /// gives the reply's share of the read-reply budget back.
+    pub reply_stall: Duration,
 }
 
 impl Limits {
@@ -97,6 +103,7 @@ impl Limits {
             keepalive: Keepalive::DEFAULT,
             drain_grace: DRAIN_GRACE,
             request_timeout: REQUEST_TIMEOUT,
+            reply_stall: REPLY_STALL_LIMIT,
         }
     }
 }
@@ -123,14 +130,17 @@ impl GrpcService {
                 .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             request_timeout: limits.request_timeout,
+            reply_stall: limits.reply_stall,
         }
     }
 }
 
-/// A file read's share of the read-reply budget, as a response extension
-/// from [`GrpcService`] to [`HoldReplies`].
+/// A file read's share of the read-reply budget, and the way to close its
+/// connection (none for a connection that [`serve`] did not accept, such
+/// as a simulation's), as a response extension from [`GrpcService`] to
+/// [`HoldReplies`].
 #[derive(Clone)]
-struct Held(Arc<HeldReply>);
+struct Held(Arc<HeldReply>, Option<Arc<Cutter>>);
 
 /// The tonic service `S`, with each response's `Held` share (a file read's
 /// part of the read-reply budget) moved into its body's data: HTTP/2 keeps
@@ -139,6 +149,14 @@ struct Held(Arc<HeldReply>);
 /// connection ends; the share goes with the last of them. Without it, the
 /// share went back as soon as tonic had the encoded reply, while a peer
 /// that never read it kept it in memory.
+///
+/// A read's reply is handed to HTTP/2 in chunks of [`REPLY_CHUNK`]
+/// (hyper takes the next one only when the peer's flow control has room),
+/// and a peer that takes no more of it for `reply_stall` loses its
+/// connection: a peer that answers pings but never reads would otherwise
+/// hold the share, and every other read waiting for the budget, for as long
+/// as its connection lived. (hyper gives no way to reset one stream from
+/// outside, and does not ask a body for more while it waits for room.)
 ///
 /// Each request's body must also arrive whole within `request_timeout` of
 /// the first time the server waits for more of it (as over QUIC). tonic
@@ -151,6 +169,7 @@ struct Held(Arc<HeldReply>);
 pub struct HoldReplies<S> {
     inner: S,
     request_timeout: Duration,
+    reply_stall: Duration,
 }
 
 impl<S: NamedService> NamedService for HoldReplies<S> {
@@ -172,13 +191,16 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let limit = self.request_timeout;
-        HoldReply(self.inner.call(request.map(|body| {
-            tonic::body::Body::new(TimedBody {
-                body,
-                limit,
-                timer: None,
-            })
-        })))
+        HoldReply {
+            inner: self.inner.call(request.map(|body| {
+                tonic::body::Body::new(TimedBody {
+                    body,
+                    limit,
+                    timer: None,
+                })
+            })),
+            stall: self.reply_stall,
+        }
     }
 }
 
@@ -226,7 +248,10 @@ impl http_body::Body for TimedBody {
 /// [`HoldReplies`]' answer: the inner service's, with a read's share moved
 /// into its body. (A future of its own rather than a boxed `async` block:
 /// every gRPC call goes through it.)
-pub struct HoldReply<F>(F);
+pub struct HoldReply<F> {
+    inner: F,
+    stall: Duration,
+}
 
 impl<F, E> Future for HoldReply<F>
 where
@@ -235,34 +260,102 @@ where
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let mut response = std::task::ready!(Pin::new(&mut self.0).poll(cx))?;
+        let this = &mut *self;
+        let mut response = std::task::ready!(Pin::new(&mut this.inner).poll(cx))?;
         Poll::Ready(Ok(match response.extensions_mut().remove::<Held>() {
             None => response,
-            Some(Held(held)) => response.map(|body| {
-                tonic::body::Body::new(HoldingBody {
-                    body,
-                    held: Some(held),
+            Some(Held(held, cutter)) => {
+                let progress = Arc::new(AtomicU64::new(0));
+                if let Some(cutter) = cutter {
+                    tokio::spawn(watch_reply(
+                        Arc::downgrade(&held),
+                        progress.clone(),
+                        cutter,
+                        this.stall,
+                    ));
+                }
+                response.map(|body| {
+                    tonic::body::Body::new(HoldingBody {
+                        body,
+                        rest: bytes::Bytes::new(),
+                        held,
+                        progress,
+                    })
                 })
-            }),
+            }
         }))
     }
 }
 
-/// A response body whose data holds a read's share of the budget.
-struct HoldingBody {
-    body: tonic::body::Body,
-    held: Option<Arc<HeldReply>>,
+/// The most of a read's reply handed to HTTP/2 at once.
+const REPLY_CHUNK: usize = 64 << 10;
+
+/// Closes a read's connection if its reply makes no progress (no chunk
+/// taken by hyper, none written out by h2) for `stall`; ends when the
+/// reply's share is given back (`held` gone).
+async fn watch_reply(
+    held: std::sync::Weak<HeldReply>,
+    progress: Arc<AtomicU64>,
+    cutter: Arc<Cutter>,
+    stall: Duration,
+) {
+    let mut seen = progress.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(stall).await;
+        if held.strong_count() == 0 {
+            return;
+        }
+        let now = progress.load(Ordering::Relaxed);
+        if now == seen {
+            tracing::debug!("a read's reply was not taken in time; closing its connection");
+            cutter.cut();
+            return;
+        }
+        seen = now;
+    }
 }
 
-/// A data frame's bytes with the share they hold.
+/// A read's response body: its data in chunks of at most [`REPLY_CHUNK`],
+/// each holding the read's share of the budget, each taken and each
+/// written out counted as progress.
+struct HoldingBody {
+    body: tonic::body::Body,
+    /// What is left of the last data frame.
+    rest: bytes::Bytes,
+    held: Arc<HeldReply>,
+    progress: Arc<AtomicU64>,
+}
+
+impl HoldingBody {
+    /// The next chunk of `rest`, holding the share.
+    fn chunk(&mut self) -> bytes::Bytes {
+        let n = self.rest.len().min(REPLY_CHUNK);
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        bytes::Bytes::from_owner(HoldingBytes {
+            bytes: self.rest.split_to(n),
+            _held: self.held.clone(),
+            progress: self.progress.clone(),
+        })
+    }
+}
+
+/// A data frame's bytes with the share they hold; dropped once h2 wrote
+/// them out (or the stream ended).
 struct HoldingBytes {
     bytes: bytes::Bytes,
     _held: Arc<HeldReply>,
+    progress: Arc<AtomicU64>,
 }
 
 impl AsRef<[u8]> for HoldingBytes {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+impl Drop for HoldingBytes {
+    fn drop(&mut self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -275,28 +368,56 @@ impl http_body::Body for HoldingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, GrpcStatus>>> {
         let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        let held = &this.held;
-        Poll::Ready(frame.map(|frame| {
-            frame.map(|frame| {
-                frame.map_data(|bytes| match held {
-                    Some(held) => bytes::Bytes::from_owner(HoldingBytes {
-                        bytes,
-                        _held: held.clone(),
-                    }),
-                    None => bytes,
-                })
-            })
-        }))
+        loop {
+            if !this.rest.is_empty() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(this.chunk()))));
+            }
+            match std::task::ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        hint.set_lower(hint.lower().saturating_add(rest));
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
+}
+
+/// Closes one accepted connection from outside hyper: its next read fails,
+/// and hyper drops the connection with its streams and their bodies.
+#[derive(Debug, Default)]
+pub struct Cutter {
+    cut: AtomicBool,
+    reader: AtomicWaker,
+}
+
+impl Cutter {
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.reader.wake();
+    }
+}
+
+/// What tonic puts in each request's extensions about its connection: the
+/// TCP addresses, and the way to close it.
+#[derive(Clone, Debug)]
+pub struct ConnectInfo {
+    pub tcp: TcpConnectInfo,
+    cutter: Arc<Cutter>,
 }
 
 /// A server stopping is the one failure a gRPC caller sees as a gRPC error.
@@ -466,6 +587,8 @@ struct Slotted {
     set_up: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes still to read before the connection counts as set up.
     unread_preface: usize,
+    /// Closes the connection when a read's reply stalls.
+    cutter: Arc<Cutter>,
 }
 
 impl Slotted {
@@ -479,17 +602,22 @@ impl Slotted {
             _slot: slot,
             set_up: Some(deadline),
             unread_preface: PREFACE_BYTES,
+            cutter: Arc::default(),
         }
     }
 }
 
 impl Connected for Slotted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        match &self.conn {
+    fn connect_info(&self) -> ConnectInfo {
+        let tcp = match &self.conn {
             Conn::Plain(stream) => stream.connect_info(),
             Conn::Tls(tls) => tls.get_ref().0.connect_info(),
+        };
+        ConnectInfo {
+            tcp,
+            cutter: self.cutter.clone(),
         }
     }
 }
@@ -501,6 +629,14 @@ impl AsyncRead for Slotted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        // hyper always has a read pending: the cut wakes it here.
+        this.cutter.reader.register(cx.waker());
+        if this.cutter.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "a read's reply was not taken in time",
+            )));
+        }
         let before = buf.filled().len();
         let read = match &mut this.conn {
             Conn::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
@@ -628,13 +764,19 @@ impl LockService for GrpcService {
         &self,
         req: GrpcRequest<FileReadArgs>,
     ) -> Result<GrpcResponse<FileReadResponse>, GrpcStatus> {
+        let cutter = req
+            .extensions()
+            .get::<ConnectInfo>()
+            .map(|info| info.cutter.clone());
         let (response, held) = calls::file_read(&self.handle, req.into_inner())
             .await
             .map_err(unavailable)?;
         let mut response = GrpcResponse::new(response);
         if let Some(held) = held {
             // Taken off by [`HoldReplies`], which ties it to the body.
-            response.extensions_mut().insert(Held(Arc::new(held)));
+            response
+                .extensions_mut()
+                .insert(Held(Arc::new(held), cutter));
         }
         Ok(response)
     }

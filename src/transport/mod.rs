@@ -51,6 +51,12 @@ impl Keepalive {
 /// it is dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a file read's reply may wait for the peer to take any more of
+/// it; then the server gives up on it (QUIC: resets its stream with
+/// `REPLY_STALLED`; gRPC: closes its connection) and gives its share of the
+/// read-reply budget back.
+pub const REPLY_STALL_LIMIT: Duration = Duration::from_secs(30);
+
 /// Most connections a server keeps at once, per transport, by default
 /// (`--max-connections`).
 pub const MAX_CONNECTIONS: usize = 4096;

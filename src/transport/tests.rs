@@ -40,6 +40,7 @@ async fn serve_with(budget: u64, reply_stall: Duration) -> Served {
     // A stop does not wait long for a stalled peer's connection.
     bound.grpc_limits.drain_grace = Duration::from_millis(100);
     bound.quic_limits.reply_stall = reply_stall;
+    bound.grpc_limits.reply_stall = reply_stall;
     let addr = bound.grpc_addr().unwrap();
     let ca = std::fs::read(bound.dev_ca.as_ref().unwrap()).unwrap();
     let (node, _) = Node::start_fs(&config).unwrap();
@@ -314,6 +315,35 @@ async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
     assert_eq!(read.content.len(), 1 << 10);
     served.until_replies(0, 0).await;
     drop(connection);
+    served.stop().await;
+}
+
+/// Over gRPC a peer that takes no more of a read's reply (and answers
+/// pings) loses its connection after the stall limit, and with it the
+/// reply's share: another read goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_reply_the_peer_stops_taking_closes_its_connection_and_gives_its_share_back() {
+    let budget = 64 << 10;
+    let served = serve_with(budget, Duration::from_secs(2)).await;
+    served.fill("file_3", 48 << 10).await;
+    let held = 48 << 10;
+    let mut stalled = Stalled::read(served.addr, "file_3").await;
+    assert_eq!(stalled.answer.status(), 200);
+    // Held while the reply waits (the stall limit is long enough for this
+    // check to see it), then given back though the peer is still there.
+    served.until_replies(held, 0).await;
+    served.until_replies(0, 0).await;
+    // The server closed the connection: the peer's pings fail.
+    let pinged = tokio::time::timeout(
+        Duration::from_secs(60),
+        stalled.ping_pong.ping(h2::Ping::opaque()),
+    )
+    .await
+    .expect("the ping is answered or fails");
+    assert!(pinged.is_err(), "the stalled connection is still open");
+    let read = grpc_read_whole(served.addr, "file_3").await;
+    assert_eq!(read.content, vec![b'x'; 48 << 10]);
+    stalled.end();
     served.stop().await;
 }
 

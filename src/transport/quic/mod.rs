@@ -67,12 +67,7 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// a connection that is otherwise silent.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
-pub use super::REQUEST_TIMEOUT;
-
-/// How long a file read's reply may wait for the peer to take any more of
-/// it before the server resets it with [`ErrorCode::ReplyStalled`] and
-/// gives its share of the read-reply budget back.
-pub const REPLY_STALL_LIMIT: Duration = Duration::from_secs(30);
+pub use super::{REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 
 /// Room in a request frame for everything but an append's content.
 pub const FRAME_OVERHEAD: usize = 64 << 10;

@@ -135,7 +135,10 @@ pub(crate) async fn acquire(
     let wait_until = wait.map(|wait| started + wait);
     let budget =
         wait.map(|wait| wait.saturating_add(timing.retry_budget.max(timing.attempt_timeout)));
-    let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, budget);
+    // From `started` too: a round after a grant that ran out on its way
+    // goes on with what is left, not with a whole budget of its own.
+    let mut retrier =
+        Retrier::new(servers, timing, "acquire", &request_id, budget).counted_from(started, budget);
     // The id sent: `request_id` until the server says it forgot it.
     let mut current_id = request_id.clone();
     // Kept across a new id: a grant handed back may be that of the first.
@@ -175,7 +178,7 @@ pub(crate) async fn acquire(
             // if one was made meanwhile, comes back to its holder.
             Err(AttemptError::Expired(reason)) => {
                 current_id = timing.entropy.request_id();
-                Outcome::Failed(reason)
+                Outcome::Renumbered(reason)
             }
             Err(AttemptError::TimedOut(reason))
                 if plan.may_wait() && sent.elapsed() >= timeout / 2 =>

@@ -259,6 +259,10 @@ pub(crate) enum Outcome<R> {
     CutOff(String),
     /// The attempt failed: fail over and retry after a backoff.
     Failed(String),
+    /// The server answered that it forgot the request id, and the
+    /// operation was given a new one: retry at once, on the same server
+    /// (it answered; nothing is wrong with it).
+    Renumbered(String),
 }
 
 /// Retry state of one operation: its backoff, how many attempts it made and
@@ -306,6 +310,15 @@ impl<'a> Retrier<'a> {
         }
     }
 
+    /// Counts the budget from `started` (before now) rather than from now:
+    /// an operation made of several rounds gives up on its whole budget.
+    #[must_use]
+    pub fn counted_from(mut self, started: Instant, budget: Option<Duration>) -> Retrier<'a> {
+        self.started = started;
+        self.give_up = budget.and_then(|b| started.checked_add(b));
+        self
+    }
+
     /// The server for the next attempt and the deadline to give it: at most
     /// `timeout`, and no later than the give-up time.
     pub fn next_attempt(&mut self, timeout: Duration) -> (usize, &'a Conn, Duration) {
@@ -341,6 +354,17 @@ impl<'a> Retrier<'a> {
                     attempt = self.attempts, %reason, "attempt failed; failing over");
                 self.servers.failed(index);
                 self.last_failure = format!("{addr}: {reason}");
+            }
+            Outcome::Renumbered(reason) => {
+                tracing::debug!(op = self.op, request_id = self.request_id, server = addr,
+                    %reason, "request id forgotten; again at once under a new one");
+                self.last_failure = format!("{addr}: {reason}");
+                // Within the budget, like any retry (a server that kept
+                // answering so would otherwise be asked for ever).
+                let past = self
+                    .give_up
+                    .is_some_and(|give_up| Instant::now() >= give_up);
+                return past.then(|| Err(self.exhausted()));
             }
         }
         let delay = self.backoff.next_delay();
@@ -390,7 +414,7 @@ pub(crate) async fn call<R: Reply>(
             Err(AttemptError::Refused(error)) => Outcome::Done(Err(error)),
             Err(AttemptError::Expired(reason)) => {
                 if renumber(&mut call, timing.entropy.request_id()) {
-                    Outcome::Failed(reason)
+                    Outcome::Renumbered(reason)
                 } else {
                     Outcome::Done(Err(Error::Unavailable(reason)))
                 }

@@ -915,6 +915,21 @@ async fn an_expired_id_is_renumbered_only_where_a_repeat_is_harmless() {
     assert_ne!(acquires[0].request_id, acquires[1].request_id);
     assert_ne!(acquires[1].request_id, acquires[2].request_id);
 
+    // The server that answered keeps the retry: a second server in the
+    // list is not tried.
+    let other = Server::start().await;
+    let both = quick(2)
+        .endpoints([server.addr.clone(), other.addr.clone()])
+        .build()
+        .unwrap();
+    server.script().expire_next = 1;
+    both.init().await.unwrap();
+    server.script().expire_next = 1;
+    let _ = both.acquire("y", AcquireOptions::forever()).await.unwrap();
+    assert_eq!(server.calls("init").len(), 4);
+    assert_eq!(server.calls("acquire").len(), 5);
+    assert!(other.calls("init").is_empty() && other.calls("acquire").is_empty());
+
     server.script().expire_next = 1;
     let released = client.release(&grant).await;
     assert!(

@@ -466,6 +466,14 @@ fn saved_grant(dir: &Path, client_id: i32, lock: &str) -> Result<SavedGrant, Fai
 async fn acquire(args: AcquireArgs) -> Result<(), Failure> {
     let lock = args.lock.lock.unwrap_or_default();
     let dir = state_dir(&args.state)?;
+    // Before the lock is taken: a grant that cannot be kept stays held
+    // until its lease runs out.
+    state::check_writable(&dir).map_err(|e| {
+        Failure::local(format!(
+            "cannot keep grants in {}: {e}; nothing acquired",
+            dir.display()
+        ))
+    })?;
     let client = connect(&args.connect, true).await?;
     let grant = client
         .acquire(&lock, options(args.wait_ms, args.lease_ms))

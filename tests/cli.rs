@@ -682,17 +682,14 @@ echo "inside:[$("$0" cat file_7)]""#;
     assert_eq!(holder, "-", "the default lock was released");
 }
 
-/// `dlm hold` without a client id takes one of its own: a second hold of
-/// the same lock (here nested in the first, its DLM_CLIENT_ID removed) finds
-/// the lock held, instead of being handed the first one's grant as another
-/// process of the same client would be.
+/// An acquire whose grant directory cannot be used (here a file) fails
+/// before it asks for the lock: another process of client 1 would
+/// otherwise get the first one's grant back and be unable to keep it (and
+/// must not end the first process's holding either way).
 fn a_grant_that_cannot_be_kept_is_not_given_back(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
     let first = cli.run("acquire", &["--client-id", "1"]).ok();
-    // Another process of client 1, whose grant directory is a file: its
-    // acquire gets the same grant back, cannot keep it, and must not end
-    // the first process's holding.
     let not_a_dir = cli.state_dir().join("not-a-directory");
     std::fs::write(&not_a_dir, "x").unwrap();
     let not_a_dir = not_a_dir.to_str().expect("utf-8 path");
@@ -700,14 +697,25 @@ fn a_grant_that_cannot_be_kept_is_not_given_back(wire: Wire) {
         .run("acquire", &["--client-id", "1", "--state-dir", not_a_dir])
         .expect_code(1);
     assert!(
-        second.stderr.contains("stays held") && second.stderr.contains("--token"),
+        second.stderr.contains("nothing acquired") && !second.stderr.contains("--token"),
         "{second:#?}"
     );
     let row = cli.lock_row("").expect("still held");
     assert_eq!(row[2], first.fence().to_string(), "{row:?}");
+    // Nor by a client that did not hold it: the lock is not taken.
     cli.run("release", &["--client-id", "1"]).ok();
+    cli.run("acquire", &["--client-id", "2", "--state-dir", not_a_dir])
+        .expect_code(1);
+    let holder = cli
+        .lock_row("")
+        .map_or_else(|| "-".to_owned(), |row| row[1].clone());
+    assert_eq!(holder, "-", "not acquired");
 }
 
+/// `dlm hold` without a client id takes one of its own: a second hold of
+/// the same lock (here nested in the first, its DLM_CLIENT_ID removed) finds
+/// the lock held, instead of being handed the first one's grant as another
+/// process of the same client would be.
 fn two_holds_without_a_client_id_exclude_each_other(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);

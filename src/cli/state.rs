@@ -109,6 +109,12 @@ fn locked(dir: &Path) -> io::Result<fs::File> {
     Ok(file)
 }
 
+/// Whether grant files can be made in `dir` (made if needed): its lock file
+/// is opened for writing and locked, as a save does.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    locked(dir).map(drop)
+}
+
 /// Writes `grant` atomically (a temporary file renamed over the old one),
 /// creating the directory if needed. Returns the file's path.
 pub fn save(dir: &Path, grant: &SavedGrant) -> io::Result<PathBuf> {
@@ -144,13 +150,25 @@ pub fn replace_if(
 fn save_locked(dir: &Path, grant: &SavedGrant) -> io::Result<PathBuf> {
     let path = grant_path(dir, grant.client_id, &grant.lock);
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = private_file(&tmp)?;
-    file.write_all(format(grant).as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, &path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })?;
+    // Made new (O_EXCL: never through a link someone left at that name, in
+    // a state directory shared with others); a leftover of a crashed
+    // process of the same pid is removed first (unlinking follows no link).
+    let _ = fs::remove_file(&tmp);
+    let written = new_private_file(&tmp).and_then(|mut file| {
+        file.write_all(format(grant).as_bytes())?;
+        file.sync_all()
+    });
+    // The token is a credential: no copy is left behind.
+    written
+        .and_then(|()| fs::rename(&tmp, &path))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+    // The new name durable too (best effort: the file is a note; the
+    // server holds the truth).
+    if let Ok(dir) = fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
     Ok(path)
 }
 
@@ -253,20 +271,17 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)
 }
 
-#[cfg(unix)]
-fn private_file(path: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn private_file(path: &Path) -> io::Result<fs::File> {
-    fs::File::create(path)
+/// A new file (an existing name, or a link, is an error), readable only by
+/// its owner.
+fn new_private_file(path: &Path) -> io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 #[cfg(test)]
@@ -315,6 +330,24 @@ mod tests {
         let missing = dir.path().join("missing");
         assert!(!replace_if(&missing, 3, "jobs", "second", None).unwrap());
         assert!(!missing.exists());
+    }
+
+    /// A link planted at the temporary file's name (a state directory
+    /// others can write) is not written through.
+    #[cfg(unix)]
+    #[test]
+    fn a_save_does_not_write_through_a_link_at_its_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"untouched").unwrap();
+        let saved = grant("jobs");
+        let path = grant_path(dir.path(), 3, "jobs");
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        save(dir.path(), &saved).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+        assert_eq!(load(dir.path(), 3, "jobs").unwrap(), Some(saved));
+        assert!(!tmp.exists(), "no temporary file left");
     }
 
     #[test]

@@ -830,8 +830,27 @@ impl Core {
         let fence = self.next_fence();
         match next.and_then(|id| self.remove_waiter(id, Some(fence), step)) {
             Some(waiter) => {
-                let info = self.grant(lock, waiter.client, waiter.lease, step);
-                self.answer_waiter(waiter, Reply::Granted(info), step);
+                let client = waiter.client;
+                let info = self.grant(LockName::clone(&lock), client, waiter.lease, step);
+                self.answer_waiter(waiter, Reply::Granted(info.clone()), step);
+                // The new holder's other acquires of this lock, queued
+                // behind (another process of the same client, or a new
+                // operation behind a cut-off one): an acquire by the holder
+                // gets its grant, whenever it arrived. They leave the queue
+                // without a grant of their own; the others keep their order.
+                let same: Vec<WaiterId> = self.locks.get(&lock).map_or_else(Vec::new, |state| {
+                    state
+                        .waiters
+                        .iter()
+                        .filter(|w| w.client == client)
+                        .map(|w| w.id)
+                        .collect()
+                });
+                for id in same {
+                    if let Some(waiter) = self.remove_waiter(id, None, step) {
+                        self.answer_waiter(waiter, Reply::Granted(info.clone()), step);
+                    }
+                }
             }
             None => {
                 if self.locks.get(&lock).is_some_and(LockState::is_idle) {

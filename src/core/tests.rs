@@ -729,6 +729,32 @@ fn reacquire_by_holder_returns_same_token_and_fence_and_renews_lease() {
     assert!(next.fence > grant.fence);
 }
 
+/// A client with two acquires queued on one lock (two processes of one
+/// client id, or a new operation behind a cut-off one) gets the same grant
+/// on both when the first is granted, as an acquire by the holder does;
+/// the other waiters keep their order.
+#[test]
+fn the_holders_other_queued_acquires_get_its_grant() {
+    let mut h = Harness::new();
+    let token = h.grant("h", acquire(100)).token;
+    let first = h.call("a1", acquire(1));
+    let other = h.call("b1", acquire(2));
+    let second = h.call("a2", acquire(1));
+    assert_eq!(h.waiters(""), vec![(1, false), (2, false), (1, false)]);
+    h.done("", release(100, &token));
+    let grant = h.granted(first);
+    let again = h.granted(second);
+    assert_eq!((&again.token, again.fence), (&grant.token, grant.fence));
+    assert_eq!(h.reply(other), None);
+    assert_eq!(h.waiters(""), vec![(2, false)]);
+    // Remembered: a retry of the second id gets the same grant.
+    let retried = h.grant("a2", acquire(1));
+    assert_eq!((&retried.token, retried.fence), (&grant.token, grant.fence));
+    // And the next grant is client 2's.
+    h.done("", release(1, &grant.token));
+    assert!(h.granted(other).fence > grant.fence);
+}
+
 /// One round of grants on `lock`, ending with the lock free. Grants end in
 /// each of the ways there are: release, lease expiry, client close, and a
 /// grant to a cut-off waiter that never returns.

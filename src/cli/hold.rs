@@ -27,6 +27,7 @@
 
 use std::process::ExitStatus;
 
+use futures_util::FutureExt as _;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
@@ -70,6 +71,20 @@ pub async fn hold(args: HoldArgs) -> i32 {
     // Ctrl-C between its start and here would have ended dlm and left CMD
     // running without the lease renewed.
     let mut interrupts = signal(SignalKind::interrupt()).ok();
+    // A Ctrl-C since the lock was granted, before CMD exists: CMD is not
+    // started (in the terminal's foreground it would have had it too).
+    let caught = interrupts
+        .as_mut()
+        .is_some_and(|signal| matches!(signal.recv().now_or_never(), Some(Some(()))));
+    if caught {
+        say(format_args!(
+            "dlm: interrupted before {program} started; releasing lock {lock:?}"
+        ));
+        if let Err(e) = guard.release().await {
+            say(format_args!("dlm: {}", Failure::client(&e, &lock).message));
+        }
+        return 128 + libc::SIGINT;
+    }
     let mut command = tokio::process::Command::new(&args.command[0]);
     command
         .args(&args.command[1..])

@@ -102,7 +102,8 @@ fn locked(dir: &Path) -> io::Result<fs::File> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        // Not through a link planted at that name.
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
     }
     let file = options.open(dir.join(".lock"))?;
     file.lock()?;

@@ -284,6 +284,8 @@ pub(crate) struct Retrier<'a> {
     pub attempts: u32,
     /// Why the last attempt failed, with the server it went to.
     last_failure: String,
+    /// How many times the operation was given a new request id.
+    renumbered: u32,
 }
 
 impl<'a> Retrier<'a> {
@@ -307,6 +309,7 @@ impl<'a> Retrier<'a> {
             give_up: budget.and_then(|b| started.checked_add(b)),
             attempts: 0,
             last_failure: String::new(),
+            renumbered: 0,
         }
     }
 
@@ -357,14 +360,17 @@ impl<'a> Retrier<'a> {
             }
             Outcome::Renumbered(reason) => {
                 tracing::debug!(op = self.op, request_id = self.request_id, server = addr,
-                    %reason, "request id forgotten; again at once under a new one");
+                    %reason, "request id forgotten; again under a new one");
                 self.last_failure = format!("{addr}: {reason}");
-                // Within the budget, like any retry (a server that kept
-                // answering so would otherwise be asked for ever).
-                let past = self
-                    .give_up
-                    .is_some_and(|give_up| Instant::now() >= give_up);
-                return past.then(|| Err(self.exhausted()));
+                self.renumbered += 1;
+                // At once the first time; a server that keeps answering so
+                // is asked again after the backoff (still the same server).
+                if self.renumbered == 1 {
+                    let past = self
+                        .give_up
+                        .is_some_and(|give_up| Instant::now() >= give_up);
+                    return past.then(|| Err(self.exhausted()));
+                }
             }
         }
         let delay = self.backoff.next_delay();

@@ -150,13 +150,14 @@ struct Held(Arc<HeldReply>, Option<Arc<Cutter>>);
 /// share went back as soon as tonic had the encoded reply, while a peer
 /// that never read it kept it in memory.
 ///
-/// A read's reply is handed to HTTP/2 in chunks of [`REPLY_CHUNK`]
-/// (hyper takes the next one only when the peer's flow control has room),
-/// and a peer that takes no more of it for `reply_stall` loses its
-/// connection: a peer that answers pings but never reads would otherwise
-/// hold the share, and every other read waiting for the budget, for as long
-/// as its connection lived. (hyper gives no way to reset one stream from
-/// outside, and does not ask a body for more while it waits for room.)
+/// A read's reply is handed to HTTP/2 in chunks of [`REPLY_CHUNK`] (hyper
+/// holds one chunk while it waits for the peer's flow control to have
+/// room, and asks for the next after handing that one to h2), and a peer
+/// that takes no more of it for `reply_stall` loses its connection: a peer
+/// that answers pings but never reads would otherwise hold the share, and
+/// every other read waiting for the budget, for as long as its connection
+/// lived. (hyper gives no way to reset one stream from outside, and does
+/// not ask a body for more while it waits for room.)
 ///
 /// Each request's body must also arrive whole within `request_timeout` of
 /// the first time the server waits for more of it (as over QUIC). tonic
@@ -204,9 +205,9 @@ where
     }
 }
 
-/// A request body that must end within `limit` of the first time it had
-/// nothing to give (a request that arrives with its headers never starts
-/// the timer).
+/// A request body that may keep the server waiting at most `limit` for each
+/// next frame (a request that arrives with its headers never starts the
+/// timer; a slow but steady upload never runs out of it).
 struct TimedBody {
     body: tonic::body::Body,
     limit: Duration,
@@ -223,6 +224,11 @@ impl http_body::Body for TimedBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, GrpcStatus>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            if let Some(timer) = this.timer.as_mut() {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + this.limit);
+            }
             return Poll::Ready(frame);
         }
         let limit = this.limit;
@@ -231,7 +237,7 @@ impl http_body::Body for TimedBody {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         std::task::ready!(timer.as_mut().poll(cx));
         Poll::Ready(Some(Err(GrpcStatus::deadline_exceeded(format!(
-            "the request did not arrive whole within {} s",
+            "no more of the request arrived for {} s",
             limit.as_secs_f64()
         )))))
     }
@@ -266,19 +272,20 @@ where
             None => response,
             Some(Held(held, cutter)) => {
                 let progress = Arc::new(AtomicU64::new(0));
-                if let Some(cutter) = cutter {
-                    tokio::spawn(watch_reply(
-                        Arc::downgrade(&held),
-                        progress.clone(),
-                        cutter,
-                        this.stall,
-                    ));
-                }
+                let done = cutter.map(|cutter| {
+                    let (done, watched) = tokio::sync::oneshot::channel();
+                    tokio::spawn(watch_reply(progress.clone(), watched, cutter, this.stall));
+                    done
+                });
+                let share = Arc::new(Share {
+                    _held: held,
+                    _done: done,
+                });
                 response.map(|body| {
                     tonic::body::Body::new(HoldingBody {
                         body,
                         rest: bytes::Bytes::new(),
-                        held,
+                        share,
                         progress,
                     })
                 })
@@ -287,31 +294,45 @@ where
     }
 }
 
-/// The most of a read's reply handed to HTTP/2 at once.
-const REPLY_CHUNK: usize = 64 << 10;
+/// The most of a read's reply handed to HTTP/2 at once: one frame of h2's
+/// default size, so that progress shows even when many replies share a
+/// slow connection.
+const REPLY_CHUNK: usize = 16 << 10;
+
+/// A read's share of the budget while its reply is in hyper's and h2's
+/// hands; when the last chunk holding it is dropped, the share goes back
+/// and `_done` tells the reply's watchdog to end.
+struct Share {
+    _held: Arc<HeldReply>,
+    _done: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
 /// Closes a read's connection if its reply makes no progress (no chunk
-/// taken by hyper, none written out by h2) for `stall`; ends when the
-/// reply's share is given back (`held` gone).
+/// taken by hyper, none written out by h2) for `stall` (noticed within a
+/// quarter of it); ends as soon as the reply's share is given back.
 async fn watch_reply(
-    held: std::sync::Weak<HeldReply>,
     progress: Arc<AtomicU64>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
     cutter: Arc<Cutter>,
     stall: Duration,
 ) {
+    let check = (stall / 4).max(Duration::from_millis(1));
     let mut seen = progress.load(Ordering::Relaxed);
+    let mut since = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(stall).await;
-        if held.strong_count() == 0 {
-            return;
+        tokio::select! {
+            biased;
+            _ = &mut done => return,
+            () = tokio::time::sleep(check) => {}
         }
         let now = progress.load(Ordering::Relaxed);
-        if now == seen {
+        if now != seen {
+            (seen, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= stall {
             tracing::debug!("a read's reply was not taken in time; closing its connection");
             cutter.cut();
             return;
         }
-        seen = now;
     }
 }
 
@@ -322,7 +343,7 @@ struct HoldingBody {
     body: tonic::body::Body,
     /// What is left of the last data frame.
     rest: bytes::Bytes,
-    held: Arc<HeldReply>,
+    share: Arc<Share>,
     progress: Arc<AtomicU64>,
 }
 
@@ -333,7 +354,7 @@ impl HoldingBody {
         self.progress.fetch_add(1, Ordering::Relaxed);
         bytes::Bytes::from_owner(HoldingBytes {
             bytes: self.rest.split_to(n),
-            _held: self.held.clone(),
+            _share: self.share.clone(),
             progress: self.progress.clone(),
         })
     }
@@ -343,7 +364,7 @@ impl HoldingBody {
 /// them out (or the stream ended).
 struct HoldingBytes {
     bytes: bytes::Bytes,
-    _held: Arc<HeldReply>,
+    _share: Arc<Share>,
     progress: Arc<AtomicU64>,
 }
 
@@ -416,6 +437,8 @@ impl Cutter {
 /// TCP addresses, and the way to close it.
 #[derive(Clone, Debug)]
 pub struct ConnectInfo {
+    /// The connection's addresses (tonic's `Request::remote_addr` looks
+    /// for a bare `TcpConnectInfo`, so it says `None` here).
     pub tcp: TcpConnectInfo,
     cutter: Arc<Cutter>,
 }
@@ -629,13 +652,11 @@ impl AsyncRead for Slotted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        // hyper always has a read pending: the cut wakes it here.
+        // hyper always has a read pending (the connection's one task
+        // reads and writes): the cut wakes it here.
         this.cutter.reader.register(cx.waker());
-        if this.cutter.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "a read's reply was not taken in time",
-            )));
+        if let Some(cut) = this.cut() {
+            return Poll::Ready(Err(cut));
         }
         let before = buf.filled().len();
         let read = match &mut this.conn {
@@ -665,12 +686,30 @@ impl AsyncRead for Slotted {
     }
 }
 
+impl Slotted {
+    /// The error a cut connection's reads and writes end in.
+    fn cut(&self) -> Option<io::Error> {
+        self.cutter.cut.load(Ordering::Acquire).then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "a read's reply was not taken in time",
+            )
+        })
+    }
+}
+
+/// Writes fail once the connection is cut too: h2 reads only after its
+/// pending writes are flushed, so a peer that also stopped reading the
+/// socket would otherwise keep the cut from being seen.
 impl AsyncWrite for Slotted {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(cut) = self.cut() {
+            return Poll::Ready(Err(cut));
+        }
         match &mut self.conn {
             Conn::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
             Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
@@ -682,6 +721,9 @@ impl AsyncWrite for Slotted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(cut) = self.cut() {
+            return Poll::Ready(Err(cut));
+        }
         match &mut self.conn {
             Conn::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
             Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
@@ -696,6 +738,9 @@ impl AsyncWrite for Slotted {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(cut) = self.cut() {
+            return Poll::Ready(Err(cut));
+        }
         match &mut self.conn {
             Conn::Plain(stream) => Pin::new(stream).poll_flush(cx),
             Conn::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
@@ -907,6 +952,58 @@ mod tests {
         }
         // DEADLINE_EXCEEDED.
         assert_eq!(status.unwrap(), "4");
+        let _ = stop.send(());
+        serving.await.unwrap();
+        node.shutdown().await.unwrap();
+        drop(client);
+        driving.abort();
+    }
+
+    /// The request timeout is on a pause, not on the whole request: a body
+    /// that keeps coming, slowly, past it is served.
+    #[tokio::test]
+    async fn a_slow_request_that_keeps_coming_is_served() {
+        use prost::Message as _;
+        let limits = Limits {
+            request_timeout: Duration::from_millis(1000),
+            ..Limits::for_max_append(1 << 20)
+        };
+        let (node, addr, stop, serving, _tmp) = start(limits).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let driving = tokio::spawn(connection);
+        let (answer, mut body) = client
+            .send_request(request(addr, "ClientInit"), false)
+            .unwrap();
+        let message = crate::proto::ClientInitArgs {
+            client_id: 7,
+            request_id: "r".repeat(20),
+        }
+        .encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        // A piece every 200 ms (the pace of a slow link, not a wait for the
+        // server): ~5 s in all, past the 1 s limit, never 1 s without data.
+        let pieces: Vec<&[u8]> = framed.chunks(1).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            body.send_data(Bytes::copy_from_slice(piece), last).unwrap();
+            if !last {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(60), answer)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(answer.headers().get("grpc-status").is_none(), "{answer:?}");
+        let mut rest = answer.into_body();
+        while let Some(data) = rest.data().await {
+            let _ = data.unwrap();
+        }
+        let trailers = rest.trailers().await.unwrap().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
         let _ = stop.send(());
         serving.await.unwrap();
         node.shutdown().await.unwrap();

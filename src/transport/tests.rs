@@ -324,7 +324,7 @@ async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_reply_the_peer_stops_taking_closes_its_connection_and_gives_its_share_back() {
     let budget = 64 << 10;
-    let served = serve_with(budget, Duration::from_secs(2)).await;
+    let served = serve_with(budget, Duration::from_secs(5)).await;
     served.fill("file_3", 48 << 10).await;
     let held = 48 << 10;
     let mut stalled = Stalled::read(served.addr, "file_3").await;
@@ -344,6 +344,45 @@ async fn a_grpc_reply_the_peer_stops_taking_closes_its_connection_and_gives_its_
     let read = grpc_read_whole(served.addr, "file_3").await;
     assert_eq!(read.content, vec![b'x'; 48 << 10]);
     stalled.end();
+    served.stop().await;
+}
+
+/// A gRPC reader that is slow but keeps reading (16 KiB of window, taken a
+/// chunk every 100 ms, the whole reply taking longer than the stall limit)
+/// is not cut off: the limit is on a stall, not on the reply's length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_grpc_reader_that_keeps_reading_gets_its_whole_reply() {
+    let served = serve_with(2 << 20, Duration::from_secs(5)).await;
+    served.fill("file_5", 1 << 20).await;
+    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(16 << 10)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let (answer, mut body) = client
+        .send_request(grpc_request(served.addr), false)
+        .unwrap();
+    body.send_data(grpc_read("file_5"), true).unwrap();
+    let mut answer = answer.await.unwrap().into_body();
+    let mut got = 0;
+    // The pace of a slow link (the reader's workload, not a wait for the
+    // server): 64 windows of 16 KiB at 100 ms take ~6.4 s, past the limit.
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk.expect("the connection stays open");
+        got += chunk.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        answer.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    let trailers = answer.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    assert!(got > 1 << 20, "the whole reply: {got} bytes");
+    served.until_replies(0, 0).await;
+    drop(client);
+    driving.abort();
     served.stop().await;
 }
 
@@ -373,7 +412,7 @@ async fn quic_connection(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_reply_the_peer_stops_taking_is_reset_and_its_share_given_back() {
     let budget = 64 << 10;
-    let served = serve_with(budget, Duration::from_secs(2)).await;
+    let served = serve_with(budget, Duration::from_secs(5)).await;
     // Larger than the stream's window: the peer's stack cannot take it all
     // unless the application reads.
     served.fill("file_4", 1 << 20).await;

@@ -96,7 +96,7 @@ pub enum ErrorCode {
     Cancelled = 0x6,
     /// The request did not arrive whole within the server's time.
     IncompleteRequest = 0x7,
-    /// The client took no more of a file read's reply for
+    /// The client's flow control took no more of a file read's reply for
     /// [`REPLY_STALL_LIMIT`].
     ReplyStalled = 0x8,
 }

@@ -916,47 +916,88 @@ mod tests {
         node.shutdown().await.unwrap();
     }
 
+    /// A server whose request timeout is `request_timeout`, and one raw h2
+    /// call to `method` on it whose request body is still open.
+    struct OpenCall {
+        node: Node,
+        stop: tokio::sync::oneshot::Sender<()>,
+        serving: tokio::task::JoinHandle<()>,
+        _tmp: tempfile::TempDir,
+        client: h2::client::SendRequest<Bytes>,
+        driving: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    }
+
+    impl OpenCall {
+        async fn start(
+            request_timeout: Duration,
+            method: &str,
+        ) -> (OpenCall, h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+            let limits = Limits {
+                request_timeout,
+                ..Limits::for_max_append(1 << 20)
+            };
+            let (node, addr, stop, serving, _tmp) = start(limits).await;
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+            let driving = tokio::spawn(connection);
+            let (answer, body) = client.send_request(request(addr, method), false).unwrap();
+            let open = OpenCall {
+                node,
+                stop,
+                serving,
+                _tmp,
+                client,
+                driving,
+            };
+            (open, answer, body)
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(());
+            self.serving.await.unwrap();
+            self.node.shutdown().await.unwrap();
+            drop(self.client);
+            self.driving.abort();
+        }
+    }
+
+    /// The `grpc-status` of an answer (in its headers, or in its trailers
+    /// after its body). Bounded: a hang becomes a failure.
+    async fn grpc_status(answer: h2::client::ResponseFuture) -> String {
+        let answer = tokio::time::timeout(Duration::from_secs(60), answer)
+            .await
+            .expect("the call is answered")
+            .unwrap();
+        if let Some(status) = answer.headers().get("grpc-status") {
+            return status.to_str().unwrap().to_owned();
+        }
+        let mut rest = answer.into_body();
+        while let Some(data) = rest.data().await {
+            let _ = data.unwrap();
+        }
+        let trailers = rest.trailers().await.unwrap().expect("trailers");
+        trailers
+            .get("grpc-status")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// A peer that stopped halfway through a request (and answers pings)
     /// holds the room set aside for it only until the request timeout: the
     /// call is then answered DEADLINE_EXCEEDED.
     #[tokio::test]
     async fn a_half_sent_request_is_refused_after_the_request_timeout() {
-        let limits = Limits {
-            request_timeout: Duration::from_millis(200),
-            ..Limits::for_max_append(1 << 20)
-        };
-        let (node, addr, stop, serving, _tmp) = start(limits).await;
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
-        let driving = tokio::spawn(connection);
-        let (answer, mut body) = client
-            .send_request(request(addr, "FileAppend"), false)
-            .unwrap();
+        let (open, answer, mut body) =
+            OpenCall::start(Duration::from_millis(200), "FileAppend").await;
         // A message of 100 bytes, of which two are sent, and then nothing:
         // the connection stays up (h2 answers the server's pings).
         body.send_data(Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2]), false)
             .unwrap();
-        // Not a timing assertion: the bound turns a hang into a failure.
-        let answer = tokio::time::timeout(Duration::from_secs(60), answer)
-            .await
-            .expect("the half-sent call is answered")
-            .unwrap();
-        let mut status = answer.headers().get("grpc-status").cloned();
-        if status.is_none() {
-            let mut rest = answer.into_body();
-            while let Some(data) = rest.data().await {
-                let _ = data;
-            }
-            let trailers = rest.trailers().await.unwrap().expect("trailers");
-            status = trailers.get("grpc-status").cloned();
-        }
         // DEADLINE_EXCEEDED.
-        assert_eq!(status.unwrap(), "4");
-        let _ = stop.send(());
-        serving.await.unwrap();
-        node.shutdown().await.unwrap();
-        drop(client);
-        driving.abort();
+        assert_eq!(grpc_status(answer).await, "4");
+        open.stop().await;
     }
 
     /// The request timeout is on a pause, not on the whole request: a body
@@ -964,17 +1005,8 @@ mod tests {
     #[tokio::test]
     async fn a_slow_request_that_keeps_coming_is_served() {
         use prost::Message as _;
-        let limits = Limits {
-            request_timeout: Duration::from_millis(1000),
-            ..Limits::for_max_append(1 << 20)
-        };
-        let (node, addr, stop, serving, _tmp) = start(limits).await;
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
-        let driving = tokio::spawn(connection);
-        let (answer, mut body) = client
-            .send_request(request(addr, "ClientInit"), false)
-            .unwrap();
+        let (open, answer, mut body) =
+            OpenCall::start(Duration::from_millis(1000), "ClientInit").await;
         let message = crate::proto::ClientInitArgs {
             client_id: 7,
             request_id: "r".repeat(20),
@@ -993,22 +1025,8 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let answer = tokio::time::timeout(Duration::from_secs(60), answer)
-            .await
-            .expect("answered")
-            .unwrap();
-        assert!(answer.headers().get("grpc-status").is_none(), "{answer:?}");
-        let mut rest = answer.into_body();
-        while let Some(data) = rest.data().await {
-            let _ = data.unwrap();
-        }
-        let trailers = rest.trailers().await.unwrap().expect("trailers");
-        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
-        let _ = stop.send(());
-        serving.await.unwrap();
-        node.shutdown().await.unwrap();
-        drop(client);
-        driving.abort();
+        assert_eq!(grpc_status(answer).await, "0");
+        open.stop().await;
     }
 
     /// A peer that stopped halfway through a request (and answers pings)

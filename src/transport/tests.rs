@@ -265,26 +265,8 @@ async fn a_quic_reply_nobody_takes_holds_its_share_until_its_stream_ends() {
     served.fill("file_4", 1 << 20).await;
     served.fill("file_3", 1 << 10).await;
 
-    let config = crate::transport::quic::client_config(&served.ca, None).unwrap();
-    let connector = crate::transport::quic::client::QuicConnector::new(
-        &served.addr.to_string(),
-        None,
-        config,
-        None,
-    )
-    .unwrap();
-    let connection = connector.connection().await.unwrap();
-    let (mut send, recv) = connection.open_bi().await.unwrap();
-    let request = CallRequest {
-        call: Some(Call::FileRead(FileReadArgs {
-            filename: "file_4".to_owned(),
-        })),
-        timeout_ms: 0,
-    };
-    send.write_all(&crate::transport::quic::frame::encode(&request))
-        .await
-        .unwrap();
-    send.finish().unwrap();
+    let (connector, connection) = quic_connection(&served).await;
+    let (_send, recv) = quic_read(&connection, "file_4").await;
     served.until_replies(budget, 0).await;
 
     let addr = served.addr;
@@ -386,6 +368,26 @@ async fn a_slow_grpc_reader_that_keeps_reading_gets_its_whole_reply() {
     served.stop().await;
 }
 
+/// Sends a `FileRead` of `file` on a new stream of `connection`, the
+/// request whole; the stream's two sides.
+async fn quic_read(
+    connection: &quinn::Connection,
+    file: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: file.to_owned(),
+        })),
+        timeout_ms: 0,
+    };
+    send.write_all(&crate::transport::quic::frame::encode(&request))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    (send, recv)
+}
+
 /// A QUIC client (quinn) connected to `served`, and its connection.
 async fn quic_connection(
     served: &Served,
@@ -418,17 +420,7 @@ async fn a_quic_reply_the_peer_stops_taking_is_reset_and_its_share_given_back() 
     served.fill("file_4", 1 << 20).await;
     served.fill("file_4", 1 << 20).await;
     let (_connector, connection) = quic_connection(&served).await;
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    let request = CallRequest {
-        call: Some(Call::FileRead(FileReadArgs {
-            filename: "file_4".to_owned(),
-        })),
-        timeout_ms: 0,
-    };
-    send.write_all(&crate::transport::quic::frame::encode(&request))
-        .await
-        .unwrap();
-    send.finish().unwrap();
+    let (_send, mut recv) = quic_read(&connection, "file_4").await;
     // Held while the reply waits (the stall limit is long enough for this
     // check to see it), then given back though the stream and its
     // connection are still open; the reset below shows that the stall

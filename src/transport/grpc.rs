@@ -80,8 +80,8 @@ pub struct Limits {
     pub keepalive: Keepalive,
     /// How long a stop waits for open calls ([`DRAIN_GRACE`]).
     pub drain_grace: Duration,
-    /// How long a request's body may keep the server waiting for the rest
-    /// of it ([`REQUEST_TIMEOUT`]); then the call is answered
+    /// How long a request's body may keep the server waiting for its next
+    /// piece ([`REQUEST_TIMEOUT`]); then the call is answered
     /// DEADLINE_EXCEEDED and what arrived of it is dropped.
     pub request_timeout: Duration,
     /// How long a file read's reply may wait for the peer to take any more
@@ -159,13 +159,12 @@ struct Held(Arc<HeldReply>, Option<Arc<Cutter>>);
 /// lived. (hyper gives no way to reset one stream from outside, and does
 /// not ask a body for more while it waits for room.)
 ///
-/// Each request's body must also arrive whole within `request_timeout` of
-/// the first time the server waits for more of it (as over QUIC). tonic
-/// sets aside room for a whole message as soon as its 5-byte prefix
-/// arrives; without the limit, a peer that sent the prefix and part of the
-/// message, and then only answered pings, held that room (up to the
-/// largest request, on each of its streams) for as long as its connection
-/// lived.
+/// Each request's body may also keep the server waiting at most
+/// `request_timeout` for each next piece of it. tonic sets aside room for a
+/// whole message as soon as its 5-byte prefix arrives; without the limit, a
+/// peer that sent the prefix and part of the message, and then only
+/// answered pings, held that room (up to the largest request, on each of
+/// its streams) for as long as its connection lived.
 #[derive(Clone)]
 pub struct HoldReplies<S> {
     inner: S,

@@ -45,10 +45,10 @@ impl Keepalive {
     }
 }
 
-/// How long a request may take to arrive whole, once the server is waiting
-/// for the rest of it (QUIC: once its stream is open); then it is refused
-/// (QUIC `INCOMPLETE_REQUEST`, gRPC DEADLINE_EXCEEDED) and what arrived of
-/// it is dropped.
+/// How long a request may keep the server waiting: over QUIC for the whole
+/// request frame once its stream is open (then `INCOMPLETE_REQUEST`), over
+/// gRPC for each next piece of the body (then DEADLINE_EXCEEDED). What
+/// arrived of it is dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a file read's reply may wait for the peer to take any more of

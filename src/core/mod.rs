@@ -1083,7 +1083,7 @@ impl Core {
         };
         if grant.staged_bytes + content.len() as u64 > max_staged {
             let reason = format!("more than {max_staged} bytes staged under one grant");
-            return Reply::refused(RefusalCode::InvalidArgument, reason);
+            return Reply::refused(RefusalCode::StagedLimit, reason);
         }
         grant.staged_bytes += content.len() as u64;
         grant.staged.push(StagedAppend {

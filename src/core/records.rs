@@ -525,6 +525,7 @@ mod tests {
                 last_fence: Fence(u64::MAX),
             },
             Reply::refused(RefusalCode::RequestExpired, "gone"),
+            Reply::refused(RefusalCode::StagedLimit, "full"),
         ];
         for reply in &replies {
             match reply {
@@ -589,7 +590,7 @@ mod tests {
             changes: changes.clone(),
         };
         let bytes = postcard::to_allocvec(&all).unwrap();
-        assert_eq!(count_answers(&bytes), 5);
+        assert_eq!(count_answers(&bytes), 6);
         assert_eq!(count_answers(&bytes), answers(&all.changes));
         // Each change alone, and every pair in both orders: a shape that
         // read one field too many or too few would misplace the next.

@@ -729,6 +729,27 @@ fn reacquire_by_holder_returns_same_token_and_fence_and_renews_lease() {
     assert!(next.fence > grant.fence);
 }
 
+/// An append refused for the grant's staged-bytes limit depends on the
+/// grant, not on the request alone: it is remembered, so a retry of its id
+/// gets the same refusal, also after the grant ended (not INVALID_TOKEN).
+#[test]
+fn an_append_over_the_staged_limit_is_refused_the_same_way_on_a_retry() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_staged_bytes: 4,
+        ..config()
+    });
+    let token = h.grant("a", acquire(1)).token;
+    h.done("p1", append(1, "file_0", "abc", &token));
+    let over = h.call("p2", append(1, "file_0", "de", &token));
+    assert_eq!(h.refusal(over), RefusalCode::StagedLimit);
+    let first = h.reply(over);
+    h.advance(LEASE);
+    assert_eq!(h.holder(""), None, "the grant ran out");
+    let retry = h.call("p2", append(1, "file_0", "de", &token));
+    assert_eq!(h.reply(retry), first);
+    assert_eq!(h.file(0), "", "nothing of that grant was committed");
+}
+
 /// A client with two acquires queued on one lock (two processes of one
 /// client id, or a new operation behind a cut-off one) gets the same grant
 /// on both when the first is granted, as an acquire by the holder does;

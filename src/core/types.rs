@@ -154,6 +154,11 @@ pub enum RefusalCode {
     /// The request id's answer was forgotten: the outcome is unknown.
     /// (Added after the others, so logs written before it still decode.)
     RequestExpired,
+    /// An append past the most bytes one grant may stage. Sent as
+    /// INVALID_ARGUMENT, but unlike a malformed argument it depends on the
+    /// grant, so it is remembered: a retry gets it again, also after the
+    /// grant ended. (Added last, for the same reason.)
+    StagedLimit,
 }
 
 /// A refused request: the code and a one-line reason for humans.

@@ -26,7 +26,9 @@ pub fn wire_status(reply: &Reply) -> (proto::Status, String) {
                 RefusalCode::InvalidToken => proto::Status::InvalidToken,
                 RefusalCode::PermissionDenied => proto::Status::PermissionDenied,
                 RefusalCode::WaitTimeout => proto::Status::WaitTimeout,
-                RefusalCode::InvalidArgument => proto::Status::InvalidArgument,
+                RefusalCode::InvalidArgument | RefusalCode::StagedLimit => {
+                    proto::Status::InvalidArgument
+                }
                 RefusalCode::SessionClosed => proto::Status::SessionClosed,
                 RefusalCode::RequestExpired => proto::Status::RequestExpired,
             };

@@ -60,6 +60,15 @@ impl DataFiles {
         self.write_at(write.file.get(), write.offset, &write.data)
     }
 
+    /// Writes `data` at `offset` of `file` and starts its writeback: during a
+    /// replay the disk writes it while the replay goes on, and the sync at
+    /// the end of recovery waits for little (on Linux; a hint elsewhere).
+    fn write_back(&mut self, file: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+        let result = self.write_at(file, offset, data);
+        self.handles[file].start_writeback(offset, data.len() as u64);
+        result
+    }
+
     fn write_at(&mut self, file: usize, offset: u64, data: &[u8]) -> io::Result<()> {
         self.dirty[file] = true;
         self.handles[file].write_at(offset, data)
@@ -209,9 +218,7 @@ impl Replay<'_> {
             // of the replay) could need 100 of them at once, far more memory
             // than the server ever needed to take those appends.
             self.flush(i)?;
-            let result = self.files.write_at(i, write.offset, &write.data);
-            self.files.handles[i].start_writeback(write.offset, write.data.len() as u64);
-            return result;
+            return self.files.write_back(i, write.offset, &write.data);
         }
         let (offset, bytes) = &self.pending[i];
         let joins = *offset + bytes.len() as u64 == write.offset
@@ -235,10 +242,7 @@ impl Replay<'_> {
         if bytes.is_empty() {
             return Ok(());
         }
-        let result = self.files.write_at(i, *offset, bytes);
-        // The disk writes it back while the replay goes on: the sync at the
-        // end of recovery waits for little (on Linux; a hint elsewhere).
-        self.files.handles[i].start_writeback(*offset, bytes.len() as u64);
+        let result = self.files.write_back(i, *offset, bytes);
         bytes.clear();
         result
     }

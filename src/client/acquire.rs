@@ -135,10 +135,9 @@ pub(crate) async fn acquire(
     let wait_until = wait.map(|wait| started + wait);
     let budget =
         wait.map(|wait| wait.saturating_add(timing.retry_budget.max(timing.attempt_timeout)));
-    // From `started` too: a round after a grant that ran out on its way
-    // goes on with what is left, not with a whole budget of its own.
-    let mut retrier =
-        Retrier::new(servers, timing, "acquire", &request_id, budget).counted_from(started, budget);
+    // From `started`: a round after a grant that ran out on its way goes
+    // on with what is left, not with a whole budget of its own.
+    let mut retrier = Retrier::new(servers, timing, "acquire", &request_id, started, budget);
     // The id sent: `request_id` until the server says it forgot it.
     let mut current_id = request_id.clone();
     // Kept across a new id: a grant handed back may be that of the first.

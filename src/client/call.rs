@@ -289,16 +289,18 @@ pub(crate) struct Retrier<'a> {
 }
 
 impl<'a> Retrier<'a> {
-    /// Starts the retries of operation `op`, giving up after `budget`
-    /// (never when `None`).
+    /// Starts the retries of operation `op`, begun at `started` (an
+    /// operation of several rounds passes its own start, so that each round
+    /// goes on with what is left), giving up `budget` after it (never when
+    /// `None`).
     pub fn new(
         servers: &'a Servers,
         timing: &Timing,
         op: &'static str,
         request_id: &'a str,
+        started: Instant,
         budget: Option<Duration>,
     ) -> Retrier<'a> {
-        let started = Instant::now();
         Retrier {
             servers,
             backoff: timing.entropy.backoff(timing.backoff),
@@ -311,15 +313,6 @@ impl<'a> Retrier<'a> {
             last_failure: String::new(),
             renumbered: 0,
         }
-    }
-
-    /// Counts the budget from `started` (before now) rather than from now:
-    /// an operation made of several rounds gives up on its whole budget.
-    #[must_use]
-    pub fn counted_from(mut self, started: Instant, budget: Option<Duration>) -> Retrier<'a> {
-        self.started = started;
-        self.give_up = budget.and_then(|b| started.checked_add(b));
-        self
     }
 
     /// The server for the next attempt and the deadline to give it: at most
@@ -412,7 +405,8 @@ pub(crate) async fn call<R: Reply>(
     request_id: &str,
     mut call: Call,
 ) -> Result<R, Error> {
-    let mut retrier = Retrier::new(servers, timing, op, request_id, Some(timing.retry_budget));
+    let budget = Some(timing.retry_budget);
+    let mut retrier = Retrier::new(servers, timing, op, request_id, Instant::now(), budget);
     loop {
         let (index, conn, timeout) = retrier.next_attempt(timing.attempt_timeout);
         let outcome = match attempt(conn, timeout, call.clone()).await {

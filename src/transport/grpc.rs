@@ -29,7 +29,7 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStat
 
 use super::calls;
 use super::tls::ServerTls;
-use super::{Keepalive, MAX_CONNECTIONS, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
+use super::{Keepalive, DRAIN_GRACE, MAX_CONNECTIONS, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 use crate::proto::lock_service_server::{LockService, LockServiceServer};
 use crate::proto::{
     self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse,
@@ -53,13 +53,6 @@ const MIN_REQUEST_BYTES: usize = 4 << 20;
 /// 200), which let one connection hold any number of half-sent requests,
 /// each with its declared length reserved.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = super::quic::MAX_STREAMS_PER_CONNECTION;
-
-/// How long a stopping server waits for its connections to finish the
-/// calls they have open (the engine already answered every waiting call
-/// with "shutting down") before it drops them: a peer that stopped halfway
-/// through a request, or never reads its answer, would hold a graceful
-/// drain open for ever.
-pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// What the gRPC server accepts from its peers.
 #[derive(Clone, Copy, Debug)]

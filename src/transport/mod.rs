@@ -51,6 +51,14 @@ impl Keepalive {
 /// arrived of it is dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a stopping server waits for its connections to finish the
+/// calls they have open (the engine already answered every waiting call
+/// with "shutting down") before it drops them: a peer that stopped halfway
+/// through a request, or never reads its answer, would hold a graceful
+/// drain open for ever. Both transports use it (`drain_grace` in their
+/// limits).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// How long a file read's reply may wait for the peer to take any more of
 /// it; then the server gives up on it (QUIC: resets its stream with
 /// `REPLY_STALLED`; gRPC: closes its connection) and gives its share of the

@@ -31,6 +31,15 @@ async fn serve(budget: u64) -> Served {
 /// [`serve`], with QUIC giving up on a read's reply the peer takes no more
 /// of for `reply_stall`.
 async fn serve_with(budget: u64, reply_stall: Duration) -> Served {
+    serve_tuned(budget, |bound| {
+        bound.quic_limits.reply_stall = reply_stall;
+        bound.grpc_limits.reply_stall = reply_stall;
+    })
+    .await
+}
+
+/// [`serve`], with the transports' limits as `tune` leaves them.
+async fn serve_tuned(budget: u64, tune: impl FnOnce(&mut Bound)) -> Served {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(tmp.path().to_path_buf());
     config.transport = ServerTransport::Quic;
@@ -39,8 +48,7 @@ async fn serve_with(budget: u64, reply_stall: Duration) -> Served {
     let mut bound = Bound::bind(&config).await.unwrap();
     // A stop does not wait long for a stalled peer's connection.
     bound.grpc_limits.drain_grace = Duration::from_millis(100);
-    bound.quic_limits.reply_stall = reply_stall;
-    bound.grpc_limits.reply_stall = reply_stall;
+    tune(&mut bound);
     let addr = bound.grpc_addr().unwrap();
     let ca = std::fs::read(bound.dev_ca.as_ref().unwrap()).unwrap();
     let (node, _) = Node::start_fs(&config).unwrap();
@@ -485,4 +493,162 @@ async fn a_read_waiting_for_its_share_ends_when_the_server_stops() {
     assert_eq!(read.unwrap_err(), r#"Some("14")"#);
     served.serving.await.unwrap();
     stalled.end();
+}
+
+/// Reads the response frame of a QUIC call's stream.
+async fn quic_response(recv: &mut quinn::RecvStream) -> crate::proto::CallResponse {
+    let read = crate::transport::quic::frame::read_frame(recv, usize::MAX);
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the response comes")
+        .expect("a response frame")
+}
+
+/// Waits (bounded) until the server's engine has stopped.
+async fn until_stopping(handle: &Handle) {
+    let wait = async {
+        while handle.call(String::new(), Request::Status).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .expect("the engine stops");
+}
+
+/// A stop drains QUIC as it drains gRPC: a read's reply in progress
+/// (larger than the stream's window, so it waits on the reader) still
+/// reaches its reader whole; a call that arrives meanwhile is reset
+/// `UNAVAILABLE`; then the server closes the connection with `NO_ERROR`.
+/// Before the drain, the stop closed the connection with the reply half
+/// sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_quic_server_finishes_the_replies_in_progress() {
+    let served = serve(4 << 20).await;
+    served.fill("file_4", 1 << 20).await;
+    served.fill("file_4", 1 << 20).await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let (_send, mut recv) = quic_read(&connection, "file_4").await;
+    served.until_replies(2 << 20, 0).await;
+
+    let _ = served.stop.send(());
+    until_stopping(&served.handle).await;
+    let (mut send, mut late) = connection.open_bi().await.unwrap();
+    let status = CallRequest {
+        call: Some(Call::LockStatus(crate::proto::StatusArgs {})),
+        timeout_ms: 0,
+    };
+    // The server may already have reset the stream: the write's outcome
+    // does not matter, the answer's does.
+    let _ = send
+        .write_all(&crate::transport::quic::frame::encode(&status))
+        .await;
+    let _ = send.finish();
+    let refused = tokio::time::timeout(Duration::from_secs(60), late.read_to_end(1 << 10))
+        .await
+        .expect("the late call is answered");
+    let code = crate::transport::quic::ErrorCode::Unavailable.varint();
+    assert!(
+        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
+        "{refused:?}"
+    );
+
+    let response = quic_response(&mut recv).await;
+    let Some(crate::proto::call_response::Reply::FileRead(read)) = response.reply else {
+        panic!("not a read's reply: {response:?}");
+    };
+    assert_eq!(read.status, 0, "{}", read.error_message);
+    assert_eq!(read.content, vec![b'x'; 2 << 20]);
+    let closed = tokio::time::timeout(Duration::from_secs(60), connection.closed())
+        .await
+        .expect("the server closes the connection");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == crate::transport::quic::ErrorCode::NoError.varint()),
+        "{closed:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(60), served.serving)
+        .await
+        .expect("serving ends")
+        .unwrap();
+}
+
+/// A peer that stops reading its reply does not hold a stopping QUIC
+/// server beyond the drain grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_quic_reply_does_not_hold_up_a_stop() {
+    let served = serve_tuned(4 << 20, |bound| {
+        bound.quic_limits.drain_grace = Duration::from_millis(100);
+    })
+    .await;
+    served.fill("file_4", 1 << 20).await;
+    served.fill("file_4", 1 << 20).await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let (_send, _recv) = quic_read(&connection, "file_4").await;
+    served.until_replies(2 << 20, 0).await;
+    let _ = served.stop.send(());
+    // Not a timing assertion: the bound turns a hang into a failure.
+    tokio::time::timeout(Duration::from_secs(60), served.serving)
+        .await
+        .expect("serving ends after the grace")
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(60), connection.closed())
+        .await
+        .expect("the connection is closed");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+}
+
+/// QUIC's request timeout is on a pause, as gRPC's: a request that keeps
+/// coming, slowly, past it is served; one that stops is reset
+/// `INCOMPLETE_REQUEST`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_quic_request_that_keeps_coming_is_served_and_a_stalled_one_is_not() {
+    let served = serve_tuned(64 << 10, |bound| {
+        bound.quic_limits.request_timeout = Duration::from_millis(1000);
+    })
+    .await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: "file_1".to_owned(),
+        })),
+        timeout_ms: 0,
+    };
+    let framed = crate::transport::quic::frame::encode(&request);
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // A byte every 200 ms (the pace of a slow link, not a wait for the
+    // server): past the 1 s limit in all, never 1 s without data.
+    for (i, byte) in framed.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        send.write_all(std::slice::from_ref(byte)).await.unwrap();
+    }
+    assert!(
+        framed.len() > 6,
+        "{} bytes take less than the limit",
+        framed.len()
+    );
+    send.finish().unwrap();
+    let response = quic_response(&mut recv).await;
+    let Some(crate::proto::call_response::Reply::FileRead(read)) = response.reply else {
+        panic!("not a read's reply: {response:?}");
+    };
+    assert_eq!(read.status, 0, "{}", read.error_message);
+
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&framed[..2]).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(1 << 10))
+        .await
+        .expect("the stalled request is answered");
+    let code = crate::transport::quic::ErrorCode::IncompleteRequest.varint();
+    assert!(
+        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
+        "{refused:?}"
+    );
+    drop(send);
+    drop(connection);
+    served.stop().await;
 }

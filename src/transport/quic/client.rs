@@ -78,6 +78,9 @@ impl From<FrameError> for CallError {
             },
             FrameError::Lost(e) => CallError::from(e),
             FrameError::Closed => CallError::Connection("stream closed".into()),
+            // The client reads without a pause limit; a caller's own
+            // deadline bounds its wait.
+            e @ FrameError::Paused(_) => CallError::Connection(e.to_string()),
             e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
                 CallError::BadResponse(e.to_string())
             }

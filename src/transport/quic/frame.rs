@@ -41,6 +41,9 @@ pub enum FrameError {
     /// The stream was already closed locally.
     #[error("stream already closed")]
     Closed,
+    /// No byte of the frame arrived for this long.
+    #[error("no byte of the frame for {0:?}")]
+    Paused(std::time::Duration),
 }
 
 impl FrameError {
@@ -50,6 +53,7 @@ impl FrameError {
         match self {
             FrameError::Malformed(_) => Some(ErrorCode::MalformedFrame),
             FrameError::TooLarge { .. } => Some(ErrorCode::FrameTooLarge),
+            FrameError::Paused(_) => Some(ErrorCode::IncompleteRequest),
             FrameError::Reset(_) | FrameError::Lost(_) | FrameError::Closed => None,
         }
     }
@@ -189,6 +193,28 @@ pub async fn read_frame<M: Message + Default>(
         reader.push(&chunk.bytes)?;
     }
     reader.finish()
+}
+
+/// [`read_frame`], giving up when no byte (nor the stream's end) arrives
+/// for `pause`: a limit on a stall, not on the frame's length, so a large
+/// frame on a slow link that keeps coming is read whole.
+///
+/// # Errors
+/// [`FrameError::Paused`] after such a pause; otherwise as [`read_frame`].
+pub async fn read_frame_paced<M: Message + Default>(
+    recv: &mut RecvStream,
+    limit: usize,
+    pause: std::time::Duration,
+) -> Result<M, FrameError> {
+    let mut reader = FrameReader::new(limit);
+    loop {
+        // A chunk already received is taken without arming a timer.
+        let next = tokio::time::timeout(pause, recv.read_chunk(reader.wanted(), true)).await;
+        match next.map_err(|_elapsed| FrameError::Paused(pause))?? {
+            Some(chunk) => reader.push(&chunk.bytes)?,
+            None => return reader.finish(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// a connection that is otherwise silent.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
-pub use super::{REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
+pub use super::{DRAIN_GRACE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 
 /// Room in a request frame for everything but an append's content.
 pub const FRAME_OVERHEAD: usize = 64 << 10;

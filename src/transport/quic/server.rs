@@ -7,20 +7,24 @@
 //! (a long acquire) it watches for the client giving up — `STOP_SENDING` on
 //! the stream, or the connection ending — and then drops the call's future,
 //! which is how the core learns that a call was cut off. A bad request resets
-//! only its own stream. Must not: know what a call means (that is
-//! [`calls`]), or bind sockets (the caller does).
+//! only its own stream. A stop drains: new connections are refused and new
+//! calls reset with `UNAVAILABLE`, while the calls in progress finish and
+//! their replies reach the peer, for up to the drain grace. Must not: know
+//! what a call means (that is [`calls`]), or bind sockets (the caller does).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::{Endpoint, Incoming, RecvStream, SendStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::frame::{self, FrameError};
-use super::{ErrorCode, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
+use super::{ErrorCode, DRAIN_GRACE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 use crate::proto::{CallRequest, CallResponse};
 use crate::server::Handle;
 use crate::transport::calls;
@@ -33,11 +37,15 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most connections at once; more are refused during the handshake.
     pub max_connections: usize,
-    /// How long a request may take to arrive whole.
+    /// How long a request may keep the server waiting for its next bytes
+    /// (or its end); then its stream is reset with `INCOMPLETE_REQUEST`.
     pub request_timeout: Duration,
     /// How long a file read's reply may wait for the peer to take any more
     /// of it (flow control credit, then the acknowledgement of its end).
     pub reply_stall: Duration,
+    /// How long a stop waits for the calls in progress and their replies
+    /// ([`DRAIN_GRACE`]).
+    pub drain_grace: Duration,
 }
 
 impl Limits {
@@ -48,13 +56,17 @@ impl Limits {
             max_connections: MAX_CONNECTIONS,
             request_timeout: REQUEST_TIMEOUT,
             reply_stall: REPLY_STALL_LIMIT,
+            drain_grace: DRAIN_GRACE,
         }
     }
 }
 
 /// Serves calls arriving on `endpoint` until `shutdown` resolves, then
-/// closes every connection (calls in progress are cut off, and clients
-/// retry elsewhere) and waits until the endpoint is idle.
+/// drains: new connections are refused and new calls reset with
+/// `UNAVAILABLE` (clients retry, elsewhere if they can), while each
+/// connection finishes the calls it has and closes once their replies are
+/// acknowledged. After `limits.drain_grace` the connections still open are
+/// closed (their calls cut off). Returns once the endpoint is idle.
 pub async fn serve(
     endpoint: Endpoint,
     handle: Handle,
@@ -63,6 +75,9 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
+    // Each connection's drain signal: dropping the sender starts its drain.
+    let mut drains: HashMap<tokio::task::Id, oneshot::Sender<()>> = HashMap::new();
+    let draining = Arc::new(AtomicBool::new(false));
     let mut refused: u64 = 0;
     tokio::pin!(shutdown);
     loop {
@@ -75,7 +90,14 @@ pub async fn serve(
                 let Some(incoming) = incoming else { break };
                 match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        connections.spawn(serve_connection(incoming, handle.clone(), limits, slot));
+                        let (drain, drained) = oneshot::channel();
+                        let served = Served {
+                            handle: handle.clone(),
+                            limits,
+                            draining: draining.clone(),
+                        };
+                        let task = connections.spawn(serve_connection(incoming, served, drained, slot));
+                        drains.insert(task.id(), drain);
                     }
                     Err(_) => {
                         // One line for the first refusal and then one per
@@ -94,7 +116,31 @@ pub async fn serve(
                     }
                 }
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => {
+                drains.remove(&task_id(&ended));
+            }
+        }
+    }
+    draining.store(true, Ordering::Relaxed);
+    drains.clear();
+    let grace = tokio::time::sleep(limits.drain_grace);
+    tokio::pin!(grace);
+    let mut accepting = true;
+    while !connections.is_empty() {
+        tokio::select! {
+            biased;
+            () = &mut grace => {
+                tracing::warn!(
+                    open = connections.len(),
+                    "QUIC connections still open after the drain grace; closing them"
+                );
+                break;
+            }
+            _ = connections.join_next() => {}
+            incoming = endpoint.accept(), if accepting => match incoming {
+                Some(incoming) => incoming.refuse(),
+                None => accepting = false,
+            },
         }
     }
     endpoint.close(ErrorCode::NoError.varint(), b"server shutting down");
@@ -103,8 +149,29 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
+/// The id of a connection's task, however it ended.
+fn task_id(ended: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match ended {
+        Ok((id, ())) => *id,
+        Err(error) => error.id(),
+    }
+}
+
+/// What every call of a server shares.
+#[derive(Clone)]
+struct Served {
+    handle: Handle,
+    limits: Limits,
+    /// Set when the server drains: a reply then waits for its
+    /// acknowledgement before its call counts as done.
+    draining: Arc<AtomicBool>,
+}
+
 /// One connection: its calls run inside this task (not a task each) until
 /// the connection ends, then the calls still running are dropped (cut off).
+/// When `drain` fires (its sender dropped), calls that arrive are reset
+/// with `UNAVAILABLE`, and the connection is closed once the calls it has
+/// are done.
 ///
 /// Polling the calls here rather than spawning them keeps a call's reply on
 /// the thread that served it: a spawned call that finished woke this task
@@ -113,8 +180,8 @@ pub async fn serve(
 /// call, ~10-20 µs of a lone client's round trip on the bench machine).
 async fn serve_connection(
     incoming: Incoming,
-    handle: Handle,
-    limits: Limits,
+    served: Served,
+    mut drain: oneshot::Receiver<()>,
     _slot: OwnedSemaphorePermit,
 ) {
     let peer = incoming.remote_address();
@@ -127,13 +194,17 @@ async fn serve_connection(
     };
     tracing::debug!(%peer, "QUIC connection");
     let mut calls = FuturesUnordered::new();
+    let mut draining = false;
     loop {
         // `biased`: a fixed order, so that a simulation replays.
         tokio::select! {
             biased;
             accepted = connection.accept_bi() => match accepted {
+                Ok((mut send, mut recv)) if draining => {
+                    refuse(&mut send, &mut recv, ErrorCode::Unavailable);
+                }
                 Ok((send, recv)) => {
-                    calls.push(serve_stream(handle.clone(), send, recv, limits));
+                    calls.push(serve_stream(served.clone(), send, recv));
                 }
                 Err(error) => {
                     tracing::debug!(%peer, %error, "QUIC connection ended");
@@ -141,6 +212,11 @@ async fn serve_connection(
                 }
             },
             Some(()) = calls.next(), if !calls.is_empty() => {}
+            _ = &mut drain, if !draining => draining = true,
+        }
+        if draining && calls.is_empty() {
+            connection.close(ErrorCode::NoError.varint(), b"server shutting down");
+            break;
         }
     }
     drop(calls);
@@ -154,15 +230,21 @@ fn refuse(send: &mut SendStream, recv: &mut RecvStream, code: ErrorCode) {
 }
 
 /// One call: request frame in, response frame out.
-async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream, limits: Limits) {
-    let read = tokio::time::timeout(
+async fn serve_stream(served: Served, mut send: SendStream, mut recv: RecvStream) {
+    let Served {
+        handle,
+        limits,
+        draining,
+    } = served;
+    let read = frame::read_frame_paced::<CallRequest>(
+        &mut recv,
+        limits.max_request_bytes,
         limits.request_timeout,
-        frame::read_frame::<CallRequest>(&mut recv, limits.max_request_bytes),
     )
     .await;
     let request = match read {
-        Ok(Ok(request)) => request,
-        Ok(Err(error)) => {
+        Ok(request) => request,
+        Err(error) => {
             if let Some(code) = error.code() {
                 tracing::debug!(stream = %send.id(), %error, "refusing a bad request frame");
                 refuse(&mut send, &mut recv, code);
@@ -172,11 +254,6 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
                 // finish it: an empty response, which is no frame at all).
                 let _ = send.reset(ErrorCode::Cancelled.varint());
             }
-            return;
-        }
-        Err(_elapsed) => {
-            tracing::debug!(stream = %send.id(), "request frame incomplete in time");
-            refuse(&mut send, &mut recv, ErrorCode::IncompleteRequest);
             return;
         }
     };
@@ -204,8 +281,16 @@ async fn serve_stream(handle: Handle, mut send: SendStream, mut recv: RecvStream
     match answer {
         Ok((reply, None)) => {
             let frame = frame::encode(&CallResponse { reply: Some(reply) });
-            if send.write_all(&frame).await.is_ok() {
-                let _ = send.finish();
+            if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
+                // Quinn sends and resends a finished stream's bytes until
+                // they are acknowledged, as long as the connection lives.
+                // A draining server closes the connection when its calls
+                // are done, so then a call is done when its reply is
+                // acknowledged. (Waiting for that on every call would cost
+                // a wake-up each.)
+                if draining.load(Ordering::Relaxed) {
+                    let _ = send.stopped().await;
+                }
             }
         }
         Ok((reply, Some(held))) => {

@@ -591,13 +591,12 @@ async fn a_stalled_quic_reply_does_not_hold_up_a_stop() {
         .await
         .expect("serving ends after the grace")
         .unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(60), connection.closed())
-        .await
-        .expect("the connection is closed");
-    assert!(
-        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
-        "{closed:?}"
-    );
+    // How the client learns of it is not checked: quinn-proto 0.11.19 does
+    // not send a CONNECTION_CLOSE while stream data is queued and the
+    // congestion window is full (the close packet counts as ack-eliciting),
+    // so a peer stalled with a full window may learn it only from its idle
+    // timeout.
+    drop(connection);
 }
 
 /// QUIC's request timeout is on a pause, as gRPC's: a request that keeps

@@ -53,3 +53,15 @@ impl SimRng {
         seed
     }
 }
+
+/// The cut-off waiters' places a scenario's server keeps: as few as 0-3 in
+/// the seeds with a tiny dedup table (derived, not drawn, so that every
+/// seed's scenario stays as it was), so that retries that find their place
+/// gone queue again at the back; the default otherwise.
+pub fn max_detached_waiters(dedup_capacity: usize) -> usize {
+    if dedup_capacity <= 64 {
+        dedup_capacity % 4
+    } else {
+        dlm::server::ServerConfig::new("sim").max_detached_waiters
+    }
+}

@@ -72,6 +72,12 @@ pub struct CoreConfig {
     pub max_staged_bytes: u64,
     /// How many answers the dedup table keeps.
     pub dedup_capacity: usize,
+    /// Most cut-off waiters whose places are kept at once. A waiter cut off
+    /// while this many are kept leaves the queue at once, as one without a
+    /// request id does (its retry queues again at the back): without a
+    /// bound, acquires that are sent and dropped, each with a new request
+    /// id, would each hold memory for up to `max_lease`.
+    pub max_detached: usize,
 }
 
 impl Default for CoreConfig {
@@ -84,6 +90,7 @@ impl Default for CoreConfig {
             max_append_bytes: 1 << 20,
             max_staged_bytes: 64 << 20,
             dedup_capacity: 100_000,
+            max_detached: 100_000,
         }
     }
 }
@@ -233,6 +240,8 @@ pub struct Core {
     /// Which waiter each open call waits as.
     open_calls: BTreeMap<CallId, WaiterId>,
     next_waiter: WaiterId,
+    /// How many queued waiters are cut off with their places kept.
+    detached: usize,
     /// Emit [`Output::Trace`] events.
     tracing: bool,
 }
@@ -302,6 +311,7 @@ impl Core {
             waiter_locks: BTreeMap::new(),
             open_calls: BTreeMap::new(),
             next_waiter: 0,
+            detached: 0,
             tracing: false,
         }
     }
@@ -938,6 +948,7 @@ impl Core {
         }
         if let Some(at) = waiter.detached_until {
             self.timers.disarm(at, Timer::Detached(id));
+            self.detached -= 1;
         }
         Some(waiter)
     }
@@ -955,6 +966,7 @@ impl Core {
         self.open_calls.insert(call, id);
         if let Some(at) = kept {
             self.timers.disarm(at, Timer::Detached(id));
+            self.detached -= 1;
         }
     }
 
@@ -976,11 +988,17 @@ impl Core {
         if waiter.request_id.is_empty() {
             // Nobody can come back for it: leave at once.
             self.remove_waiter(id, None, step);
+        } else if self.detached >= self.config.max_detached {
+            // No room to keep its place: a retry queues again.
+            if let Some(w) = self.remove_waiter(id, None, step) {
+                self.dedup.forget_waiter(w.client, &w.request_id);
+            }
         } else {
             // Keep the place for one lease period for a retry with the same id.
             let until = now.plus(waiter.lease);
             waiter.detached_until = Some(until);
             self.timers.arm(until, Timer::Detached(id));
+            self.detached += 1;
         }
     }
 

@@ -36,6 +36,7 @@ fn config() -> CoreConfig {
         max_append_bytes: MAX_APPEND,
         max_staged_bytes: 1 << 20,
         dedup_capacity: 10_000,
+        max_detached: 10_000,
     }
 }
 
@@ -595,6 +596,50 @@ fn fifo_cut_off_waiter_without_request_id_is_removed_at_once() {
     assert_eq!(h.reply(w1), None);
     let granted: Vec<_> = h.grants_since(mark).into_iter().map(|g| g.1).collect();
     assert_eq!(granted, vec![2]);
+}
+
+#[test]
+fn a_waiter_cut_off_while_the_most_places_are_kept_leaves_the_queue_at_once() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_detached: 2,
+        ..config()
+    });
+    let token = h.grant("h", acquire_lock(100, "", None, Some(5_000))).token;
+    let w1 = h.call("w1", acquire(1));
+    let w2 = h.call("w2", acquire(2));
+    let w3 = h.call("w3", acquire(3));
+    let w4 = h.call("w4", acquire(4));
+    for call in [w1, w2, w3] {
+        h.drop_call(call);
+    }
+    // Two places kept; the third cut-off waiter is gone, as if it had no
+    // request id.
+    assert_eq!(h.waiters(""), vec![(1, true), (2, true), (4, false)]);
+
+    // A retry of the removed one queues again, at the back.
+    let w3_again = h.call("w3", acquire(3));
+    assert_eq!(h.reply(w3_again), None);
+    assert_eq!(
+        h.waiters(""),
+        vec![(1, true), (2, true), (4, false), (3, false)]
+    );
+    // A re-attached waiter frees its room: the next cut-off one is kept.
+    let w1_again = h.call("w1", acquire(1));
+    h.drop_call(w4);
+    assert_eq!(
+        h.waiters(""),
+        vec![(1, false), (2, true), (4, true), (3, false)]
+    );
+    // So does a place given up after its lease period.
+    h.advance(LEASE);
+    assert_eq!(h.waiters(""), vec![(1, false), (3, false)]);
+    h.drop_call(w3_again);
+    h.drop_call(w1_again);
+    assert_eq!(h.waiters(""), vec![(1, true), (3, true)]);
+
+    h.done("", release(100, &token));
+    let retry = h.call("w1", acquire(1));
+    h.granted(retry);
 }
 
 // 2. Leases.

@@ -103,6 +103,11 @@ pub struct ServerConfig {
     /// How many answers the request-id dedup table keeps.
     #[arg(long, default_value_t = 100_000)]
     pub dedup_capacity: usize,
+    /// Most cut-off waiters whose places are kept at once (for a retry
+    /// with the same request id); a waiter cut off beyond it leaves the
+    /// queue at once.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_detached_waiters: usize,
     /// Write a snapshot and start a new log after this many records.
     #[arg(long, default_value_t = 100_000)]
     pub snapshot_every: u64,
@@ -180,6 +185,7 @@ impl ServerConfig {
             max_lease_ms: 3_600_000,
             max_append_bytes: 1 << 20,
             dedup_capacity: 100_000,
+            max_detached_waiters: 100_000,
             snapshot_every: 100_000,
             log_prealloc: crate::log::DEFAULT_PREALLOC,
             max_connections: crate::transport::MAX_CONNECTIONS,
@@ -207,6 +213,7 @@ impl ServerConfig {
             max_lease: Millis(self.max_lease_ms),
             max_append_bytes: self.max_append_bytes,
             dedup_capacity: self.dedup_capacity,
+            max_detached: self.max_detached_waiters,
             ..CoreConfig::default()
         }
     }

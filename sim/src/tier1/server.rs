@@ -75,6 +75,7 @@ const SNAPSHOT_EVERY: u64 = 25;
 fn config(dedup_capacity: usize) -> ServerConfig {
     let mut config = ServerConfig::new("sim");
     config.dedup_capacity = dedup_capacity;
+    config.max_detached_waiters = crate::rng::max_detached_waiters(dedup_capacity);
     config.lease_ms = 1_000;
     // Two blocks of zeros ahead: every few snapshots' logs grow past it.
     config.log_prealloc = 8192;

@@ -75,6 +75,7 @@ pub(crate) async fn run(shared: Arc<Shared>) -> turmoil::Result {
     });
     let mut config = config();
     config.dedup_capacity = dedup_capacity;
+    config.max_detached_waiters = crate::rng::max_detached_waiters(dedup_capacity);
     let clock = Clock::start();
     let dirs = TurmoilDir::open(DATA_DIR, shared.clone())
         .and_then(|data| Ok((data, TurmoilDir::open(STATE_DIR, shared.clone())?)));

@@ -29,7 +29,9 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStat
 
 use super::calls;
 use super::tls::ServerTls;
-use super::{Keepalive, DRAIN_GRACE, MAX_CONNECTIONS, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
+use super::{
+    Keepalive, DRAIN_GRACE, MAX_CONNECTIONS, MIN_REQUEST_RATE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT,
+};
 use crate::proto::lock_service_server::{LockService, LockServiceServer};
 use crate::proto::{
     self, ClientInitArgs, FileArgs, FileReadArgs, FileReadResponse, LeaseArgs, LeaseResponse,
@@ -77,6 +79,10 @@ pub struct Limits {
     /// piece ([`REQUEST_TIMEOUT`]); then the call is answered
     /// DEADLINE_EXCEEDED and what arrived of it is dropped.
     pub request_timeout: Duration,
+    /// The slowest a request's body may arrive on average, in bytes per
+    /// second past its first `request_timeout` ([`MIN_REQUEST_RATE`]; 0: no
+    /// bound); then the same.
+    pub min_request_rate: u64,
     /// How long a file read's reply may wait for the peer to take any more
     /// of it ([`REPLY_STALL_LIMIT`]); then its connection is closed, which
     /// gives the reply's share of the read-reply budget back.
@@ -96,6 +102,7 @@ impl Limits {
             keepalive: Keepalive::DEFAULT,
             drain_grace: DRAIN_GRACE,
             request_timeout: REQUEST_TIMEOUT,
+            min_request_rate: MIN_REQUEST_RATE,
             reply_stall: REPLY_STALL_LIMIT,
         }
     }
@@ -123,6 +130,7 @@ impl GrpcService {
                 .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             request_timeout: limits.request_timeout,
+            min_request_rate: limits.min_request_rate,
             reply_stall: limits.reply_stall,
         }
     }
@@ -153,15 +161,18 @@ struct Held(Arc<HeldReply>, Option<Arc<Cutter>>);
 /// not ask a body for more while it waits for room.)
 ///
 /// Each request's body may also keep the server waiting at most
-/// `request_timeout` for each next piece of it. tonic sets aside room for a
-/// whole message as soon as its 5-byte prefix arrives; without the limit, a
-/// peer that sent the prefix and part of the message, and then only
-/// answered pings, held that room (up to the largest request, on each of
-/// its streams) for as long as its connection lived.
+/// `request_timeout` for each next piece of it, and arrive no slower than
+/// `min_request_rate` on average past that ([`TimedBody`]). tonic sets
+/// aside room for a whole message as soon as its 5-byte prefix arrives;
+/// without the limits, a peer that sent the prefix and part of the message,
+/// and then only answered pings (or sent a byte now and then), held that
+/// room (up to the largest request, on each of its streams) for as long as
+/// its connection lived.
 #[derive(Clone)]
 pub struct HoldReplies<S> {
     inner: S,
     request_timeout: Duration,
+    min_request_rate: u64,
     reply_stall: Duration,
 }
 
@@ -184,11 +195,15 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let limit = self.request_timeout;
+        let min_rate = self.min_request_rate;
         HoldReply {
             inner: self.inner.call(request.map(|body| {
                 tonic::body::Body::new(TimedBody {
                     body,
                     limit,
+                    started: tokio::time::Instant::now(),
+                    received: 0,
+                    min_rate,
                     timer: None,
                 })
             })),
@@ -198,12 +213,29 @@ where
 }
 
 /// A request body that may keep the server waiting at most `limit` for each
-/// next frame (a request that arrives with its headers never starts the
-/// timer; a slow but steady upload never runs out of it).
+/// next frame, and whose frames must come at `min_rate` bytes per second on
+/// average past its first `limit` ([`super::request_deadline`]). A request
+/// that arrives with its headers never starts the timer; an upload at the
+/// rate or faster never runs out of it.
 struct TimedBody {
     body: tonic::body::Body,
     limit: Duration,
+    /// When the request began, and how many bytes of it came since.
+    started: tokio::time::Instant,
+    received: u64,
+    /// Bytes per second (0: no bound on the whole body).
+    min_rate: u64,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TimedBody {
+    /// When the body has kept the server waiting too long: `limit` after
+    /// now, or earlier if it arrives too slowly on the whole.
+    fn deadline(&self) -> tokio::time::Instant {
+        let next = tokio::time::Instant::now() + self.limit;
+        super::request_deadline(self.started, self.limit, self.received, self.min_rate)
+            .map_or(next, |overall| overall.min(next))
+    }
 }
 
 impl http_body::Body for TimedBody {
@@ -216,21 +248,26 @@ impl http_body::Body for TimedBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, GrpcStatus>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            if let Some(timer) = this.timer.as_mut() {
-                timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + this.limit);
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
+                this.received += data.map_or(0, |d| d.len() as u64);
+            }
+            if this.timer.is_some() {
+                let deadline = this.deadline();
+                if let Some(timer) = this.timer.as_mut() {
+                    timer.as_mut().reset(deadline);
+                }
             }
             return Poll::Ready(frame);
         }
-        let limit = this.limit;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        std::task::ready!(timer.as_mut().poll(cx));
+        if this.timer.is_none() {
+            this.timer = Some(Box::pin(tokio::time::sleep_until(this.deadline())));
+        }
+        if let Some(timer) = this.timer.as_mut() {
+            std::task::ready!(timer.as_mut().poll(cx));
+        }
         Poll::Ready(Some(Err(GrpcStatus::deadline_exceeded(format!(
-            "no more of the request arrived for {} s",
-            limit.as_secs_f64()
+            "the request stopped arriving (nothing for {} s) or arrives too slowly",
+            this.limit.as_secs_f64()
         )))))
     }
 
@@ -834,7 +871,7 @@ mod tests {
     use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{serve, Limits, MAX_STREAMS_PER_CONNECTION};
+    use super::{serve, Limits, MAX_STREAMS_PER_CONNECTION, MIN_REQUEST_RATE};
     use crate::server::{Node, ServerConfig};
 
     /// A server on a fresh directory, serving gRPC on 127.0.0.1:0 until
@@ -908,8 +945,9 @@ mod tests {
         node.shutdown().await.unwrap();
     }
 
-    /// A server whose request timeout is `request_timeout`, and one raw h2
-    /// call to `method` on it whose request body is still open.
+    /// A server whose request timeout is `request_timeout` and minimum
+    /// request rate `min_rate`, and one raw h2 call to `method` on it whose
+    /// request body is still open.
     struct OpenCall {
         node: Node,
         stop: tokio::sync::oneshot::Sender<()>,
@@ -922,10 +960,12 @@ mod tests {
     impl OpenCall {
         async fn start(
             request_timeout: Duration,
+            min_rate: u64,
             method: &str,
         ) -> (OpenCall, h2::client::ResponseFuture, h2::SendStream<Bytes>) {
             let limits = Limits {
                 request_timeout,
+                min_request_rate: min_rate,
                 ..Limits::for_max_append(1 << 20)
             };
             let (node, addr, stop, serving, _tmp) = start(limits).await;
@@ -982,7 +1022,7 @@ mod tests {
     #[tokio::test]
     async fn a_half_sent_request_is_refused_after_the_request_timeout() {
         let (open, answer, mut body) =
-            OpenCall::start(Duration::from_millis(200), "FileAppend").await;
+            OpenCall::start(Duration::from_millis(200), MIN_REQUEST_RATE, "FileAppend").await;
         // A message of 100 bytes, of which two are sent, and then nothing:
         // the connection stays up (h2 answers the server's pings).
         body.send_data(Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2]), false)
@@ -998,7 +1038,8 @@ mod tests {
     async fn a_slow_request_that_keeps_coming_is_served() {
         use prost::Message as _;
         let (open, answer, mut body) =
-            OpenCall::start(Duration::from_millis(1000), "ClientInit").await;
+            // 5 bytes a second (below), faster than the minimum.
+            OpenCall::start(Duration::from_millis(1000), 4, "ClientInit").await;
         let message = crate::proto::ClientInitArgs {
             client_id: 7,
             request_id: "r".repeat(20),
@@ -1018,6 +1059,39 @@ mod tests {
             }
         }
         assert_eq!(grpc_status(answer).await, "0");
+        open.stop().await;
+    }
+
+    /// A body that never pauses for the request timeout but trickles in
+    /// below the minimum rate is refused DEADLINE_EXCEEDED before it ends:
+    /// otherwise a byte now and then would hold its room for ever.
+    #[tokio::test]
+    async fn a_request_that_trickles_in_below_the_minimum_rate_is_refused() {
+        use prost::Message as _;
+        // At most 1 s + 1 s per 4 bytes; the body below comes at 2 bytes a
+        // second, so it is refused after about 2 s, long before its end.
+        let (open, answer, mut body) =
+            OpenCall::start(Duration::from_millis(1000), 4, "ClientInit").await;
+        let message = crate::proto::ClientInitArgs {
+            client_id: 7,
+            request_id: "r".repeat(20),
+        }
+        .encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        let sending = tokio::spawn(async move {
+            // The pace of the trickle (not a wait for the server).
+            for (i, piece) in framed.chunks(1).enumerate() {
+                let last = i + 1 == framed.len();
+                if body.send_data(Bytes::copy_from_slice(piece), last).is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        assert_eq!(grpc_status(answer).await, "4");
+        sending.abort();
         open.stop().await;
     }
 

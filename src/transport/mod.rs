@@ -45,11 +45,35 @@ impl Keepalive {
     }
 }
 
-/// How long a request may keep the server waiting: over QUIC for the whole
-/// request frame once its stream is open (then `INCOMPLETE_REQUEST`), over
-/// gRPC for each next piece of the body (then DEADLINE_EXCEEDED). What
-/// arrived of it is dropped.
+/// How long a request may keep the server waiting for its next bytes (or
+/// its end), over either transport (then QUIC: `INCOMPLETE_REQUEST`; gRPC:
+/// DEADLINE_EXCEEDED). What arrived of it is dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The slowest a request may arrive on average, in bytes per second: a
+/// request may take [`REQUEST_TIMEOUT`] plus one second per this many bytes
+/// received, however it trickles in ([`request_deadline`]). Without it a
+/// peer could send most of a large request and then a byte every 29 s,
+/// holding its buffer for ever.
+pub const MIN_REQUEST_RATE: u64 = 64 << 10;
+
+/// The latest a request that started at `started`, with `received` bytes so
+/// far, may keep arriving: `pause` plus one second per `min_rate` bytes
+/// received (no bound when `min_rate` is 0).
+pub fn request_deadline(
+    started: tokio::time::Instant,
+    pause: Duration,
+    received: u64,
+    min_rate: u64,
+) -> Option<tokio::time::Instant> {
+    if min_rate == 0 {
+        return None;
+    }
+    // The fraction of a second is below 10^9 nanoseconds.
+    let nanos = u128::from(received % min_rate) * 1_000_000_000 / u128::from(min_rate);
+    let allowance = Duration::new(received / min_rate, nanos as u32);
+    started.checked_add(pause.checked_add(allowance)?)
+}
 
 /// How long a stopping server waits for its connections to finish the
 /// calls they have open (the engine already answered every waiting call

@@ -519,12 +519,18 @@ async fn until_stopping(handle: &Handle) {
 /// A stop drains QUIC as it drains gRPC: a read's reply in progress
 /// (larger than the stream's window, so it waits on the reader) still
 /// reaches its reader whole; a call that arrives meanwhile is reset
-/// `UNAVAILABLE`; then the server closes the connection with `NO_ERROR`.
-/// Before the drain, the stop closed the connection with the reply half
-/// sent.
+/// `UNAVAILABLE` (by the drain, or by the stopped engine if the drain has
+/// not reached the connection yet: the client cannot tell); then the server
+/// closes the connection with `NO_ERROR`. Before the drain, the stop closed
+/// the connection with the reply half sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_quic_server_finishes_the_replies_in_progress() {
-    let served = serve(4 << 20).await;
+    let served = serve_tuned(4 << 20, |bound| {
+        // Longer than the test's bound: the reply's end is not a race with
+        // the grace on a loaded machine.
+        bound.quic_limits.drain_grace = Duration::from_secs(3600);
+    })
+    .await;
     served.fill("file_4", 1 << 20).await;
     served.fill("file_4", 1 << 20).await;
     let (_connector, connection) = quic_connection(&served).await;
@@ -578,6 +584,8 @@ async fn a_stopping_quic_server_finishes_the_replies_in_progress() {
 async fn a_stalled_quic_reply_does_not_hold_up_a_stop() {
     let served = serve_tuned(4 << 20, |bound| {
         bound.quic_limits.drain_grace = Duration::from_millis(100);
+        // Past the test's bound: only the grace can end the reply.
+        bound.quic_limits.reply_stall = Duration::from_secs(3600);
     })
     .await;
     served.fill("file_4", 1 << 20).await;
@@ -606,6 +614,9 @@ async fn a_stalled_quic_reply_does_not_hold_up_a_stop() {
 async fn a_slow_quic_request_that_keeps_coming_is_served_and_a_stalled_one_is_not() {
     let served = serve_tuned(64 << 10, |bound| {
         bound.quic_limits.request_timeout = Duration::from_millis(1000);
+        // At most 1 s + 1 s per 4 bytes: the 5 bytes a second below keep
+        // up with it.
+        bound.quic_limits.min_request_rate = 4;
     })
     .await;
     let (_connector, connection) = quic_connection(&served).await;
@@ -650,4 +661,67 @@ async fn a_slow_quic_request_that_keeps_coming_is_served_and_a_stalled_one_is_no
     drop(send);
     drop(connection);
     served.stop().await;
+}
+
+/// A request that never pauses for the request timeout but trickles in
+/// below the minimum rate is reset `INCOMPLETE_REQUEST` before it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_request_that_trickles_in_below_the_minimum_rate_is_refused() {
+    let served = serve_tuned(64 << 10, |bound| {
+        bound.quic_limits.request_timeout = Duration::from_millis(1000);
+        // At most 1 s + 1 s per 4 bytes; 2 bytes a second (below) are
+        // refused after about 2 s, long before the request's end.
+        bound.quic_limits.min_request_rate = 4;
+    })
+    .await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: "file_1".repeat(4),
+        })),
+        timeout_ms: 0,
+    };
+    let framed = crate::transport::quic::frame::encode(&request);
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let sending = tokio::spawn(async move {
+        // The pace of the trickle (not a wait for the server).
+        for byte in framed {
+            if send.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let _ = send.finish();
+    });
+    let refused = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(1 << 10))
+        .await
+        .expect("the request is answered");
+    let code = crate::transport::quic::ErrorCode::IncompleteRequest.varint();
+    assert!(
+        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
+        "{refused:?}"
+    );
+    sending.abort();
+    drop(connection);
+    served.stop().await;
+}
+
+/// The whole-request bound: the pause, plus a second per `min_rate` bytes
+/// received; none at rate 0; no overflow at extreme values.
+#[test]
+fn a_request_may_take_the_pause_plus_a_second_per_min_rate_bytes() {
+    use crate::transport::request_deadline;
+    let t = tokio::time::Instant::now();
+    let pause = Duration::from_secs(30);
+    assert_eq!(request_deadline(t, pause, 0, 64 << 10), Some(t + pause));
+    assert_eq!(
+        request_deadline(t, pause, 96 << 10, 64 << 10),
+        Some(t + pause + Duration::from_millis(1500))
+    );
+    assert_eq!(request_deadline(t, pause, 1 << 20, 0), None);
+    assert_eq!(
+        request_deadline(t, pause, u64::MAX, u64::MAX),
+        Some(t + pause + Duration::from_secs(1))
+    );
+    assert!(request_deadline(t, pause, u64::MAX, 1).is_none());
 }

@@ -80,7 +80,7 @@ impl From<FrameError> for CallError {
             FrameError::Closed => CallError::Connection("stream closed".into()),
             // The client reads without a pause limit; a caller's own
             // deadline bounds its wait.
-            e @ FrameError::Paused(_) => CallError::Connection(e.to_string()),
+            e @ FrameError::Slow => CallError::Connection(e.to_string()),
             e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
                 CallError::BadResponse(e.to_string())
             }

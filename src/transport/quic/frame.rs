@@ -41,9 +41,10 @@ pub enum FrameError {
     /// The stream was already closed locally.
     #[error("stream already closed")]
     Closed,
-    /// No byte of the frame arrived for this long.
-    #[error("no byte of the frame for {0:?}")]
-    Paused(std::time::Duration),
+    /// The frame stopped arriving, or arrives too slowly
+    /// ([`read_frame_paced`]).
+    #[error("the frame stopped arriving or arrives too slowly")]
+    Slow,
 }
 
 impl FrameError {
@@ -53,7 +54,7 @@ impl FrameError {
         match self {
             FrameError::Malformed(_) => Some(ErrorCode::MalformedFrame),
             FrameError::TooLarge { .. } => Some(ErrorCode::FrameTooLarge),
-            FrameError::Paused(_) => Some(ErrorCode::IncompleteRequest),
+            FrameError::Slow => Some(ErrorCode::IncompleteRequest),
             FrameError::Reset(_) | FrameError::Lost(_) | FrameError::Closed => None,
         }
     }
@@ -196,22 +197,33 @@ pub async fn read_frame<M: Message + Default>(
 }
 
 /// [`read_frame`], giving up when no byte (nor the stream's end) arrives
-/// for `pause`: a limit on a stall, not on the frame's length, so a large
-/// frame on a slow link that keeps coming is read whole.
+/// for `pause`, or when the frame takes longer than `pause` plus one second
+/// per `min_rate` bytes received ([`crate::transport::request_deadline`]):
+/// a large frame on a slow link that keeps coming is read whole, one that
+/// trickles in is not.
 ///
 /// # Errors
-/// [`FrameError::Paused`] after such a pause; otherwise as [`read_frame`].
+/// [`FrameError::Slow`] then; otherwise as [`read_frame`].
 pub async fn read_frame_paced<M: Message + Default>(
     recv: &mut RecvStream,
     limit: usize,
     pause: std::time::Duration,
+    min_rate: u64,
 ) -> Result<M, FrameError> {
+    let started = tokio::time::Instant::now();
+    let mut received = 0u64;
     let mut reader = FrameReader::new(limit);
     loop {
+        let overall = crate::transport::request_deadline(started, pause, received, min_rate);
+        let now = tokio::time::Instant::now();
+        let wait = overall.map_or(pause, |at| pause.min(at.saturating_duration_since(now)));
         // A chunk already received is taken without arming a timer.
-        let next = tokio::time::timeout(pause, recv.read_chunk(reader.wanted(), true)).await;
-        match next.map_err(|_elapsed| FrameError::Paused(pause))?? {
-            Some(chunk) => reader.push(&chunk.bytes)?,
+        let next = tokio::time::timeout(wait, recv.read_chunk(reader.wanted(), true)).await;
+        match next.map_err(|_elapsed| FrameError::Slow)?? {
+            Some(chunk) => {
+                received += chunk.bytes.len() as u64;
+                reader.push(&chunk.bytes)?;
+            }
             None => return reader.finish(),
         }
     }

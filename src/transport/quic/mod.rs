@@ -67,7 +67,7 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// a connection that is otherwise silent.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
-pub use super::{DRAIN_GRACE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
+pub use super::{DRAIN_GRACE, MIN_REQUEST_RATE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 
 /// Room in a request frame for everything but an append's content.
 pub const FRAME_OVERHEAD: usize = 64 << 10;
@@ -94,7 +94,8 @@ pub enum ErrorCode {
     DeadlineExceeded = 0x5,
     /// The client gave up on the call.
     Cancelled = 0x6,
-    /// The request did not arrive whole within the server's time.
+    /// The request stopped arriving (nothing for the request timeout), or
+    /// arrived more slowly than the server's minimum rate.
     IncompleteRequest = 0x7,
     /// The client's flow control took no more of a file read's reply for
     /// [`REPLY_STALL_LIMIT`].

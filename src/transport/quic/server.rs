@@ -12,7 +12,7 @@
 //! their replies reach the peer, for up to the drain grace. Must not: know
 //! what a call means (that is [`calls`]), or bind sockets (the caller does).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::frame::{self, FrameError};
-use super::{ErrorCode, DRAIN_GRACE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
+use super::{ErrorCode, DRAIN_GRACE, MIN_REQUEST_RATE, REPLY_STALL_LIMIT, REQUEST_TIMEOUT};
 use crate::proto::{CallRequest, CallResponse};
 use crate::server::Handle;
 use crate::transport::calls;
@@ -40,6 +40,10 @@ pub struct Limits {
     /// How long a request may keep the server waiting for its next bytes
     /// (or its end); then its stream is reset with `INCOMPLETE_REQUEST`.
     pub request_timeout: Duration,
+    /// The slowest a request may arrive on average, in bytes per second
+    /// past its first `request_timeout` ([`MIN_REQUEST_RATE`]; 0: no
+    /// bound); then the same.
+    pub min_request_rate: u64,
     /// How long a file read's reply may wait for the peer to take any more
     /// of it (flow control credit, then the acknowledgement of its end).
     pub reply_stall: Duration,
@@ -55,6 +59,7 @@ impl Limits {
             max_request_bytes: max_append_bytes.saturating_add(super::FRAME_OVERHEAD),
             max_connections: MAX_CONNECTIONS,
             request_timeout: REQUEST_TIMEOUT,
+            min_request_rate: MIN_REQUEST_RATE,
             reply_stall: REPLY_STALL_LIMIT,
             drain_grace: DRAIN_GRACE,
         }
@@ -76,7 +81,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     // Each connection's drain signal: dropping the sender starts its drain.
-    let mut drains: HashMap<tokio::task::Id, oneshot::Sender<()>> = HashMap::new();
+    // (Ordered, so that the connections learn of it in the same order in
+    // every run of a simulation.)
+    let mut drains: BTreeMap<tokio::task::Id, oneshot::Sender<()>> = BTreeMap::new();
     let draining = Arc::new(AtomicBool::new(false));
     let mut refused: u64 = 0;
     tokio::pin!(shutdown);
@@ -162,16 +169,15 @@ fn task_id(ended: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tok
 struct Served {
     handle: Handle,
     limits: Limits,
-    /// Set when the server drains: a reply then waits for its
-    /// acknowledgement before its call counts as done.
+    /// Set when the server drains: new calls are refused.
     draining: Arc<AtomicBool>,
 }
 
 /// One connection: its calls run inside this task (not a task each) until
 /// the connection ends, then the calls still running are dropped (cut off).
-/// When `drain` fires (its sender dropped), calls that arrive are reset
-/// with `UNAVAILABLE`, and the connection is closed once the calls it has
-/// are done.
+/// When `drain` fires (its sender dropped), the connection is closed once
+/// the calls it has are done (calls that arrive meanwhile are refused by
+/// [`serve_stream`]).
 ///
 /// Polling the calls here rather than spawning them keeps a call's reply on
 /// the thread that served it: a spawned call that finished woke this task
@@ -194,15 +200,19 @@ async fn serve_connection(
     };
     tracing::debug!(%peer, "QUIC connection");
     let mut calls = FuturesUnordered::new();
+    // The streams of the latest responses, which may not be acknowledged
+    // yet (quinn sends and resends a finished stream's bytes until they
+    // are, as long as the connection lives). Kept rather than awaited: a
+    // wait for each acknowledgement cost a wake-up per call. A drain waits
+    // for these (`settling`) before it closes the connection.
+    let mut recent: VecDeque<SendStream> = VecDeque::new();
+    let mut settling = FuturesUnordered::new();
     let mut draining = false;
     loop {
         // `biased`: a fixed order, so that a simulation replays.
         tokio::select! {
             biased;
             accepted = connection.accept_bi() => match accepted {
-                Ok((mut send, mut recv)) if draining => {
-                    refuse(&mut send, &mut recv, ErrorCode::Unavailable);
-                }
                 Ok((send, recv)) => {
                     calls.push(serve_stream(served.clone(), send, recv));
                 }
@@ -211,10 +221,25 @@ async fn serve_connection(
                     break;
                 }
             },
-            Some(()) = calls.next(), if !calls.is_empty() => {}
-            _ = &mut drain, if !draining => draining = true,
+            Some(answered) = calls.next(), if !calls.is_empty() => {
+                if let Some(send) = answered {
+                    if draining {
+                        settling.push(send.stopped());
+                    } else {
+                        if recent.len() == RECENT_RESPONSES {
+                            recent.pop_front();
+                        }
+                        recent.push_back(send);
+                    }
+                }
+            }
+            Some(_) = settling.next(), if !settling.is_empty() => {}
+            _ = &mut drain, if !draining => {
+                draining = true;
+                settling.extend(recent.drain(..).map(|send| send.stopped()));
+            }
         }
-        if draining && calls.is_empty() {
+        if draining && calls.is_empty() && settling.is_empty() {
             connection.close(ErrorCode::NoError.varint(), b"server shutting down");
             break;
         }
@@ -223,23 +248,43 @@ async fn serve_connection(
     drop(connection);
 }
 
+/// How many of a connection's latest responses a drain waits to see
+/// acknowledged (one per stream the connection may have open): older ones
+/// are taken as acknowledged, which on a live connection they all but
+/// certainly are.
+const RECENT_RESPONSES: usize = super::MAX_STREAMS_PER_CONNECTION as usize;
+
 /// Resets both directions of a stream with `code`.
 fn refuse(send: &mut SendStream, recv: &mut RecvStream, code: ErrorCode) {
     let _ = recv.stop(code.varint());
     let _ = send.reset(code.varint());
 }
 
-/// One call: request frame in, response frame out.
-async fn serve_stream(served: Served, mut send: SendStream, mut recv: RecvStream) {
+/// One call: request frame in, response frame out. Returns the stream of a
+/// response written whole, whose acknowledgement may still be to come.
+async fn serve_stream(
+    served: Served,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Option<SendStream> {
     let Served {
         handle,
         limits,
         draining,
     } = served;
+    if draining.load(Ordering::Relaxed) {
+        // The server is stopping. (If the connection closes before this
+        // reset leaves, the client sees the close instead: quinn-proto
+        // sends nothing else after a close, and tells nobody when a reset
+        // is acknowledged. Either way the client retries.)
+        refuse(&mut send, &mut recv, ErrorCode::Unavailable);
+        return None;
+    }
     let read = frame::read_frame_paced::<CallRequest>(
         &mut recv,
         limits.max_request_bytes,
         limits.request_timeout,
+        limits.min_request_rate,
     )
     .await;
     let request = match read {
@@ -254,13 +299,13 @@ async fn serve_stream(served: Served, mut send: SendStream, mut recv: RecvStream
                 // finish it: an empty response, which is no frame at all).
                 let _ = send.reset(ErrorCode::Cancelled.varint());
             }
-            return;
+            return None;
         }
     };
     drop(recv);
     let Some(call) = request.call else {
         let _ = send.reset(ErrorCode::UnknownCall.varint());
-        return;
+        return None;
     };
     let deadline = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
     let stopped = send.stopped();
@@ -272,25 +317,17 @@ async fn serve_stream(served: Served, mut send: SendStream, mut recv: RecvStream
         answer = calls::dispatch(&handle, call) => answer,
         // The client gave up or the connection ended: dropping the call's
         // future tells the core.
-        _ = stopped => return,
+        _ = stopped => return None,
         () = sleep_opt(deadline) => {
             let _ = send.reset(ErrorCode::DeadlineExceeded.varint());
-            return;
+            return None;
         }
     };
     match answer {
         Ok((reply, None)) => {
             let frame = frame::encode(&CallResponse { reply: Some(reply) });
             if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
-                // Quinn sends and resends a finished stream's bytes until
-                // they are acknowledged, as long as the connection lives.
-                // A draining server closes the connection when its calls
-                // are done, so then a call is done when its reply is
-                // acknowledged. (Waiting for that on every call would cost
-                // a wake-up each.)
-                if draining.load(Ordering::Relaxed) {
-                    let _ = send.stopped().await;
-                }
+                return Some(send);
             }
         }
         Ok((reply, Some(held))) => {
@@ -312,6 +349,7 @@ async fn serve_stream(served: Served, mut send: SendStream, mut recv: RecvStream
             let _ = send.reset(ErrorCode::Unavailable.varint());
         }
     }
+    None
 }
 
 /// The peer took no more of a reply for the stall limit.

@@ -52,10 +52,12 @@ impl Bound {
         let grpc_limits = grpc::Limits {
             max_connections: config.max_connections,
             keepalive: config.keepalive(),
+            min_request_rate: config.min_request_rate,
             ..grpc::Limits::for_max_append(config.max_append_bytes)
         };
         let quic_limits = quic::server::Limits {
             max_connections: config.max_connections,
+            min_request_rate: config.min_request_rate,
             ..quic::server::Limits::for_max_append(config.max_append_bytes)
         };
         Bound {

@@ -120,6 +120,13 @@ pub struct ServerConfig {
     /// a new connection at once and QUIC refuses it in the handshake.
     #[arg(long, default_value_t = crate::transport::MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// The slowest a request may arrive, on average, in bytes per second
+    /// (bytes, or with KiB / MiB): each request may take 30 s plus one
+    /// second per this many bytes received (0: no bound on a whole
+    /// request, only 30 s without a byte). Per request: concurrent uploads
+    /// on one slow link share it.
+    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
+    pub min_request_rate: u64,
     /// Bytes of file-read replies held at once, from the read until the
     /// reply has left (bytes, or with KiB / MiB / GiB; 1 to 4 GiB - 1). A
     /// read waits until its file's share is free, so a client that does not
@@ -189,6 +196,7 @@ impl ServerConfig {
             snapshot_every: 100_000,
             log_prealloc: crate::log::DEFAULT_PREALLOC,
             max_connections: crate::transport::MAX_CONNECTIONS,
+            min_request_rate: crate::transport::MIN_REQUEST_RATE,
             max_read_reply_bytes: handle::READ_REPLY_BUDGET,
             keepalive_ms: KEEPALIVE_MS,
             keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS,
@@ -753,6 +761,40 @@ mod tests {
     use super::{parse_size, Node, ServerConfig};
     use crate::core::types::{CallId, Request};
     use crate::core::Input;
+
+    /// The configuration `dlm server ARGS` runs with.
+    fn server_flags(args: &[&str]) -> ServerConfig {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            config: ServerConfig,
+        }
+        let args = std::iter::once("dlm").chain(args.iter().copied());
+        Flags::try_parse_from(args).unwrap().config
+    }
+
+    /// `dlm server` with no flags runs what `ServerConfig::new` says (the
+    /// library's callers and the binary agree on every default), but for
+    /// the address: the library's is a free port.
+    #[test]
+    fn the_flags_defaults_are_the_librarys() {
+        let parsed = server_flags(&[]);
+        let mut new = ServerConfig::new(parsed.data_dir.clone());
+        assert_eq!(new.listen.port(), 0);
+        new.listen = parsed.listen;
+        assert_eq!(format!("{parsed:?}"), format!("{new:?}"));
+    }
+
+    /// `--min-request-rate` reaches both transports' limits.
+    #[tokio::test]
+    async fn the_min_request_rate_reaches_both_transports() {
+        let config = server_flags(&["--min-request-rate", "1KiB"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bound = crate::server::Bound::grpc_only(listener, &config);
+        assert_eq!(bound.grpc_limits.min_request_rate, 1024);
+        assert_eq!(bound.quic_limits.min_request_rate, 1024);
+    }
 
     /// A server on `dir` with no space preallocated ahead of its log.
     fn small_config(dir: &std::path::Path) -> ServerConfig {

@@ -232,7 +232,12 @@ impl TimedBody {
     /// When the body has kept the server waiting too long: `limit` after
     /// now, or earlier if it arrives too slowly on the whole.
     fn deadline(&self) -> tokio::time::Instant {
-        let next = tokio::time::Instant::now() + self.limit;
+        // A limit past what an instant can hold (a caller's `Duration::MAX`)
+        // is as good as none: a year stands in for it.
+        let now = tokio::time::Instant::now();
+        let next = now
+            .checked_add(self.limit)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         super::request_deadline(self.started, self.limit, self.received, self.min_rate)
             .map_or(next, |overall| overall.min(next))
     }

@@ -27,6 +27,9 @@ use super::{ms, now_ms, Shared, Transport, CHECKER_ID, FILES};
 use crate::history::{AppendRec, Outcome, TokenOp};
 use crate::rng::SimRng;
 
+/// The first retry's backoff ceiling of the workload's clients (ms).
+const BACKOFF_BASE_MS: u64 = 10;
+
 /// What a client learned of an operation, for the history.
 fn outcome<T>(result: &Result<T, Error>) -> Outcome {
     match result {
@@ -52,7 +55,7 @@ async fn build(
         .attempt_timeout(ms(300))
         .wait_attempt_timeout(ms(1_000))
         .retry_budget(ms(5_000))
-        .backoff(ms(10), ms(200));
+        .backoff(ms(BACKOFF_BASE_MS), ms(200));
     connect(builder, host, target, seed, shared, count_reconnects).await
 }
 
@@ -175,10 +178,13 @@ impl Worker {
                 // A round trip, and two more when the call had to dial: the
                 // handshake goes first, and before it the call may have
                 // gone out on a connection the server no longer knows (the
-                // client was stalled across a server restart: seed 18108
-                // over QUIC), answered by a stateless reset.
-                let trips = 2 + 4 * u64::from(reconnects > 0);
-                s.prompt(self.index, trips, invoked, now, || {
+                // client was stalled across a server restart: seeds 18108
+                // and 19367 over QUIC), answered by a stateless reset,
+                // after which the retry waits its first backoff.
+                let redialled = reconnects > 0;
+                let trips = 2 + 4 * u64::from(redialled);
+                let backoff = if redialled { BACKOFF_BASE_MS } else { 0 };
+                s.prompt(self.index, trips, backoff, invoked, now, || {
                     format!("{op} ({result})")
                 });
             }
@@ -203,7 +209,7 @@ impl Worker {
                 .client_answers
                 .get(&self.id)
                 .map_or(grant, |&a| a.max(grant));
-            s.prompt(self.index, 1, answered, now, || {
+            s.prompt(self.index, 1, 0, answered, now, || {
                 format!("the grant of {lock:?} fence {fence}")
             });
         });

@@ -304,11 +304,13 @@ impl State {
 
     /// Promptness: once settled, something `since` ms ago (an operation
     /// invoked, a grant answered) must have reached workload client `index`
-    /// by `now`, `trips` one-way trips of its route later.
+    /// by `now`, `trips` one-way trips of its route and `waits` ms of the
+    /// client's own waiting (a backoff) later.
     pub fn prompt(
         &mut self,
         index: usize,
         trips: u64,
+        waits: u64,
         since: u64,
         now: u64,
         what: impl FnOnce() -> String,
@@ -322,7 +324,7 @@ impl State {
         // packets and quinn's MTU probes), then taking the full latency.
         // Which of quinn's limits held it was not pinned down.
         let trips = trips + u64::from(self.transport == Transport::Quic);
-        let bound = trips * hops * self.scenario.latency_max + PROMPT_SLACK_MS;
+        let bound = trips * hops * self.scenario.latency_max + waits + PROMPT_SLACK_MS;
         if self.settled_at.is_some_and(|at| since >= at) && now - since > bound {
             self.problems.push(format!(
                 "promptness: {} at {since} reached client {} at {now}, {} ms later, with no fault left (bound {bound} ms)",

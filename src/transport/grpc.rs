@@ -1037,14 +1037,10 @@ mod tests {
         open.stop().await;
     }
 
-    /// The request timeout is on a pause, not on the whole request: a body
-    /// that keeps coming, slowly, past it is served.
-    #[tokio::test]
-    async fn a_slow_request_that_keeps_coming_is_served() {
+    /// A `ClientInit` request as a gRPC message (prefix and body), ~30
+    /// bytes.
+    fn client_init_message() -> Vec<u8> {
         use prost::Message as _;
-        let (open, answer, mut body) =
-            // 5 bytes a second (below), faster than the minimum.
-            OpenCall::start(Duration::from_millis(1000), 4, "ClientInit").await;
         let message = crate::proto::ClientInitArgs {
             client_id: 7,
             request_id: "r".repeat(20),
@@ -1053,6 +1049,17 @@ mod tests {
         let mut framed = vec![0];
         framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
         framed.extend_from_slice(&message);
+        framed
+    }
+
+    /// The request timeout is on a pause, not on the whole request: a body
+    /// that keeps coming, slowly, past it is served.
+    #[tokio::test]
+    async fn a_slow_request_that_keeps_coming_is_served() {
+        let (open, answer, mut body) =
+            // 5 bytes a second (below), faster than the minimum.
+            OpenCall::start(Duration::from_millis(1000), 4, "ClientInit").await;
+        let framed = client_init_message();
         // A piece every 200 ms (the pace of a slow link, not a wait for the
         // server): ~5 s in all, past the 1 s limit, never 1 s without data.
         let pieces: Vec<&[u8]> = framed.chunks(1).collect();
@@ -1072,19 +1079,11 @@ mod tests {
     /// otherwise a byte now and then would hold its room for ever.
     #[tokio::test]
     async fn a_request_that_trickles_in_below_the_minimum_rate_is_refused() {
-        use prost::Message as _;
         // At most 1 s + 1 s per 4 bytes; the body below comes at 2 bytes a
         // second, so it is refused after about 2 s, long before its end.
         let (open, answer, mut body) =
             OpenCall::start(Duration::from_millis(1000), 4, "ClientInit").await;
-        let message = crate::proto::ClientInitArgs {
-            client_id: 7,
-            request_id: "r".repeat(20),
-        }
-        .encode_to_vec();
-        let mut framed = vec![0];
-        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        framed.extend_from_slice(&message);
+        let framed = client_init_message();
         let sending = tokio::spawn(async move {
             // The pace of the trickle (not a wait for the server).
             for (i, piece) in framed.chunks(1).enumerate() {

@@ -383,15 +383,7 @@ async fn quic_read(
     file: &str,
 ) -> (quinn::SendStream, quinn::RecvStream) {
     let (mut send, recv) = connection.open_bi().await.unwrap();
-    let request = CallRequest {
-        call: Some(Call::FileRead(FileReadArgs {
-            filename: file.to_owned(),
-        })),
-        timeout_ms: 0,
-    };
-    send.write_all(&crate::transport::quic::frame::encode(&request))
-        .await
-        .unwrap();
+    send.write_all(&read_request(file)).await.unwrap();
     send.finish().unwrap();
     (send, recv)
 }
@@ -464,11 +456,7 @@ async fn a_quic_request_reset_by_the_client_gets_its_answer_reset() {
     let read = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(1 << 10))
         .await
         .expect("the answer's stream ends");
-    let code = crate::transport::quic::ErrorCode::Cancelled.varint();
-    assert!(
-        matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
-        "{read:?}"
-    );
+    assert_reset(&read, crate::transport::quic::ErrorCode::Cancelled);
     drop(connection);
     served.stop().await;
 }
@@ -553,11 +541,7 @@ async fn a_stopping_quic_server_finishes_the_replies_in_progress() {
     let refused = tokio::time::timeout(Duration::from_secs(60), late.read_to_end(1 << 10))
         .await
         .expect("the late call is answered");
-    let code = crate::transport::quic::ErrorCode::Unavailable.varint();
-    assert!(
-        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
-        "{refused:?}"
-    );
+    assert_reset(&refused, crate::transport::quic::ErrorCode::Unavailable);
 
     let response = quic_response(&mut recv).await;
     let Some(crate::proto::call_response::Reply::FileRead(read)) = response.reply else {
@@ -607,26 +591,48 @@ async fn a_stalled_quic_reply_does_not_hold_up_a_stop() {
     drop(connection);
 }
 
+/// A server whose requests may pause 1 s, and may take at most 1 s plus 1 s
+/// per 4 bytes in all.
+async fn serve_paced() -> Served {
+    serve_tuned(64 << 10, |bound| {
+        bound.quic_limits.request_timeout = Duration::from_millis(1000);
+        bound.quic_limits.min_request_rate = 4;
+    })
+    .await
+}
+
+/// A `FileRead` request frame for `file`.
+fn read_request(file: &str) -> Vec<u8> {
+    let request = CallRequest {
+        call: Some(Call::FileRead(FileReadArgs {
+            filename: file.to_owned(),
+        })),
+        timeout_ms: 0,
+    };
+    crate::transport::quic::frame::encode(&request)
+}
+
+/// Asserts that a stream's answer was a reset with `code`.
+fn assert_reset(
+    read: &Result<Vec<u8>, quinn::ReadToEndError>,
+    code: crate::transport::quic::ErrorCode,
+) {
+    let code = code.varint();
+    assert!(
+        matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if *c == code),
+        "{read:?}"
+    );
+}
+
 /// QUIC's request timeout is on a pause, as gRPC's: a request that keeps
 /// coming, slowly, past it is served; one that stops is reset
 /// `INCOMPLETE_REQUEST`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_quic_request_that_keeps_coming_is_served_and_a_stalled_one_is_not() {
-    let served = serve_tuned(64 << 10, |bound| {
-        bound.quic_limits.request_timeout = Duration::from_millis(1000);
-        // At most 1 s + 1 s per 4 bytes: the 5 bytes a second below keep
-        // up with it.
-        bound.quic_limits.min_request_rate = 4;
-    })
-    .await;
+    // The 5 bytes a second below keep up with the minimum rate.
+    let served = serve_paced().await;
     let (_connector, connection) = quic_connection(&served).await;
-    let request = CallRequest {
-        call: Some(Call::FileRead(FileReadArgs {
-            filename: "file_1".to_owned(),
-        })),
-        timeout_ms: 0,
-    };
-    let framed = crate::transport::quic::frame::encode(&request);
+    let framed = read_request("file_1");
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     // A byte every 200 ms (the pace of a slow link, not a wait for the
     // server): past the 1 s limit in all, never 1 s without data.
@@ -653,10 +659,9 @@ async fn a_slow_quic_request_that_keeps_coming_is_served_and_a_stalled_one_is_no
     let refused = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(1 << 10))
         .await
         .expect("the stalled request is answered");
-    let code = crate::transport::quic::ErrorCode::IncompleteRequest.varint();
-    assert!(
-        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
-        "{refused:?}"
+    assert_reset(
+        &refused,
+        crate::transport::quic::ErrorCode::IncompleteRequest,
     );
     drop(send);
     drop(connection);
@@ -667,21 +672,11 @@ async fn a_slow_quic_request_that_keeps_coming_is_served_and_a_stalled_one_is_no
 /// below the minimum rate is reset `INCOMPLETE_REQUEST` before it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_request_that_trickles_in_below_the_minimum_rate_is_refused() {
-    let served = serve_tuned(64 << 10, |bound| {
-        bound.quic_limits.request_timeout = Duration::from_millis(1000);
-        // At most 1 s + 1 s per 4 bytes; 2 bytes a second (below) are
-        // refused after about 2 s, long before the request's end.
-        bound.quic_limits.min_request_rate = 4;
-    })
-    .await;
+    // 2 bytes a second (below) are refused after about 2 s, long before
+    // the request's end.
+    let served = serve_paced().await;
     let (_connector, connection) = quic_connection(&served).await;
-    let request = CallRequest {
-        call: Some(Call::FileRead(FileReadArgs {
-            filename: "file_1".repeat(4),
-        })),
-        timeout_ms: 0,
-    };
-    let framed = crate::transport::quic::frame::encode(&request);
+    let framed = read_request(&"file_1".repeat(4));
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     let sending = tokio::spawn(async move {
         // The pace of the trickle (not a wait for the server).
@@ -696,10 +691,9 @@ async fn a_quic_request_that_trickles_in_below_the_minimum_rate_is_refused() {
     let refused = tokio::time::timeout(Duration::from_secs(60), recv.read_to_end(1 << 10))
         .await
         .expect("the request is answered");
-    let code = crate::transport::quic::ErrorCode::IncompleteRequest.varint();
-    assert!(
-        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
-        "{refused:?}"
+    assert_reset(
+        &refused,
+        crate::transport::quic::ErrorCode::IncompleteRequest,
     );
     sending.abort();
     drop(connection);

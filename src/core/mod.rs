@@ -555,9 +555,7 @@ impl Core {
                     .waiter(id)
                     .is_some_and(|w| w.detached_until == Some(at) && w.calls.is_empty());
                 if due {
-                    if let Some(w) = self.remove_waiter(id, None, step) {
-                        self.dedup.forget_waiter(w.client, &w.request_id);
-                    }
+                    self.give_up_place(id, step);
                 }
             }
         }
@@ -953,6 +951,14 @@ impl Core {
         Some(waiter)
     }
 
+    /// Removes a cut-off waiter and forgets its request id's wait: a retry
+    /// with that id queues again, at the back.
+    fn give_up_place(&mut self, id: WaiterId, step: &mut Step) {
+        if let Some(w) = self.remove_waiter(id, None, step) {
+            self.dedup.forget_waiter(w.client, &w.request_id);
+        }
+    }
+
     /// A retry of a queued acquire: the call joins the waiter, which keeps its place.
     fn reattach(&mut self, id: WaiterId, call: CallId) {
         let Some(lock) = self.waiter_locks.get(&id) else {
@@ -990,9 +996,7 @@ impl Core {
             self.remove_waiter(id, None, step);
         } else if self.detached >= self.config.max_detached {
             // No room to keep its place: a retry queues again.
-            if let Some(w) = self.remove_waiter(id, None, step) {
-                self.dedup.forget_waiter(w.client, &w.request_id);
-            }
+            self.give_up_place(id, step);
         } else {
             // Keep the place for one lease period for a retry with the same id.
             let until = now.plus(waiter.lease);

@@ -310,7 +310,10 @@ fn quic_failure(error: CallError) -> AttemptError {
         CallError::BadResponse(m) => AttemptError::Refused(Error::Server(m)),
         CallError::Reset { known, .. } => match known {
             Some(
-                ErrorCode::Unavailable | ErrorCode::IncompleteRequest | ErrorCode::ReplyStalled,
+                ErrorCode::Unavailable
+                | ErrorCode::IncompleteRequest
+                | ErrorCode::ReplyStalled
+                | ErrorCode::ResourceExhausted,
             ) => AttemptError::Transport(message),
             Some(ErrorCode::DeadlineExceeded) => AttemptError::TimedOut(message),
             Some(ErrorCode::FrameTooLarge) => AttemptError::Refused(Error::BadRequest(
@@ -342,6 +345,7 @@ mod tests {
             reset(ErrorCode::Unavailable),
             reset(ErrorCode::IncompleteRequest),
             reset(ErrorCode::ReplyStalled),
+            reset(ErrorCode::ResourceExhausted),
         ] {
             let got = quic_failure(retried.clone());
             assert!(

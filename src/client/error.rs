@@ -145,7 +145,12 @@ pub(crate) fn classify(status: &tonic::Status) -> AttemptError {
     let reason = format!("{}: {}", status.code(), status.message());
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => AttemptError::TimedOut(reason),
-        Code::Unavailable | Code::Unknown => AttemptError::Transport(reason),
+        // RESOURCE_EXHAUSTED from the server: its request budget was full
+        // (`--max-inflight-request-bytes`); nothing was done. Retried with
+        // backoff, as gRPC advises.
+        Code::Unavailable | Code::Unknown | Code::ResourceExhausted => {
+            AttemptError::Transport(reason)
+        }
         Code::InvalidArgument | Code::OutOfRange => {
             AttemptError::Refused(Error::BadRequest(status.message().to_owned()))
         }
@@ -160,11 +165,11 @@ pub(crate) fn classify(status: &tonic::Status) -> AttemptError {
             "the server does not implement this call ({reason})"
         ))),
         // tonic reports an HTTP/2 stream reset or GOAWAY (INTERNAL_ERROR,
-        // PROTOCOL_ERROR, even NO_ERROR; ENHANCE_YOUR_CALM) as these codes
-        // with the HTTP/2 error as their source: the call failed on the way
-        // and may have taken effect, so it is retried with its request id.
-        // A status the server sent has no source.
-        Code::Internal | Code::ResourceExhausted if std::error::Error::source(status).is_some() => {
+        // PROTOCOL_ERROR, even NO_ERROR; ENHANCE_YOUR_CALM) as INTERNAL or
+        // RESOURCE_EXHAUSTED with the HTTP/2 error as their source: the call
+        // failed on the way and may have taken effect, so it is retried with
+        // its request id. A status the server sent has no source.
+        Code::Internal if std::error::Error::source(status).is_some() => {
             AttemptError::Transport(reason)
         }
         _ => AttemptError::Refused(Error::Server(reason)),
@@ -248,6 +253,11 @@ mod tests {
         assert!(matches!(
             classify(&tonic::Status::internal("bug")),
             AttemptError::Refused(Error::Server(_))
+        ));
+        // The server's request budget was full: nothing was done; retried.
+        assert!(matches!(
+            classify(&tonic::Status::resource_exhausted("full")),
+            AttemptError::Transport(_)
         ));
         // The same codes made by tonic from an HTTP/2 reset carry it as
         // their source: a failure on the way, retried.

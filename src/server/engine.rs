@@ -124,6 +124,9 @@ pub(super) struct Engine {
     pub reads: Arc<tokio::sync::Semaphore>,
     /// The read-reply budget: bytes of file-read replies held at once.
     pub reply_bytes: ReplyBudget,
+    /// The request budget: bytes of requests held while they arrive, over
+    /// every transport.
+    pub request_bytes: Arc<crate::transport::budget::RequestBudget>,
     /// Large reads go to a blocking thread (production); the simulation
     /// reads everything in line, deterministically.
     pub blocking_reads: bool,

@@ -167,6 +167,12 @@ impl Handle {
         (held, budget.waiting.load(Ordering::Relaxed))
     }
 
+    /// The request budget (`--max-inflight-request-bytes`), which every
+    /// transport's requests take their share of while they arrive.
+    pub fn request_budget(&self) -> &std::sync::Arc<crate::transport::budget::RequestBudget> {
+        &self.engine.request_bytes
+    }
+
     /// Reads the first `len` bytes of `file`, a few reads at once: each
     /// holds a descriptor (the log needs some too) and the file's bytes.
     /// The bytes come back with `held`, their share of the budget.

@@ -275,6 +275,25 @@ fn check_limits(config: &ServerConfig) -> Result<(), ServerError> {
             config.max_read_reply_bytes
         )));
     }
+    // The largest request must fit in what appends may fill, or it would
+    // always be refused. (A gRPC message's prefix is 5 bytes; a QUIC
+    // frame's at most 10.)
+    let max_append = config.max_append_bytes;
+    let largest = (crate::transport::grpc::Limits::for_max_append(max_append).max_request_bytes
+        as u64)
+        .saturating_add(5)
+        .max(
+            (crate::transport::quic::server::Limits::for_max_append(max_append).max_request_bytes
+                as u64)
+                .saturating_add(10),
+        );
+    let budget = config.max_inflight_request_bytes;
+    if crate::transport::budget::RequestBudget::large_part(budget) < largest {
+        return Err(ServerError::Config(format!(
+            "--max-inflight-request-bytes must be at least 4/3 of the largest request \
+             ({largest} bytes with --max-append-bytes {max_append}), got {budget}"
+        )));
+    }
     for (flag, ms) in [
         ("--keepalive-ms", config.keepalive_ms),
         ("--keepalive-timeout-ms", config.keepalive_timeout_ms),
@@ -425,6 +444,11 @@ mod tests {
         uncountable.max_read_reply_bytes = 4 << 30;
         let mut overflowing = good.clone();
         overflowing.log_prealloc = u64::MAX;
+        let mut no_room = good.clone();
+        no_room.max_inflight_request_bytes = 4 << 20;
+        let mut no_room_for_large = good.clone();
+        no_room_for_large.max_append_bytes = MOST_APPEND_BYTES;
+        no_room_for_large.max_inflight_request_bytes = 80 << 20;
         for bad in [
             none,
             countless,
@@ -435,6 +459,8 @@ mod tests {
             no_reads,
             uncountable,
             overflowing,
+            no_room,
+            no_room_for_large,
         ] {
             assert!(
                 matches!(check_limits(&bad), Err(ServerError::Config(_))),

@@ -133,6 +133,15 @@ pub struct ServerConfig {
     /// take its replies holds up other reads, not the server's memory.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_read_reply_bytes: u64,
+    /// Bytes of requests held at once while they arrive, over both
+    /// transports (bytes, or with KiB / MiB / GiB). A request takes its
+    /// share when its length is known and gives it back once it is decoded;
+    /// one that finds no room is refused RESOURCE_EXHAUSTED (clients retry
+    /// with backoff). Appends may fill three quarters of it; the rest is
+    /// for small calls (renewals, releases). At least 4/3 of the largest
+    /// request (the largest append plus its envelope, 4 MiB at least).
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_inflight_request_bytes: u64,
     /// Ping a client connection after this many milliseconds without
     /// hearing from it (HTTP/2 pings for gRPC, QUIC pings).
     #[arg(long, default_value_t = KEEPALIVE_MS)]
@@ -198,6 +207,7 @@ impl ServerConfig {
             max_connections: crate::transport::MAX_CONNECTIONS,
             min_request_rate: crate::transport::MIN_REQUEST_RATE,
             max_read_reply_bytes: handle::READ_REPLY_BUDGET,
+            max_inflight_request_bytes: crate::transport::budget::DEFAULT_BYTES,
             keepalive_ms: KEEPALIVE_MS,
             keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS,
             split_record_bytes: crate::log::SPLIT_RECORD_BYTES,
@@ -568,6 +578,9 @@ impl Node {
             data,
             reads: Arc::new(tokio::sync::Semaphore::new(handle::MAX_READS)),
             reply_bytes: engine::ReplyBudget::new(config.max_read_reply_bytes),
+            request_bytes: crate::transport::budget::RequestBudget::new(
+                config.max_inflight_request_bytes,
+            ),
             blocking_reads: mode == WriterMode::Thread,
             state: Mutex::new(engine::State {
                 observer: recovered.observer,

@@ -27,6 +27,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
+use super::budget::{MessagePrefixes, RequestBudget, RequestShare};
 use super::calls;
 use super::tls::ServerTls;
 use super::{
@@ -126,6 +127,8 @@ impl GrpcService {
     /// read-reply budget until their bytes have left.
     pub fn into_server(self, limits: &Limits) -> HoldReplies<LockServiceServer<GrpcService>> {
         HoldReplies {
+            budget: self.handle.request_budget().clone(),
+            max_request_bytes: limits.max_request_bytes as u64,
             inner: LockServiceServer::new(self)
                 .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -168,9 +171,18 @@ struct Held(Arc<HeldReply>, Option<Arc<Cutter>>);
 /// and then only answered pings (or sent a byte now and then), held that
 /// room (up to the largest request, on each of its streams) for as long as
 /// its connection lived.
+///
+/// Each request message also takes its share of the server's request
+/// budget as soon as its prefix arrives, until its body is dropped (tonic
+/// drops it once it has decoded the message); one that finds no room is
+/// answered RESOURCE_EXHAUSTED ([`crate::transport::budget`]).
 #[derive(Clone)]
 pub struct HoldReplies<S> {
     inner: S,
+    budget: Arc<RequestBudget>,
+    /// Messages declared larger are left to tonic to refuse (OUT_OF_RANGE:
+    /// no retry), without a share.
+    max_request_bytes: u64,
     request_timeout: Duration,
     min_request_rate: u64,
     reply_stall: Duration,
@@ -196,6 +208,8 @@ where
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let limit = self.request_timeout;
         let min_rate = self.min_request_rate;
+        let budget = self.budget.clone();
+        let max_request_bytes = self.max_request_bytes;
         HoldReply {
             inner: self.inner.call(request.map(|body| {
                 tonic::body::Body::new(TimedBody {
@@ -205,6 +219,10 @@ where
                     received: 0,
                     min_rate,
                     timer: None,
+                    budget,
+                    max_request_bytes,
+                    prefixes: MessagePrefixes::default(),
+                    shares: Vec::new(),
                 })
             })),
             stall: self.reply_stall,
@@ -216,7 +234,8 @@ where
 /// next frame, and whose frames must come at `min_rate` bytes per second on
 /// average past its first `limit` ([`super::request_deadline`]). A request
 /// that arrives with its headers never starts the timer; an upload at the
-/// rate or faster never runs out of it.
+/// rate or faster never runs out of it. Each message takes its share of
+/// `budget` when its prefix arrives, held until the body is dropped.
 struct TimedBody {
     body: tonic::body::Body,
     limit: Duration,
@@ -226,6 +245,11 @@ struct TimedBody {
     /// Bytes per second (0: no bound on the whole body).
     min_rate: u64,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    budget: Arc<RequestBudget>,
+    max_request_bytes: u64,
+    prefixes: MessagePrefixes,
+    /// The shares of the messages so far (a unary call has one).
+    shares: Vec<RequestShare>,
 }
 
 impl TimedBody {
@@ -253,8 +277,25 @@ impl http_body::Body for TimedBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, GrpcStatus>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
-                this.received += data.map_or(0, |d| d.len() as u64);
+            if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
+                this.received += data.len() as u64;
+                let mut refused = None;
+                let (budget, shares, most) =
+                    (&this.budget, &mut this.shares, this.max_request_bytes);
+                this.prefixes.push(data, |declared| {
+                    if refused.is_some() || declared > most.saturating_add(5) {
+                        return;
+                    }
+                    match budget.take(declared) {
+                        Ok(share) => shares.push(share),
+                        Err(no_room) => refused = Some(no_room),
+                    }
+                });
+                if let Some(no_room) = refused {
+                    return Poll::Ready(Some(Err(GrpcStatus::resource_exhausted(
+                        no_room.message(),
+                    ))));
+                }
             }
             if this.timer.is_some() {
                 let deadline = this.deadline();

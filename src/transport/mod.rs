@@ -2,6 +2,7 @@
 //! [`crate::server::Handle`], and core replies back into its wire format.
 //! None of them holds lock rules.
 //!
+//! - [`budget`]: the bytes of requests held while they arrive, server-wide.
 //! - [`calls`]: the meaning of each protobuf call, shared by every transport.
 //! - [`grpc`]: tonic, wire compatible with the original service; TLS optional.
 //! - [`quic`]: quinn, one stream per call, length-delimited envelopes
@@ -10,6 +11,7 @@
 
 use std::time::Duration;
 
+pub mod budget;
 pub mod calls;
 pub mod grpc;
 pub mod quic;

@@ -10,7 +10,7 @@ use prost::Message as _;
 
 use crate::core::types::{Reply, Request};
 use crate::proto::call_request::Call;
-use crate::proto::{CallRequest, FileReadArgs, FileReadResponse};
+use crate::proto::{CallRequest, FileArgs, FileReadArgs, FileReadResponse};
 use crate::server::{Bound, Handle, Node, ServerConfig, ServerTransport};
 
 /// A server serving gRPC and QUIC on one free loopback port, with a
@@ -40,11 +40,20 @@ async fn serve_with(budget: u64, reply_stall: Duration) -> Served {
 
 /// [`serve`], with the transports' limits as `tune` leaves them.
 async fn serve_tuned(budget: u64, tune: impl FnOnce(&mut Bound)) -> Served {
+    serve_configured(|config| config.max_read_reply_bytes = budget, tune).await
+}
+
+/// [`serve`], with the configuration as `configure` leaves it and the
+/// transports' limits as `tune` leaves them.
+async fn serve_configured(
+    configure: impl FnOnce(&mut ServerConfig),
+    tune: impl FnOnce(&mut Bound),
+) -> Served {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(tmp.path().to_path_buf());
     config.transport = ServerTransport::Quic;
     config.log_prealloc = 0;
-    config.max_read_reply_bytes = budget;
+    configure(&mut config);
     let mut bound = Bound::bind(&config).await.unwrap();
     // A stop does not wait long for a stalled peer's connection.
     bound.grpc_limits.drain_grace = Duration::from_millis(100);
@@ -116,6 +125,23 @@ impl Served {
                 "the budget shows {:?}, not ({held}, {waiting})",
                 self.handle.read_replies()
             );
+        }
+    }
+
+    /// Waits (bounded: a hang becomes a failure) until the request budget
+    /// holds `held` bytes.
+    async fn until_requests(&self, held: u64) {
+        let budget = self.handle.request_budget();
+        let wait = async {
+            while budget.held().0 != held {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .is_err()
+        {
+            panic!("the request budget holds {:?}, not {held}", budget.held());
         }
     }
 
@@ -718,4 +744,181 @@ fn a_request_may_take_the_pause_plus_a_second_per_min_rate_bytes() {
         Some(t + pause + Duration::from_secs(1))
     );
     assert!(request_deadline(t, pause, u64::MAX, 1).is_none());
+}
+
+/// A server whose request budget is 8 MiB: appends of 1 MiB may fill 6 MiB
+/// of it, that is five at once.
+async fn serve_budgeted() -> Served {
+    serve_configured(|config| config.max_inflight_request_bytes = 8 << 20, |_| {}).await
+}
+
+/// An append of 1 MiB to `file_1` (without a grant: the core refuses it,
+/// which is an answer like any other).
+fn large_append() -> FileArgs {
+    FileArgs {
+        client_id: 7,
+        filename: "file_1".into(),
+        content: vec![b'a'; 1 << 20],
+        token: "none".into(),
+        request_id: String::new(),
+    }
+}
+
+/// Requests take their share of the request budget as they arrive and give
+/// it back once decoded; over QUIC, one that finds no room for it is reset
+/// `RESOURCE_EXHAUSTED` at once, while small calls still have their quarter
+/// of the budget, and the same request is served once room frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_up() {
+    let served = serve_budgeted().await;
+    let (_connector, connection) = quic_connection(&served).await;
+    let framed = crate::transport::quic::frame::encode(&CallRequest {
+        call: Some(Call::FileAppend(large_append())),
+        timeout_ms: 0,
+    });
+    // Five appends that stop halfway hold five shares.
+    let mut halfway = Vec::new();
+    for _ in 0..5 {
+        let (mut send, recv) = connection.open_bi().await.unwrap();
+        send.write_all(&framed[..framed.len() / 2]).await.unwrap();
+        halfway.push((send, recv));
+    }
+    let share = framed.len() as u64;
+    served.until_requests(5 * share).await;
+
+    // A sixth does not fit; the stream is reset, nothing is held for it.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let _ = send.write_all(&framed).await;
+    let _ = send.finish();
+    let refused = recv.read_to_end(1 << 10).await;
+    assert_reset(
+        &refused,
+        crate::transport::quic::ErrorCode::ResourceExhausted,
+    );
+    assert_eq!(served.handle.request_budget().held(), (5 * share, 1));
+
+    // A small call is still served.
+    let (_send, mut recv) = quic_read(&connection, "file_1").await;
+    let response = quic_response(&mut recv).await;
+    assert!(
+        matches!(
+            response.reply,
+            Some(crate::proto::call_response::Reply::FileRead(_))
+        ),
+        "{response:?}"
+    );
+
+    // One of the five ends: it is answered, and its share comes back.
+    let (mut send, mut recv) = halfway.pop().unwrap();
+    send.write_all(&framed[framed.len() / 2..]).await.unwrap();
+    send.finish().unwrap();
+    let response = quic_response(&mut recv).await;
+    assert!(
+        matches!(
+            response.reply,
+            Some(crate::proto::call_response::Reply::FileAppend(_))
+        ),
+        "{response:?}"
+    );
+    served.until_requests(4 * share).await;
+
+    // The refused request, sent again, is served.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&framed).await.unwrap();
+    send.finish().unwrap();
+    let response = quic_response(&mut recv).await;
+    assert!(
+        matches!(
+            response.reply,
+            Some(crate::proto::call_response::Reply::FileAppend(_))
+        ),
+        "{response:?}"
+    );
+    served.until_requests(4 * share).await;
+
+    // The halfway requests that go give their shares back.
+    drop(halfway);
+    drop(connection);
+    served.until_requests(0).await;
+    served.stop().await;
+}
+
+/// A gRPC `FileAppend` request body for `args`, and the request.
+fn grpc_append(addr: std::net::SocketAddr, args: &FileArgs) -> (http::Request<()>, Bytes) {
+    let message = args.encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let request = http::Request::post(format!("http://{addr}/lock.LockService/FileAppend"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    (request, Bytes::from(body))
+}
+
+/// The `grpc-status` of an answer (in its headers, or its trailers), having
+/// read its body.
+async fn grpc_status_of(answer: h2::client::ResponseFuture) -> String {
+    let answer = answer.await.unwrap();
+    let mut status = answer.headers().get("grpc-status").cloned();
+    let mut body = answer.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    if let Ok(Some(trailers)) = body.trailers().await {
+        status = status.or_else(|| trailers.get("grpc-status").cloned());
+    }
+    status.map_or_else(String::new, |s| s.to_str().unwrap().to_owned())
+}
+
+/// As over QUIC: a gRPC request the budget has no room for is answered
+/// RESOURCE_EXHAUSTED, small calls still pass, and the same request is
+/// served once a share comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_request_the_budget_has_no_room_for_is_refused_until_room_frees_up() {
+    let served = serve_budgeted().await;
+    let addr = served.addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driving = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let (request, body) = grpc_append(addr, &large_append());
+    let share = body.len() as u64;
+    // Five appends that stop after their prefix and a little more.
+    let mut halfway = Vec::new();
+    for _ in 0..5 {
+        let (answer, mut sending) = client.send_request(request.clone(), false).unwrap();
+        sending.send_data(body.slice(..1000), false).unwrap();
+        halfway.push((answer, sending));
+    }
+    served.until_requests(5 * share).await;
+
+    let (answer, mut sending) = client.send_request(request.clone(), false).unwrap();
+    sending.send_data(body.clone(), true).unwrap();
+    // 8: RESOURCE_EXHAUSTED.
+    assert_eq!(grpc_status_of(answer).await, "8");
+    assert_eq!(served.handle.request_budget().held(), (5 * share, 1));
+
+    // A small call is still served (on a connection of its own).
+    let read = grpc_read_whole(addr, "file_1").await;
+    assert_eq!(read.status, 0, "{}", read.error_message);
+
+    // One of the five ends: it is answered, its share comes back.
+    let (answer, mut sending) = halfway.pop().unwrap();
+    sending.send_data(body.slice(1000..), true).unwrap();
+    assert_eq!(grpc_status_of(answer).await, "0");
+    served.until_requests(4 * share).await;
+
+    let (answer, mut sending) = client.send_request(request.clone(), false).unwrap();
+    sending.send_data(body.clone(), true).unwrap();
+    assert_eq!(grpc_status_of(answer).await, "0");
+    served.until_requests(4 * share).await;
+
+    drop(halfway);
+    drop(client);
+    driving.abort();
+    served.until_requests(0).await;
+    served.stop().await;
 }

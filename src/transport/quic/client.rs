@@ -80,7 +80,8 @@ impl From<FrameError> for CallError {
             FrameError::Closed => CallError::Connection("stream closed".into()),
             // The client reads without a pause limit; a caller's own
             // deadline bounds its wait.
-            e @ FrameError::Slow => CallError::Connection(e.to_string()),
+            // (and has no request budget).
+            e @ (FrameError::Slow | FrameError::NoRoom(_)) => CallError::Connection(e.to_string()),
             e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
                 CallError::BadResponse(e.to_string())
             }

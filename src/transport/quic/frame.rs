@@ -8,10 +8,13 @@
 //! from a quinn stream. Must not: know which messages travel or what they
 //! mean.
 
+use std::sync::Arc;
+
 use prost::Message;
 use quinn::{ConnectionError, ReadError, RecvStream};
 
 use super::ErrorCode;
+use crate::transport::budget::{NoRoom, RequestBudget};
 
 /// Longest protobuf varint (a u64).
 const MAX_VARINT_BYTES: usize = 10;
@@ -45,6 +48,10 @@ pub enum FrameError {
     /// ([`read_frame_paced`]).
     #[error("the frame stopped arriving or arrives too slowly")]
     Slow,
+    /// The server's request budget had no room for the frame
+    /// ([`read_frame_paced`]).
+    #[error("{}", .0.message())]
+    NoRoom(NoRoom),
 }
 
 impl FrameError {
@@ -55,6 +62,7 @@ impl FrameError {
             FrameError::Malformed(_) => Some(ErrorCode::MalformedFrame),
             FrameError::TooLarge { .. } => Some(ErrorCode::FrameTooLarge),
             FrameError::Slow => Some(ErrorCode::IncompleteRequest),
+            FrameError::NoRoom(_) => Some(ErrorCode::ResourceExhausted),
             FrameError::Reset(_) | FrameError::Lost(_) | FrameError::Closed => None,
         }
     }
@@ -158,6 +166,11 @@ impl FrameReader {
         Ok(())
     }
 
+    /// The frame's whole length (prefix and body), once its prefix is in.
+    pub fn declared(&self) -> Option<usize> {
+        self.shape.map(|(prefix, body)| prefix + body)
+    }
+
     /// The message, once the stream has ended.
     ///
     /// # Errors
@@ -200,19 +213,23 @@ pub async fn read_frame<M: Message + Default>(
 /// for `pause`, or when the frame takes longer than `pause` plus one second
 /// per `min_rate` bytes received ([`crate::transport::request_deadline`]):
 /// a large frame on a slow link that keeps coming is read whole, one that
-/// trickles in is not.
+/// trickles in is not. The frame takes its share of `budget` as soon as its
+/// prefix is in, until it is decoded.
 ///
 /// # Errors
-/// [`FrameError::Slow`] then; otherwise as [`read_frame`].
+/// [`FrameError::Slow`] then; [`FrameError::NoRoom`] when `budget` has no
+/// room for the frame; otherwise as [`read_frame`].
 pub async fn read_frame_paced<M: Message + Default>(
     recv: &mut RecvStream,
     limit: usize,
     pause: std::time::Duration,
     min_rate: u64,
+    budget: &Arc<RequestBudget>,
 ) -> Result<M, FrameError> {
     let started = tokio::time::Instant::now();
     let mut received = 0u64;
     let mut reader = FrameReader::new(limit);
+    let mut share = None;
     loop {
         let overall = crate::transport::request_deadline(started, pause, received, min_rate);
         let now = tokio::time::Instant::now();
@@ -223,6 +240,11 @@ pub async fn read_frame_paced<M: Message + Default>(
             Some(chunk) => {
                 received += chunk.bytes.len() as u64;
                 reader.push(&chunk.bytes)?;
+                if share.is_none() {
+                    if let Some(declared) = reader.declared() {
+                        share = Some(budget.take(declared as u64).map_err(FrameError::NoRoom)?);
+                    }
+                }
             }
             None => return reader.finish(),
         }

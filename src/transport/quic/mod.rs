@@ -100,6 +100,9 @@ pub enum ErrorCode {
     /// The client's flow control took no more of a file read's reply for
     /// [`REPLY_STALL_LIMIT`].
     ReplyStalled = 0x8,
+    /// The server holds as many arriving request bytes as it takes
+    /// (`--max-inflight-request-bytes`); retry later.
+    ResourceExhausted = 0x9,
 }
 
 impl ErrorCode {
@@ -121,6 +124,7 @@ impl ErrorCode {
             Cancelled,
             IncompleteRequest,
             ReplyStalled,
+            ResourceExhausted,
         ]
         .into_iter()
         .find(|code| *code as u64 == raw)
@@ -258,11 +262,11 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_unknown_values_are_none() {
-        for raw in 0..9u64 {
+        for raw in 0..10u64 {
             let code = ErrorCode::from_raw(raw).unwrap();
             assert_eq!(code as u64, raw);
             assert_eq!(code.varint().into_inner(), raw);
         }
-        assert_eq!(ErrorCode::from_raw(9), None);
+        assert_eq!(ErrorCode::from_raw(10), None);
     }
 }

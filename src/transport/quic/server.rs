@@ -285,6 +285,7 @@ async fn serve_stream(
         limits.max_request_bytes,
         limits.request_timeout,
         limits.min_request_rate,
+        handle.request_budget(),
     )
     .await;
     let request = match read {

@@ -3,8 +3,11 @@
 //!
 //! Owns: the count of those bytes. A request takes its share as soon as its
 //! length is known (QUIC: the frame's prefix; gRPC: the message's 5-byte
-//! prefix), before its body is read, and gives it back once the body is
-//! decoded. A request whose share is not free is refused at once
+//! prefix), before its body is read, and gives it back once the request has
+//! ended and been decoded (before the call is carried out): the declared
+//! length, not what has arrived so far, because tonic sets aside room for a
+//! whole message as soon as its prefix is in. A request whose share is not
+//! free is refused at once
 //! (`RESOURCE_EXHAUSTED`, which clients retry with backoff) rather than
 //! made to wait: a waiting stream's unread bytes would take room in its
 //! connection's flow-control window, which the requests already holding

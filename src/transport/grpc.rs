@@ -222,7 +222,7 @@ where
                     budget,
                     max_request_bytes,
                     prefixes: MessagePrefixes::default(),
-                    shares: Vec::new(),
+                    share: None,
                 })
             })),
             stall: self.reply_stall,
@@ -248,8 +248,11 @@ struct TimedBody {
     budget: Arc<RequestBudget>,
     max_request_bytes: u64,
     prefixes: MessagePrefixes,
-    /// The shares of the messages so far (a unary call has one).
-    shares: Vec<RequestShare>,
+    /// The share of the latest message. Every dlm call is unary; tonic
+    /// decodes and drops any further message in the body, so each new
+    /// prefix replaces the share (a body holds one at a time, not one per
+    /// message it sends).
+    share: Option<RequestShare>,
 }
 
 impl TimedBody {
@@ -280,14 +283,14 @@ impl http_body::Body for TimedBody {
             if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
                 this.received += data.len() as u64;
                 let mut refused = None;
-                let (budget, shares, most) =
-                    (&this.budget, &mut this.shares, this.max_request_bytes);
+                let (budget, share, most) = (&this.budget, &mut this.share, this.max_request_bytes);
                 this.prefixes.push(data, |declared| {
                     if refused.is_some() || declared > most.saturating_add(5) {
                         return;
                     }
+                    *share = None;
                     match budget.take(declared) {
-                        Ok(share) => shares.push(share),
+                        Ok(taken) => *share = Some(taken),
                         Err(no_room) => refused = Some(no_room),
                     }
                 });

@@ -797,7 +797,8 @@ async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
     );
     assert_eq!(served.handle.request_budget().held(), (5 * share, 1));
 
-    // A small call is still served.
+    // Small calls go on meanwhile. (That they keep the last quarter of
+    // the budget is `budget::tests`'s.)
     let (_send, mut recv) = quic_read(&connection, "file_1").await;
     let response = quic_response(&mut recv).await;
     assert!(
@@ -901,7 +902,7 @@ async fn a_grpc_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
     assert_eq!(grpc_status_of(answer).await, "8");
     assert_eq!(served.handle.request_budget().held(), (5 * share, 1));
 
-    // A small call is still served (on a connection of its own).
+    // Small calls go on meanwhile (on a connection of their own).
     let read = grpc_read_whole(addr, "file_1").await;
     assert_eq!(read.status, 0, "{}", read.error_message);
 

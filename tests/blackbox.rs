@@ -620,6 +620,39 @@ async fn connections_past_max_connections_are_refused_until_one_closes(wire: Wir
     }
 }
 
+/// `--max-inflight-request-bytes 8MiB`: sixteen 1 MiB appends sent at once
+/// do not all fit (appends may fill 6 MiB of it); the server refuses the
+/// rest `RESOURCE_EXHAUSTED`, the client retries them with backoff, and
+/// every append lands exactly once. (How many are refused depends on how
+/// the transport interleaves the uploads, so it is not asserted; the
+/// server's warning shows refusals on every wire, and the transport tests
+/// show a refusal deterministically.)
+async fn appends_past_the_request_budget_land_once_through_retries(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &["--max-inflight-request-bytes", "8MiB"]);
+    let c1 = client(&server, 1);
+    let grant = c1.acquire("", AcquireOptions::default()).await.unwrap();
+    let appends = (0..16u8).map(|i| {
+        let (c1, grant) = (&c1, &grant);
+        async move {
+            let content = vec![b'a' + i; 1 << 20];
+            c1.append(grant, &format!("file_{i}"), content).await
+        }
+    });
+    for (i, appended) in futures_util::future::join_all(appends)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        appended.unwrap_or_else(|e| panic!("append {i}: {e}"));
+    }
+    c1.release(&grant).await.unwrap();
+    for i in 0..16u8 {
+        let file = server.file(&format!("file_{i}"));
+        assert_eq!(file.len(), 1 << 20, "file_{i}");
+        assert!(file.bytes().all(|b| b == b'a' + i), "file_{i}");
+    }
+}
+
 /// Whether the server closes `conn` within `bound`: whatever it sends first
 /// (its HTTP/2 settings) is read and dropped, and the end is EOF or a reset.
 async fn closed_within(conn: &mut (impl tokio::io::AsyncRead + Unpin), bound: Duration) -> bool {
@@ -747,6 +780,7 @@ mod a_connection_never_set_up_is_closed {
 over_every_wire!(
     acquire_two_appends_release_reads_aa,
     connections_past_max_connections_are_refused_until_one_closes,
+    appends_past_the_request_budget_land_once_through_retries,
     a_waiter_whose_client_falls_silent_is_cut_off_by_keepalive,
     kill9_with_the_lock_free_keeps_contents,
     kill9_with_the_lock_held_keeps_the_grant_and_its_staged_append,

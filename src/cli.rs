@@ -78,7 +78,10 @@ pub enum ClientCommand {
     #[command(after_help = format!(
         "CMD also gets DLM_SERVER, DLM_CLIENT_ID and the transport flags (DLM_TRANSPORT, \
          DLM_TLS, DLM_CA, DLM_CERT, DLM_KEY), so `dlm append FILE CONTENT` \
-         inside it appends under the held default lock. If the lease is lost, \
+         inside it appends under the held default lock. A `dlm hold` inside CMD \
+         takes a client id of its own unless given --client-id (not the inherited \
+         one, whose grants it would be handed); of the lock CMD already holds \
+         (DLM_LOCK), it runs its command under that grant. If the lease is lost, \
          CMD is killed and dlm exits with 4. A Ctrl-C reaches CMD; dlm waits for it. \
          SIGTERM and SIGHUP are passed on to CMD, and dlm waits for it; before CMD \
          runs they stop dlm (exit 128 + the signal).\n\n{EXIT_CODES}"

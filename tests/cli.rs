@@ -45,6 +45,7 @@ const CLI_ENV: &[&str] = &[
     "DLM_LOCK",
     "DLM_TOKEN",
     "DLM_FENCING_TOKEN",
+    "DLM_HOLD_CLIENT_ID",
     "XDG_STATE_HOME",
     "RUST_LOG",
 ];
@@ -732,6 +733,47 @@ echo "inner:$?""#;
     assert!(cli.lock_row("h").is_none(), "released at the end");
 }
 
+/// A hold nested in a hold's command does not act under the client id it
+/// inherited (DLM_CLIENT_ID): of another lock, it takes an id of its own
+/// (with the inherited one it would be handed a grant of that id, here
+/// client 5's of `b`, and release it when done); of the enclosing hold's
+/// own lock, it runs its command under the enclosing grant, which stays
+/// held.
+fn a_nested_hold_takes_its_own_id_unless_it_holds_the_enclosing_lock(wire: Wire) {
+    let server = ServerProcess::start_over(wire, &[]);
+    let cli = Cli::new(&server);
+    let script = r#""$0" acquire --client-id 5 --lock b --wait-ms 0 > /dev/null || exit 90
+"$0" hold --lock b --wait-ms 0 -- true
+echo "b:$?"
+"$0" release --client-id 5 --lock b > /dev/null || exit 91
+"$0" hold --lock a --wait-ms 0 -- sh -c 'echo "a:$DLM_CLIENT_ID:$DLM_TOKEN"' || exit 92
+echo "a:$DLM_CLIENT_ID:$DLM_TOKEN"
+"$0" renew --lock a --token "$DLM_TOKEN" > /dev/null || exit 93"#;
+    let held = cli
+        .run(
+            "hold",
+            &[
+                "--client-id",
+                "5",
+                "--lock",
+                "a",
+                "--",
+                "sh",
+                "-c",
+                script,
+                dlm_bin(),
+            ],
+        )
+        .ok();
+    let lines: Vec<&str> = held.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{held:#?}");
+    assert_eq!(lines[0], format!("b:{EXIT_BUSY}"), "{held:#?}");
+    assert!(lines[1].starts_with("a:5:"), "{held:#?}");
+    assert_eq!(lines[1], lines[2], "the same grant: {held:#?}");
+    assert!(cli.lock_row("a").is_none(), "released at the end");
+    assert!(cli.lock_row("b").is_none(), "released by its acquirer");
+}
+
 #[test]
 fn an_unreachable_server_exits_5_with_one_line() {
     let cli = Cli::at(&closed_addr());
@@ -865,6 +907,7 @@ over_every_wire!(
     hold_runs_a_command_under_a_lock_and_passes_its_exit_status,
     hold_of_the_default_lock_lets_a_nested_append_use_its_token,
     two_holds_without_a_client_id_exclude_each_other,
+    a_nested_hold_takes_its_own_id_unless_it_holds_the_enclosing_lock,
     a_grant_that_cannot_be_kept_is_not_given_back,
     hold_passes_sigterm_on_to_its_command_and_releases_after_it,
     hold_stopped_by_sigterm_leaves_nothing_of_its_command_running,

@@ -24,7 +24,21 @@
 //! killed by a signal leaves `job` behind). A process that leaves the group
 //! (`setsid`) escapes this. Not covered: a signal while releasing at the
 //! end.
+//!
+//! Nesting: the command gets the hold's client id (`DLM_CLIENT_ID`, so that
+//! `dlm append` in it appends under the held grant) and, as
+//! `DLM_HOLD_CLIENT_ID`, a note that the id is a hold's. A `dlm hold` inside
+//! it that would use that id only by inheritance (no `--client-id` of its
+//! own) does not: an acquire by the holder's id is handed the holder's grant,
+//! so nested holds of one lock in parallel branches of the command would not
+//! exclude each other, and the first to finish would release the grant under
+//! the others. It takes an id of its own instead, unless it asks for the very
+//! lock the enclosing hold has (`DLM_LOCK`): then the command already runs
+//! under it, and the nested hold runs its command in its place (it `exec`s
+//! it), neither acquiring nor releasing. (Only the directly enclosing hold
+//! is known: a hold of a lock held further out waits for it.)
 
+use std::ffi::OsString;
 use std::process::ExitStatus;
 
 use futures_util::FutureExt as _;
@@ -47,7 +61,16 @@ pub async fn hold(args: HoldArgs) -> i32 {
     };
     // Two holds of one lock must exclude each other: with one shared id,
     // the second would be handed the first one's grant.
-    let connect_args = args.connect.clone().with_own_client_id();
+    let mut connect_args = args.connect.clone();
+    if let Some(enclosing) = Enclosing::from_env() {
+        if connect_args.client_id == Some(enclosing.client_id) && !client_id_given(&args) {
+            if enclosing.lock == lock {
+                return run_in_place(&args, &program);
+            }
+            connect_args.client_id = None;
+        }
+    }
+    let connect_args = connect_args.with_own_client_id();
     let connected = tokio::select! {
         connected = connect(&connect_args, true) => connected,
         signal = terminations.next() => return stopped(signal),
@@ -91,7 +114,8 @@ pub async fn hold(args: HoldArgs) -> i32 {
         .env("DLM_LOCK", &lock)
         .env("DLM_TOKEN", guard.token())
         .env("DLM_FENCING_TOKEN", guard.fence().to_string())
-        .envs(connect_args.env());
+        .envs(connect_args.env())
+        .env(HOLD_CLIENT_ID, connect_args.client_id().to_string());
     if own_group {
         command.process_group(0);
     }
@@ -156,6 +180,53 @@ pub async fn hold(args: HoldArgs) -> i32 {
                 code
             }
         }
+    }
+}
+
+/// Set for a hold's command: the client id in `DLM_CLIENT_ID` is the
+/// hold's.
+const HOLD_CLIENT_ID: &str = "DLM_HOLD_CLIENT_ID";
+
+/// The `dlm hold` whose command this process runs in, as its environment
+/// tells.
+struct Enclosing {
+    client_id: i32,
+    lock: String,
+}
+
+impl Enclosing {
+    fn from_env() -> Option<Enclosing> {
+        let client_id = std::env::var(HOLD_CLIENT_ID).ok()?.parse().ok()?;
+        let lock = std::env::var("DLM_LOCK").ok()?;
+        let token = std::env::var("DLM_TOKEN").ok()?;
+        (!token.is_empty()).then_some(Enclosing { client_id, lock })
+    }
+}
+
+/// Whether `--client-id` is on this hold's own command line (rather than
+/// inherited through `DLM_CLIENT_ID`): among the arguments before CMD.
+fn client_id_given(args: &HoldArgs) -> bool {
+    let all: Vec<OsString> = std::env::args_os().collect();
+    let own = all.len().saturating_sub(args.command.len());
+    all.iter().take(own).skip(1).any(|arg| {
+        let arg = arg.to_string_lossy();
+        arg == "--client-id" || arg.starts_with("--client-id=")
+    })
+}
+
+/// Runs CMD in this process's place, under the enclosing hold's grant of
+/// the same lock (its environment is already CMD's); returns only if CMD
+/// cannot be run (126, or 127 when it is not found).
+fn run_in_place(args: &HoldArgs, program: &str) -> i32 {
+    use std::os::unix::process::CommandExt as _;
+    let error = std::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .exec();
+    say(format_args!("dlm: cannot run {program}: {error}"));
+    if error.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
     }
 }
 

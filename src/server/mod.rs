@@ -134,10 +134,9 @@ pub struct ServerConfig {
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_read_reply_bytes: u64,
     /// Bytes of requests held at once while they arrive, over both
-    /// transports (bytes, or with KiB / MiB / GiB). A request takes its
-    /// share when its length is known and gives it back once it is decoded;
-    /// one that finds no room is refused RESOURCE_EXHAUSTED (clients retry
-    /// with backoff). Appends may fill three quarters of it; the rest is
+    /// transports (bytes, or with KiB / MiB / GiB). A request's bytes count
+    /// as they arrive, until it is decoded; one whose bytes find no room is
+    /// refused RESOURCE_EXHAUSTED (clients retry with backoff). Appends may fill three quarters of it; the rest is
     /// for small calls (renewals, releases). At least 4/3 of the largest
     /// request (the largest append plus its envelope, 4 MiB at least).
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]

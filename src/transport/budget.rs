@@ -1,25 +1,27 @@
 //! The request budget (`--max-inflight-request-bytes`): bytes of requests
 //! the server holds while they arrive, over both transports at once.
 //!
-//! Owns: the count of those bytes. A request takes its share as soon as its
-//! length is known (QUIC: the frame's prefix; gRPC: the message's 5-byte
-//! prefix), before its body is read, and gives it back once the request has
-//! ended and been decoded (before the call is carried out): the declared
-//! length, not what has arrived so far, because tonic sets aside room for a
-//! whole message as soon as its prefix is in. A request whose share is not
-//! free is refused at once
-//! (`RESOURCE_EXHAUSTED`, which clients retry with backoff) rather than
-//! made to wait: a waiting stream's unread bytes would take room in its
-//! connection's flow-control window, which the requests already holding
-//! shares on that connection may need to finish. Must not: wait, or hold a
-//! lock; it is two atomic operations on every request.
+//! Owns: the count of those bytes. A request's share grows with each piece
+//! of it that arrives (QUIC: the frame's chunks; gRPC: the body's data
+//! frames) and is given back once the request has ended and been decoded,
+//! before the call is carried out. A request whose next piece finds no room
+//! is refused at once (`RESOURCE_EXHAUSTED`, which clients retry with
+//! backoff) rather than made to wait: a waiting stream's unread bytes would
+//! take room in its connection's flow-control window, which the requests
+//! already holding shares on that connection may need to finish. Must not:
+//! wait, or hold a lock; it is an atomic operation per piece.
+//!
+//! What counts is what arrived, not what a request's prefix declares: a
+//! declared length costs the server nothing until its bytes come (tonic's
+//! buffer for a declared message is address space until written), and
+//! counting it would let a peer that sends a few 5-byte prefixes fill the
+//! budget. To hold the budget, a peer must send it, and the request time
+//! limits (a pause of 30 s, a minimum rate) bound how long.
 //!
 //! Without it, each connection could hold up to its 256 streams times the
-//! largest request (256 MiB by default over gRPC, and 64 times that with
-//! `--max-append-bytes` at its most), on each of thousands of connections:
-//! a few clients uploading large appends slowly could exhaust the server's
-//! memory. The per-request time limits bound how long such bytes are held,
-//! not how many.
+//! largest request (4 MiB by default over gRPC, and 64 MiB at most), on
+//! each of thousands of connections: a few clients uploading large appends
+//! slowly could exhaust the server's memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,9 +53,36 @@ pub struct RequestShare {
     bytes: u64,
 }
 
+impl RequestShare {
+    /// Counts `more` bytes of the request, arrived.
+    ///
+    /// # Errors
+    /// [`NoRoom`] when they would take the budget past its total, or past
+    /// three quarters of it once the request is larger than
+    /// [`SMALL_REQUEST_BYTES`]; the share keeps what it had.
+    pub fn grow(&mut self, more: u64) -> Result<(), NoRoom> {
+        let after = self.bytes.saturating_add(more);
+        let most = if after > SMALL_REQUEST_BYTES {
+            self.budget.large
+        } else {
+            self.budget.total
+        };
+        self.budget.add(more, most)?;
+        self.bytes = after;
+        Ok(())
+    }
+
+    /// The bytes counted.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Drop for RequestShare {
     fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.bytes > 0 {
+            self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -68,7 +97,7 @@ impl NoRoom {
     pub fn message(self) -> String {
         format!(
             "the server holds as many arriving request bytes as it takes \
-             (--max-inflight-request-bytes); retry later ({} bytes)",
+             (--max-inflight-request-bytes); retry later (no room for {} more bytes)",
             self.bytes
         )
     }
@@ -92,33 +121,27 @@ impl RequestBudget {
         total - total / 4
     }
 
-    /// Takes `bytes` for a request, or refuses it.
-    ///
-    /// # Errors
-    /// [`NoRoom`] when the request would take the budget past its total
-    /// (past three quarters of it, for a large request).
-    pub fn take(self: &Arc<Self>, bytes: u64) -> Result<RequestShare, NoRoom> {
-        let most = if bytes > SMALL_REQUEST_BYTES {
-            self.large
-        } else {
-            self.total
-        };
+    /// An empty share for a request that starts arriving.
+    pub fn share(self: &Arc<Self>) -> RequestShare {
+        RequestShare {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `more` to `held` unless that passes `most`.
+    fn add(&self, more: u64, most: u64) -> Result<(), NoRoom> {
         let mut held = self.held.load(Ordering::Acquire);
         loop {
-            let Some(next) = held.checked_add(bytes).filter(|&next| next <= most) else {
+            let Some(next) = held.checked_add(more).filter(|&next| next <= most) else {
                 self.note_refusal();
-                return Err(NoRoom { bytes });
+                return Err(NoRoom { bytes: more });
             };
             match self
                 .held
                 .compare_exchange_weak(held, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => {
-                    return Ok(RequestShare {
-                        budget: self.clone(),
-                        bytes,
-                    })
-                }
+                Ok(_) => return Ok(()),
                 Err(now) => held = now,
             }
         }
@@ -147,102 +170,53 @@ impl RequestBudget {
     }
 }
 
-/// The lengths a gRPC request body declares, read from its messages'
-/// 5-byte prefixes (a flag byte, then the length, big-endian) as the body's
-/// pieces arrive, split anywhere.
-#[derive(Debug, Default)]
-pub struct MessagePrefixes {
-    /// Bytes of the current prefix so far.
-    prefix: [u8; 5],
-    have: usize,
-    /// Bytes of the current message still to come.
-    rest: u64,
-}
-
-impl MessagePrefixes {
-    /// Takes the next piece of the body; returns the whole length (prefix
-    /// included) of each message whose prefix completed in it.
-    pub fn push(&mut self, mut data: &[u8], mut found: impl FnMut(u64)) {
-        while !data.is_empty() {
-            if self.rest > 0 {
-                let n = self.rest.min(data.len() as u64);
-                self.rest -= n;
-                data = &data[n as usize..];
-                continue;
-            }
-            let n = (5 - self.have).min(data.len());
-            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
-            self.have += n;
-            data = &data[n..];
-            if self.have == 5 {
-                self.have = 0;
-                let len = u32::from_be_bytes([
-                    self.prefix[1],
-                    self.prefix[2],
-                    self.prefix[3],
-                    self.prefix[4],
-                ]);
-                self.rest = u64::from(len);
-                found(5 + u64::from(len));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn shares_come_back_when_dropped() {
+    fn shares_grow_as_bytes_arrive_and_come_back_when_dropped() {
         let budget = RequestBudget::new(400 << 10);
-        let a = budget.take(100 << 10).unwrap();
-        let b = budget.take(100 << 10).unwrap();
+        let mut a = budget.share();
+        let mut b = budget.share();
+        a.grow(100 << 10).unwrap();
+        b.grow(60 << 10).unwrap();
+        b.grow(40 << 10).unwrap();
+        assert_eq!((a.bytes(), b.bytes()), (100 << 10, 100 << 10));
         assert_eq!(budget.held(), (200 << 10, 0));
         drop(a);
         assert_eq!(budget.held(), (100 << 10, 0));
         drop(b);
+        assert_eq!(budget.held(), (0, 0));
+        // An empty share gives nothing back.
+        drop(budget.share());
         assert_eq!(budget.held(), (0, 0));
     }
 
     #[test]
     fn large_requests_leave_the_last_quarter_to_small_ones() {
         let budget = RequestBudget::new(400 << 10);
-        let large = SMALL_REQUEST_BYTES + 1;
-        let held: Vec<_> = (0..4).map(|_| budget.take(large).unwrap()).collect();
-        // 4 × 64 KiB + 4 of 300 KiB taken; a fifth large one does not fit.
-        assert_eq!(budget.take(large).unwrap_err(), NoRoom { bytes: large });
-        // Small ones still do, up to the whole budget.
-        let small: Vec<_> = (0..2).map(|_| budget.take(64 << 10).unwrap()).collect();
-        assert_eq!(
-            budget.take(16 << 10).unwrap_err(),
-            NoRoom { bytes: 16 << 10 }
-        );
-        assert_eq!(budget.held(), (4 * large + (128 << 10), 2));
-        drop(small);
-        drop(held);
+        // Three large requests of 100 KiB fill the 300 KiB they may.
+        let mut large: Vec<_> = (0..3).map(|_| budget.share()).collect();
+        for share in &mut large {
+            share.grow(SMALL_REQUEST_BYTES).unwrap();
+            share.grow((100 << 10) - SMALL_REQUEST_BYTES).unwrap();
+        }
+        // A fourth grows while small, and is refused once it is large.
+        let mut fourth = budget.share();
+        fourth.grow(SMALL_REQUEST_BYTES).unwrap();
+        assert_eq!(fourth.grow(1).unwrap_err(), NoRoom { bytes: 1 });
+        assert_eq!(fourth.bytes(), SMALL_REQUEST_BYTES, "keeps what it had");
+        // Small ones still fit, up to the whole budget.
+        let mut small = budget.share();
+        small.grow((100 << 10) - SMALL_REQUEST_BYTES).unwrap();
+        assert_eq!(budget.held(), (400 << 10, 1));
+        assert!(budget.share().grow(1).is_err());
+        drop((large, fourth, small));
         assert_eq!(budget.held(), (0, 2));
         // Nothing larger than the budget's parts, ever; no overflow.
-        assert!(budget.take(u64::MAX).is_err());
+        assert!(budget.share().grow(u64::MAX).is_err());
         assert_eq!(RequestBudget::large_part(400), 300);
         assert_eq!(RequestBudget::large_part(0), 0);
-    }
-
-    #[test]
-    fn message_prefixes_are_found_however_the_body_is_split() {
-        let mut body = Vec::new();
-        for len in [0u32, 3, 300] {
-            body.push(0);
-            body.extend_from_slice(&len.to_be_bytes());
-            body.extend(std::iter::repeat_n(7u8, len as usize));
-        }
-        for step in 1..=body.len() {
-            let mut prefixes = MessagePrefixes::default();
-            let mut found = Vec::new();
-            for piece in body.chunks(step) {
-                prefixes.push(piece, |n| found.push(n));
-            }
-            assert_eq!(found, [5, 8, 305], "pieces of {step}");
-        }
     }
 }

@@ -27,7 +27,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
-use super::budget::{MessagePrefixes, RequestBudget, RequestShare};
+use super::budget::{RequestBudget, RequestShare};
 use super::calls;
 use super::tls::ServerTls;
 use super::{
@@ -128,7 +128,6 @@ impl GrpcService {
     pub fn into_server(self, limits: &Limits) -> HoldReplies<LockServiceServer<GrpcService>> {
         HoldReplies {
             budget: self.handle.request_budget().clone(),
-            max_request_bytes: limits.max_request_bytes as u64,
             inner: LockServiceServer::new(self)
                 .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -172,17 +171,14 @@ struct Held(Arc<HeldReply>, Option<Arc<Cutter>>);
 /// room (up to the largest request, on each of its streams) for as long as
 /// its connection lived.
 ///
-/// Each request message also takes its share of the server's request
-/// budget as soon as its prefix arrives, until its body is dropped (tonic
-/// drops it once it has decoded the message); one that finds no room is
+/// Each request's body also counts against the server's request budget as
+/// it arrives, until it is dropped (tonic drops it once it has read it to
+/// its end and decoded the message); one whose next bytes find no room is
 /// answered RESOURCE_EXHAUSTED ([`crate::transport::budget`]).
 #[derive(Clone)]
 pub struct HoldReplies<S> {
     inner: S,
     budget: Arc<RequestBudget>,
-    /// Messages declared larger are left to tonic to refuse (OUT_OF_RANGE:
-    /// no retry), without a share.
-    max_request_bytes: u64,
     request_timeout: Duration,
     min_request_rate: u64,
     reply_stall: Duration,
@@ -208,8 +204,7 @@ where
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let limit = self.request_timeout;
         let min_rate = self.min_request_rate;
-        let budget = self.budget.clone();
-        let max_request_bytes = self.max_request_bytes;
+        let share = self.budget.share();
         HoldReply {
             inner: self.inner.call(request.map(|body| {
                 tonic::body::Body::new(TimedBody {
@@ -219,10 +214,7 @@ where
                     received: 0,
                     min_rate,
                     timer: None,
-                    budget,
-                    max_request_bytes,
-                    prefixes: MessagePrefixes::default(),
-                    share: None,
+                    share,
                 })
             })),
             stall: self.reply_stall,
@@ -234,8 +226,8 @@ where
 /// next frame, and whose frames must come at `min_rate` bytes per second on
 /// average past its first `limit` ([`super::request_deadline`]). A request
 /// that arrives with its headers never starts the timer; an upload at the
-/// rate or faster never runs out of it. Each message takes its share of
-/// `budget` when its prefix arrives, held until the body is dropped.
+/// rate or faster never runs out of it. Its bytes count against the request
+/// budget (`share`) until the body is dropped.
 struct TimedBody {
     body: tonic::body::Body,
     limit: Duration,
@@ -245,14 +237,8 @@ struct TimedBody {
     /// Bytes per second (0: no bound on the whole body).
     min_rate: u64,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    budget: Arc<RequestBudget>,
-    max_request_bytes: u64,
-    prefixes: MessagePrefixes,
-    /// The share of the latest message. Every dlm call is unary; tonic
-    /// decodes and drops any further message in the body, so each new
-    /// prefix replaces the share (a body holds one at a time, not one per
-    /// message it sends).
-    share: Option<RequestShare>,
+    /// The bytes received so far, counted against the request budget.
+    share: RequestShare,
 }
 
 impl TimedBody {
@@ -282,19 +268,7 @@ impl http_body::Body for TimedBody {
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
                 this.received += data.len() as u64;
-                let mut refused = None;
-                let (budget, share, most) = (&this.budget, &mut this.share, this.max_request_bytes);
-                this.prefixes.push(data, |declared| {
-                    if refused.is_some() || declared > most.saturating_add(5) {
-                        return;
-                    }
-                    *share = None;
-                    match budget.take(declared) {
-                        Ok(taken) => *share = Some(taken),
-                        Err(no_room) => refused = Some(no_room),
-                    }
-                });
-                if let Some(no_room) = refused {
+                if let Err(no_room) = this.share.grow(data.len() as u64) {
                     return Poll::Ready(Some(Err(GrpcStatus::resource_exhausted(
                         no_room.message(),
                     ))));

@@ -764,10 +764,10 @@ fn large_append() -> FileArgs {
     }
 }
 
-/// Requests take their share of the request budget as they arrive and give
-/// it back once decoded; over QUIC, one that finds no room for it is reset
-/// `RESOURCE_EXHAUSTED` at once, while small calls still have their quarter
-/// of the budget, and the same request is served once room frees up.
+/// Requests count against the request budget as their bytes arrive and give
+/// their share back once decoded; over QUIC, one whose bytes find no room is
+/// reset `RESOURCE_EXHAUSTED` at once, small calls go on, and the same
+/// request is served once room frees up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_up() {
     let served = serve_budgeted().await;
@@ -776,14 +776,27 @@ async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
         call: Some(Call::FileAppend(large_append())),
         timeout_ms: 0,
     });
-    // Five appends that stop halfway hold five shares.
+    // Requests that send only their first bytes hold only those (not what
+    // their prefix declares: 1 MiB each).
+    let mut started = Vec::new();
+    for _ in 0..10 {
+        let (mut send, recv) = connection.open_bi().await.unwrap();
+        send.write_all(&framed[..4]).await.unwrap();
+        started.push((send, recv));
+    }
+    served.until_requests(40).await;
+    drop(started);
+    served.until_requests(0).await;
+
+    // Five appends that stop one byte short hold five shares.
+    let short = framed.len() - 1;
     let mut halfway = Vec::new();
     for _ in 0..5 {
         let (mut send, recv) = connection.open_bi().await.unwrap();
-        send.write_all(&framed[..framed.len() / 2]).await.unwrap();
+        send.write_all(&framed[..short]).await.unwrap();
         halfway.push((send, recv));
     }
-    let share = framed.len() as u64;
+    let share = short as u64;
     served.until_requests(5 * share).await;
 
     // A sixth does not fit; the stream is reset, nothing is held for it.
@@ -811,7 +824,7 @@ async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
 
     // One of the five ends: it is answered, and its share comes back.
     let (mut send, mut recv) = halfway.pop().unwrap();
-    send.write_all(&framed[framed.len() / 2..]).await.unwrap();
+    send.write_all(&framed[short..]).await.unwrap();
     send.finish().unwrap();
     let response = quic_response(&mut recv).await;
     assert!(
@@ -886,12 +899,25 @@ async fn a_grpc_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
     let driving = tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
     let (request, body) = grpc_append(addr, &large_append());
-    let share = body.len() as u64;
-    // Five appends that stop after their prefix and a little more.
+    // Requests that send only their prefix hold only its 5 bytes (not the
+    // 1 MiB it declares).
+    let mut started = Vec::new();
+    for _ in 0..10 {
+        let (answer, mut sending) = client.send_request(request.clone(), false).unwrap();
+        sending.send_data(body.slice(..5), false).unwrap();
+        started.push((answer, sending));
+    }
+    served.until_requests(50).await;
+    drop(started);
+    served.until_requests(0).await;
+
+    // Five appends that stop one byte short.
+    let short = body.len() - 1;
+    let share = short as u64;
     let mut halfway = Vec::new();
     for _ in 0..5 {
         let (answer, mut sending) = client.send_request(request.clone(), false).unwrap();
-        sending.send_data(body.slice(..1000), false).unwrap();
+        sending.send_data(body.slice(..short), false).unwrap();
         halfway.push((answer, sending));
     }
     served.until_requests(5 * share).await;
@@ -908,7 +934,7 @@ async fn a_grpc_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
 
     // One of the five ends: it is answered, its share comes back.
     let (answer, mut sending) = halfway.pop().unwrap();
-    sending.send_data(body.slice(1000..), true).unwrap();
+    sending.send_data(body.slice(short..), true).unwrap();
     assert_eq!(grpc_status_of(answer).await, "0");
     served.until_requests(4 * share).await;
 

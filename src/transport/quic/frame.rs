@@ -166,11 +166,6 @@ impl FrameReader {
         Ok(())
     }
 
-    /// The frame's whole length (prefix and body), once its prefix is in.
-    pub fn declared(&self) -> Option<usize> {
-        self.shape.map(|(prefix, body)| prefix + body)
-    }
-
     /// The message, once the stream has ended.
     ///
     /// # Errors
@@ -213,8 +208,8 @@ pub async fn read_frame<M: Message + Default>(
 /// for `pause`, or when the frame takes longer than `pause` plus one second
 /// per `min_rate` bytes received ([`crate::transport::request_deadline`]):
 /// a large frame on a slow link that keeps coming is read whole, one that
-/// trickles in is not. The frame takes its share of `budget` as soon as its
-/// prefix is in, until it is decoded.
+/// trickles in is not. The frame's bytes count against `budget` as they
+/// arrive, until it is decoded.
 ///
 /// # Errors
 /// [`FrameError::Slow`] then; [`FrameError::NoRoom`] when `budget` has no
@@ -229,7 +224,7 @@ pub async fn read_frame_paced<M: Message + Default>(
     let started = tokio::time::Instant::now();
     let mut received = 0u64;
     let mut reader = FrameReader::new(limit);
-    let mut share = None;
+    let mut share = budget.share();
     loop {
         let overall = crate::transport::request_deadline(started, pause, received, min_rate);
         let now = tokio::time::Instant::now();
@@ -239,12 +234,10 @@ pub async fn read_frame_paced<M: Message + Default>(
         match next.map_err(|_elapsed| FrameError::Slow)?? {
             Some(chunk) => {
                 received += chunk.bytes.len() as u64;
+                share
+                    .grow(chunk.bytes.len() as u64)
+                    .map_err(FrameError::NoRoom)?;
                 reader.push(&chunk.bytes)?;
-                if share.is_none() {
-                    if let Some(declared) = reader.declared() {
-                        share = Some(budget.take(declared as u64).map_err(FrameError::NoRoom)?);
-                    }
-                }
             }
             None => return reader.finish(),
         }

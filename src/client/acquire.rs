@@ -127,6 +127,7 @@ pub(crate) async fn acquire(
     lock: &str,
     opts: AcquireOptions,
     started: Instant,
+    closed: impl Fn() -> bool,
 ) -> Result<Acquired, Error> {
     let request_id = timing.entropy.request_id();
     let wait = opts
@@ -174,7 +175,11 @@ pub(crate) async fn acquire(
             Err(AttemptError::Refused(error)) => Outcome::Done(Err(error)),
             // The server forgot this id (a place given up, a restart, a
             // full dedup table): queue again under a new one. The grant,
-            // if one was made meanwhile, comes back to its holder.
+            // if one was made meanwhile, comes back to its holder. Unless
+            // this client closed its session meanwhile: what was forgotten
+            // may be that the close cancelled the wait, and a new one would
+            // queue after the close.
+            Err(AttemptError::Expired(_)) if closed() => Outcome::Done(Err(Error::SessionClosed)),
             Err(AttemptError::Expired(reason)) => {
                 current_id = timing.entropy.request_id();
                 Outcome::Renumbered(reason)

@@ -344,6 +344,14 @@ impl<'a> Retrier<'a> {
                     "attempt cut off while waiting; re-attaching");
                 self.backoff.reset();
                 self.last_failure = format!("{addr}: {reason}");
+                // At once, without a backoff: the server keeps the waiter's
+                // place only for its lease (which may be a few ms), and the
+                // attempt waited at least half its timeout, so this is no
+                // busy loop.
+                let past = self
+                    .give_up
+                    .is_some_and(|give_up| Instant::now() >= give_up);
+                return past.then(|| Err(self.exhausted()));
             }
             Outcome::Failed(reason) => {
                 tracing::debug!(op = self.op, request_id = self.request_id, server = addr,

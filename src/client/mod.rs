@@ -271,6 +271,7 @@ impl Client {
                 lock,
                 opts,
                 started,
+                || inner.closes.load(Ordering::SeqCst) != closes,
             )
             .await?;
             if let Some(confirmed) = self.confirm(acquired).await? {
@@ -315,7 +316,7 @@ impl Client {
                 .renew_token(&grant.lock, &grant.token, Some(grant.lease))
                 .await
             {
-                Ok(lease) if Instant::now() < sent.plus(lease).effective() => {
+                Ok(lease) if Instant::now() < guard::lease_end(sent, lease).effective() => {
                     acquired.grant.lease = lease;
                     acquired.lease_from = sent;
                     return Ok(Some(acquired));
@@ -400,6 +401,33 @@ impl Client {
         token: &str,
         lease: Option<Duration>,
     ) -> Result<Duration, Error> {
+        self.renew_with(&self.inner.timing, lock, token, lease)
+            .await
+    }
+
+    /// A guard's renewal of `lock`, whose lease may end at `expires`: each
+    /// attempt gets at most half the time left (and at least the shortest
+    /// attempt), so that one that hangs on a dead server leaves time to try
+    /// the next before the lease is presumed lost.
+    pub(crate) async fn renew_before(
+        &self,
+        lock: &str,
+        token: &str,
+        expires: Instant,
+    ) -> Result<Duration, Error> {
+        let mut timing = self.inner.timing.clone();
+        let left = expires.saturating_duration_since(Instant::now());
+        timing.attempt_timeout = timing.attempt_timeout.min(left / 2).max(call::MIN_ATTEMPT);
+        self.renew_with(&timing, lock, token, None).await
+    }
+
+    async fn renew_with(
+        &self,
+        timing: &call::Timing,
+        lock: &str,
+        token: &str,
+        lease: Option<Duration>,
+    ) -> Result<Duration, Error> {
         let args = proto::LeaseArgs {
             client_id: self.inner.client_id,
             token: token.to_owned(),
@@ -408,9 +436,14 @@ impl Client {
             lease_ms: lease.map(millis_ceil),
         };
         let request_id = args.request_id.clone();
-        let reply: proto::LeaseResponse = self
-            .call("renew", &request_id, Call::RenewLease(args))
-            .await?;
+        let reply: proto::LeaseResponse = call(
+            &self.inner.servers,
+            timing,
+            "renew",
+            &request_id,
+            Call::RenewLease(args),
+        )
+        .await?;
         Ok(acquire::lease_of_reply(reply.lease_ms))
     }
 

@@ -36,6 +36,8 @@ struct Script {
     hang_acquires: u32,
     /// Acquires of new request ids whose first attempt is left unanswered.
     hang_first_attempts: u32,
+    /// Renew calls to leave unanswered (until the caller gives up).
+    hang_renewals: u32,
     /// Acquires are answered only after their wait, as a server does when
     /// the lock stays held.
     answer_after_wait: bool,
@@ -216,6 +218,15 @@ impl LockService for Scripted {
     ) -> Result<Response<proto::LeaseResponse>, tonic::Status> {
         let args = request.into_inner();
         self.record(Scripted::seen("renew", &args.request_id, &args.token))?;
+        let hang = {
+            let mut script = self.script.lock().unwrap();
+            let hang = script.hang_renewals > 0;
+            script.hang_renewals = script.hang_renewals.saturating_sub(1);
+            hang
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
         let (status, granted_lease) = {
             let script = self.script.lock().unwrap();
             let status = if script.gone.contains(&args.token) {
@@ -306,6 +317,7 @@ impl Server {
                 expire_next: 0,
                 hang_acquires: 0,
                 hang_first_attempts: 0,
+                hang_renewals: 0,
                 answer_after_wait: false,
                 acquire_ids: Vec::new(),
                 acquire: Status::Ok,
@@ -756,6 +768,32 @@ async fn the_guard_presumes_the_lease_lost_when_no_renewal_gets_through() {
         .unwrap();
 }
 
+/// A renewal that hangs on one server leaves time to try the next before
+/// the lease runs out: each of its attempts gets at most half the time left,
+/// not the whole attempt timeout (here far longer than the lease).
+#[tokio::test]
+async fn a_renewal_hanging_on_one_server_fails_over_before_the_lease_runs_out() {
+    let first = Server::start().await;
+    let second = Server::start().await;
+    let client = quick(1)
+        .endpoints([first.addr.clone(), second.addr.clone()])
+        .attempt_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let guard = client
+        .lock("x", AcquireOptions::forever().lease(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    first.script().hang_renewals = u32::MAX;
+    // The second server knows grant t-1's lease, as a replica would.
+    second.script().granted.push(("elsewhere".into(), 3000));
+    // The first renewal (after 1 s) hangs on the first server for about a
+    // second, then goes to the second, which renews; the next follows.
+    second.wait_for_calls("renew", 2).await;
+    assert!(!guard.is_lease_lost());
+    assert!(!first.calls("renew").is_empty());
+}
+
 #[tokio::test]
 async fn dropping_the_guard_stops_renewing_without_releasing() {
     let server = Server::start().await;
@@ -801,7 +839,11 @@ async fn a_guard_past_its_lease_is_lost_even_if_its_renewal_task_never_ran() {
         },
     );
     assert!(!fresh.is_lease_lost(), "a fresh lease is held");
-    assert_eq!(fresh.expires_at(), now + lease);
+    // Less the margin: 2 ms, and 0.3 ms for 0.1 % of the lease.
+    assert_eq!(
+        fresh.expires_at(),
+        now + lease - Duration::from_micros(2_300)
+    );
     let stale = LockGuard::start(
         client,
         acquire::Acquired {
@@ -890,6 +932,36 @@ async fn a_close_during_an_acquire_loses_the_guard_it_returns() {
     // A lock taken after the close is not touched by it.
     let after = client.lock("y", AcquireOptions::forever()).await.unwrap();
     assert!(!after.is_lease_lost());
+}
+
+/// A waiting acquire whose request id the server has forgotten, after this
+/// client closed its session, ends SessionClosed rather than queueing again
+/// under a new id: what the server forgot may be that the close cancelled
+/// the wait, and a new id would queue after the close.
+#[tokio::test]
+async fn an_expired_wait_after_a_close_ends_session_closed() {
+    let server = Server::start().await;
+    server.script().hang_acquires = 1;
+    let client = quick(1)
+        .endpoint(&server.addr)
+        .wait_attempt_timeout(Duration::from_secs(1))
+        .attempt_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let acquiring = tokio::spawn({
+        let client = client.clone();
+        async move { client.acquire("x", AcquireOptions::forever()).await }
+    });
+    server.wait_for_calls("acquire", 1).await;
+    // The re-attach after the cut-off finds its id forgotten.
+    server.script().expire_next = 1;
+    client.close().await.unwrap();
+    let acquired = acquiring.await.unwrap();
+    assert!(
+        matches!(acquired, Err(Error::SessionClosed)),
+        "{acquired:?}"
+    );
+    assert_eq!(server.calls("acquire").len(), 2, "not queued again");
 }
 
 /// A REQUEST_EXPIRED answer (the server forgot the id's answer): a hello or

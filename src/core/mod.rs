@@ -691,11 +691,12 @@ impl Core {
                 ..
             }) if grant.client == client => {
                 // Re-acquire by the holder: the same grant, with a renewed
-                // lease (like a renew: durable only if its length changed).
+                // lease (like a renew: durable only if its length changed,
+                // and never ending sooner than it did).
                 let old = grant.deadline;
                 let lease = lease.unwrap_or(grant.lease);
                 set_lease(&lock, grant, lease, step);
-                grant.deadline = now.plus(lease);
+                grant.deadline = old.max(now.plus(lease));
                 let info = grant.info(&lock);
                 let new = grant.deadline;
                 self.timers.rearm(old, new, Timer::Lease(lock));
@@ -1064,7 +1065,12 @@ impl Core {
         let old = grant.deadline;
         let lease = lease.unwrap_or(grant.lease);
         set_lease(&lock, grant, lease, step);
-        grant.deadline = now.plus(lease);
+        // A renewal extends the lease, never ends it sooner: a shorter
+        // length counts from the renewal only where that is later. (A
+        // holder's guard may be counting on the deadline it last got; a
+        // renewal with a shorter lease by another process of the same
+        // client would otherwise end the lease under it.)
+        grant.deadline = old.max(now.plus(lease));
         let new = grant.deadline;
         self.timers.rearm(old, new, Timer::Lease(lock));
         Reply::Renewed { lease }

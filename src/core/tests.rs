@@ -714,6 +714,30 @@ fn lease_renew_moves_the_deadline() {
     assert_eq!(h.holder(""), None);
 }
 
+/// A renewal extends a lease and never ends it sooner: a shorter length
+/// counts only where it reaches past the deadline already given (a guard
+/// may be counting on that deadline). The same for a re-acquire by the
+/// holder.
+#[test]
+fn a_renewal_with_a_shorter_lease_does_not_end_it_sooner() {
+    let mut h = Harness::new();
+    let grant = h.grant("a", acquire(1));
+    h.advance(100);
+    let shorter = h.call("n1", renew_lock(1, "", &grant.token, Some(300)));
+    assert_eq!(
+        h.reply(shorter),
+        Some(Reply::Renewed { lease: Millis(300) })
+    );
+    assert_eq!(h.core.next_deadline(), Some(Time::from_millis(LEASE)));
+    let again = h.call("n2", acquire_lock(1, DEFAULT_LOCK, None, Some(200)));
+    assert_eq!(h.granted(again).lease, Millis(200));
+    assert_eq!(h.core.next_deadline(), Some(Time::from_millis(LEASE)));
+    h.advance(LEASE - 101);
+    assert_eq!(h.holder(""), Some(1));
+    h.advance(1);
+    assert_eq!(h.holder(""), None);
+}
+
 #[test]
 fn lease_run_out_token_is_refused_by_append_renew_and_release() {
     let mut h = Harness::new();

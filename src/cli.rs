@@ -357,22 +357,33 @@ pub async fn run(command: ClientCommand) -> i32 {
         .with_writer(std::io::stderr)
         .try_init();
     let result = match command {
-        ClientCommand::Acquire(args) => acquire(args).await,
-        ClientCommand::Release(args) => release(args).await,
-        ClientCommand::Renew(args) => renew(args).await,
-        ClientCommand::Append(args) => append(args).await,
-        ClientCommand::Cat(args) => cat(args).await,
-        ClientCommand::Status(args) => status(args).await,
-        ClientCommand::Hold(args) => return hold::hold(args).await,
+        ClientCommand::Acquire(args) => acquire(args).await.map(|()| EXIT_OK),
+        ClientCommand::Release(args) => release(args).await.map(|()| EXIT_OK),
+        ClientCommand::Renew(args) => renew(args).await.map(|()| EXIT_OK),
+        ClientCommand::Append(args) => append(args).await.map(|()| EXIT_OK),
+        ClientCommand::Cat(args) => cat(args).await.map(|()| EXIT_OK),
+        ClientCommand::Status(args) => status(args).await.map(|()| EXIT_OK),
+        // Reports its own failures.
+        ClientCommand::Hold(args) => Ok(hold::hold(args).await),
     };
-    match result {
-        Ok(()) => EXIT_OK,
+    let code = match result {
+        Ok(code) => code,
         Err(failure) => {
             say(format_args!("dlm: {}", failure.message));
             failure.code
         }
+    };
+    // The process exits next: let the servers know its connections are done.
+    let clients = std::mem::take(&mut *OPENED.lock().unwrap_or_else(|e| e.into_inner()));
+    for client in clients {
+        client.close_connections().await;
     }
+    code
 }
+
+/// The clients this process made ([`connect`]), whose connections are
+/// closed before it exits.
+static OPENED: std::sync::Mutex<Vec<Client>> = std::sync::Mutex::new(Vec::new());
 
 /// Why a command failed: the line for stderr and the exit status.
 #[derive(Debug)]
@@ -436,6 +447,10 @@ async fn connect(connect: &ConnectArgs, hello: bool) -> Result<Client, Failure> 
         .transport(connect.transport()?)
         .build()
         .map_err(|e| Failure::client(&e, ""))?;
+    OPENED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(client.clone());
     if hello {
         client.init().await.map_err(|e| Failure::client(&e, ""))?;
     }

@@ -84,6 +84,15 @@ impl Servers {
         })
     }
 
+    /// Closes every QUIC connection (see [`crate::client::Client::close_connections`]).
+    pub async fn close_connections(&self) {
+        for server in &self.list {
+            if let Conn::Quic(connector) = &server.conn {
+                connector.close(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     /// One server reached through a ready-made gRPC `channel` (a simulated
     /// network, a custom connector): it reconnects as the channel does.
     pub fn from_channel(channel: tonic::transport::Channel) -> Servers {

@@ -182,6 +182,16 @@ impl Client {
             .map(drop)
     }
 
+    /// Closes this client's QUIC connections (the next call opens new ones)
+    /// and waits, briefly, until their closes have left. A process that
+    /// exits right after its last call should do this first: otherwise it
+    /// may exit before a close is sent, and the server keeps the connection
+    /// until its idle timeout (a stopping server waits for it up to its
+    /// drain grace). gRPC connections need nothing: the kernel closes them.
+    pub async fn close_connections(&self) {
+        self.inner.servers.close_connections().await;
+    }
+
     /// Ends the session: the server releases every lock this client id
     /// holds, drops its staged appends and cancels its waits.
     ///

@@ -335,6 +335,26 @@ impl QuicConnector {
     }
 }
 
+impl QuicConnector {
+    /// Closes the connection, if there is one, and waits (up to `wait`)
+    /// until its close has left: a process that exits right after dropping
+    /// its connector may exit before the connection's driver sends the
+    /// close, and the server then keeps the connection until its idle
+    /// timeout (a stopping server, until its drain grace). Nothing else is
+    /// sent after a close, so the next datagram is the close.
+    pub async fn close(&self, wait: std::time::Duration) {
+        let Some(connection) = self.connection.lock().await.take() else {
+            return;
+        };
+        let sent = connection.stats().udp_tx.datagrams;
+        connection.close(ErrorCode::NoError.varint(), b"client done");
+        let until = tokio::time::Instant::now() + wait;
+        while connection.stats().udp_tx.datagrams == sent && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
 impl Drop for QuicConnector {
     fn drop(&mut self) {
         if let Ok(slot) = self.connection.try_lock() {

@@ -823,31 +823,13 @@ async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
     );
 
     // One of the five ends: it is answered, and its share comes back.
-    let (mut send, mut recv) = halfway.pop().unwrap();
-    send.write_all(&framed[short..]).await.unwrap();
-    send.finish().unwrap();
-    let response = quic_response(&mut recv).await;
-    assert!(
-        matches!(
-            response.reply,
-            Some(crate::proto::call_response::Reply::FileAppend(_))
-        ),
-        "{response:?}"
-    );
+    let (send, recv) = halfway.pop().unwrap();
+    append_answered(send, recv, &framed[short..]).await;
     served.until_requests(4 * share).await;
 
     // The refused request, sent again, is served.
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    send.write_all(&framed).await.unwrap();
-    send.finish().unwrap();
-    let response = quic_response(&mut recv).await;
-    assert!(
-        matches!(
-            response.reply,
-            Some(crate::proto::call_response::Reply::FileAppend(_))
-        ),
-        "{response:?}"
-    );
+    let (send, recv) = connection.open_bi().await.unwrap();
+    append_answered(send, recv, &framed).await;
     served.until_requests(4 * share).await;
 
     // The halfway requests that go give their shares back.
@@ -855,6 +837,21 @@ async fn a_quic_request_the_budget_has_no_room_for_is_refused_until_room_frees_u
     drop(connection);
     served.until_requests(0).await;
     served.stop().await;
+}
+
+/// Sends `rest` of an append's request frame on a stream and checks that
+/// the answer is an append's.
+async fn append_answered(mut send: quinn::SendStream, mut recv: quinn::RecvStream, rest: &[u8]) {
+    send.write_all(rest).await.unwrap();
+    send.finish().unwrap();
+    let response = quic_response(&mut recv).await;
+    assert!(
+        matches!(
+            response.reply,
+            Some(crate::proto::call_response::Reply::FileAppend(_))
+        ),
+        "{response:?}"
+    );
 }
 
 /// A gRPC `FileAppend` request body for `args`, and the request.

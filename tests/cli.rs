@@ -738,7 +738,7 @@ echo "inner:$?""#;
 /// (with the inherited one it would be handed a grant of that id, here
 /// client 5's of `b`, and release it when done); of the enclosing hold's
 /// own lock, it runs its command under the enclosing grant, which stays
-/// held.
+/// held (once a renewal has shown that grant alive).
 fn a_nested_hold_takes_its_own_id_unless_it_holds_the_enclosing_lock(wire: Wire) {
     let server = ServerProcess::start_over(wire, &[]);
     let cli = Cli::new(&server);
@@ -772,6 +772,32 @@ echo "a:$DLM_CLIENT_ID:$DLM_TOKEN"
     assert_eq!(lines[1], lines[2], "the same grant: {held:#?}");
     assert!(cli.lock_row("a").is_none(), "released at the end");
     assert!(cli.lock_row("b").is_none(), "released by its acquirer");
+
+    // An environment that says so without an enclosing hold alive (a job
+    // that outlived its hold, variables set by hand) is not trusted: the
+    // grant it names is not held, so the hold acquires for itself.
+    let mut stale = cli.command(
+        "hold",
+        &[
+            "--lock",
+            "a",
+            "--wait-ms",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "echo $DLM_TOKEN",
+        ],
+    );
+    stale
+        .env("DLM_HOLD_CLIENT_ID", "5")
+        .env("DLM_CLIENT_ID", "5")
+        .env("DLM_LOCK", "a")
+        .env("DLM_TOKEN", "stale");
+    let held = Running::spawn(stale).finish(PROCESS_LIMIT).ok();
+    let token = held.stdout.trim();
+    assert!(!token.is_empty() && token != "stale", "{held:#?}");
+    assert!(cli.lock_row("a").is_none(), "released at the end");
 }
 
 #[test]

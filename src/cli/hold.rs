@@ -33,9 +33,10 @@
 //! so nested holds of one lock in parallel branches of the command would not
 //! exclude each other, and the first to finish would release the grant under
 //! the others. It takes an id of its own instead, unless it asks for the very
-//! lock the enclosing hold has (`DLM_LOCK`): then the command already runs
-//! under it, and the nested hold runs its command in its place (it `exec`s
-//! it), neither acquiring nor releasing. (Only the directly enclosing hold
+//! lock the enclosing hold has (`DLM_LOCK`) and that grant is still held
+//! (one renewal says so; the environment may be stale): then the command
+//! already runs under it, and the nested hold runs its command in its place
+//! (it `exec`s it), neither acquiring nor releasing. (Only the directly enclosing hold
 //! is known: a hold of a lock held further out waits for it.)
 
 use std::ffi::OsString;
@@ -64,7 +65,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
     let mut connect_args = args.connect.clone();
     if let Some(enclosing) = Enclosing::from_env() {
         if connect_args.client_id == Some(enclosing.client_id) && !client_id_given(&args) {
-            if enclosing.lock == lock {
+            if enclosing.lock == lock && enclosing.is_live(&connect_args).await {
                 return run_in_place(&args, &program);
             }
             connect_args.client_id = None;
@@ -192,6 +193,7 @@ const HOLD_CLIENT_ID: &str = "DLM_HOLD_CLIENT_ID";
 struct Enclosing {
     client_id: i32,
     lock: String,
+    token: String,
 }
 
 impl Enclosing {
@@ -199,7 +201,24 @@ impl Enclosing {
         let client_id = std::env::var(HOLD_CLIENT_ID).ok()?.parse().ok()?;
         let lock = std::env::var("DLM_LOCK").ok()?;
         let token = std::env::var("DLM_TOKEN").ok()?;
-        (!token.is_empty()).then_some(Enclosing { client_id, lock })
+        (!token.is_empty()).then_some(Enclosing {
+            client_id,
+            lock,
+            token,
+        })
+    }
+
+    /// Whether its grant is still held, on the servers this hold talks to:
+    /// renewed (which it may be at any time). The environment may be stale
+    /// (a job started inside a hold that outlived it, or variables set by
+    /// hand), and a hold must never run its command without the lock.
+    async fn is_live(&self, connect_args: &super::ConnectArgs) -> bool {
+        let Ok(client) = super::connect(connect_args, false).await else {
+            return false;
+        };
+        let renewed = client.renew_token(&self.lock, &self.token, None).await;
+        client.close_connections().await;
+        renewed.is_ok()
     }
 }
 

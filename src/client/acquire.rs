@@ -214,6 +214,7 @@ mod tests {
                 max: Duration::from_secs(1),
             },
             entropy: crate::client::call::Entropy::default(),
+            halve_before: None,
         }
     }
 

@@ -183,6 +183,7 @@ impl ClientBuilder {
                     max: DEFAULT_BACKOFF_MAX,
                 },
                 entropy: Entropy::default(),
+                halve_before: None,
             },
         }
     }

@@ -40,6 +40,10 @@ pub(crate) struct Timing {
     pub backoff: BackoffPolicy,
     /// Where request ids and backoff jitter come from.
     pub entropy: Entropy,
+    /// If set, each attempt gets at most half the time left until then
+    /// (a guard's renewal: the lease's end), so that one that hangs on a
+    /// dead server leaves time to try the next.
+    pub halve_before: Option<Instant>,
 }
 
 /// One server the client may talk to.
@@ -295,6 +299,8 @@ pub(crate) struct Retrier<'a> {
     last_failure: String,
     /// How many times the operation was given a new request id.
     renumbered: u32,
+    /// [`Timing::halve_before`].
+    halve_before: Option<Instant>,
 }
 
 impl<'a> Retrier<'a> {
@@ -321,6 +327,7 @@ impl<'a> Retrier<'a> {
             attempts: 0,
             last_failure: String::new(),
             renumbered: 0,
+            halve_before: timing.halve_before,
         }
     }
 
@@ -332,6 +339,12 @@ impl<'a> Retrier<'a> {
         let timeout = match self.give_up {
             Some(give_up) => timeout
                 .min(give_up.saturating_duration_since(Instant::now()))
+                .max(MIN_ATTEMPT),
+            None => timeout,
+        };
+        let timeout = match self.halve_before {
+            Some(end) => timeout
+                .min(end.saturating_duration_since(Instant::now()) / 2)
                 .max(MIN_ATTEMPT),
             None => timeout,
         };

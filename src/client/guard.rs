@@ -215,7 +215,9 @@ pub(crate) fn lease_end(from: Stamp, lease: Duration) -> Stamp {
 /// reached it within the millisecond it was sent), and the two machines'
 /// clocks may run at rates a little apart (0.1 % is ten times what a
 /// quartz clock drifts). Without it, `is_lease_lost` could say "held" for a
-/// moment after the server gave the lock to the next waiter.
+/// moment after the server gave the lock to the next waiter. A lease of
+/// 2 ms or less (only with a server's `--min-lease-ms` below 3) is taken as
+/// over at once: a guard of it is lost as soon as it starts.
 pub(crate) fn lease_margin(lease: Duration) -> Duration {
     Duration::from_millis(2) + lease / 1000
 }

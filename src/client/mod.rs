@@ -416,9 +416,9 @@ impl Client {
     }
 
     /// A guard's renewal of `lock`, whose lease may end at `expires`: each
-    /// attempt gets at most half the time left (and at least the shortest
-    /// attempt), so that one that hangs on a dead server leaves time to try
-    /// the next before the lease is presumed lost.
+    /// attempt gets at most half the time then left (and at least the
+    /// shortest attempt), so that one that hangs on a dead server leaves
+    /// time to try the next before the lease is presumed lost.
     pub(crate) async fn renew_before(
         &self,
         lock: &str,
@@ -426,8 +426,7 @@ impl Client {
         expires: Instant,
     ) -> Result<Duration, Error> {
         let mut timing = self.inner.timing.clone();
-        let left = expires.saturating_duration_since(Instant::now());
-        timing.attempt_timeout = timing.attempt_timeout.min(left / 2).max(call::MIN_ATTEMPT);
+        timing.halve_before = Some(expires);
         self.renew_with(&timing, lock, token, None).await
     }
 

@@ -691,13 +691,13 @@ impl Core {
                 ..
             }) if grant.client == client => {
                 // Re-acquire by the holder: the same grant, with a renewed
-                // lease (like a renew: durable only if its length changed,
-                // and never ending sooner than it did).
+                // lease, as a renew renews it (see `extend_lease`); the
+                // answer names the length asked for.
                 let old = grant.deadline;
                 let lease = lease.unwrap_or(grant.lease);
-                set_lease(&lock, grant, lease, step);
-                grant.deadline = old.max(now.plus(lease));
-                let info = grant.info(&lock);
+                extend_lease(&lock, grant, now, lease, step);
+                let mut info = grant.info(&lock);
+                info.lease = lease;
                 let new = grant.deadline;
                 self.timers.rearm(old, new, Timer::Lease(lock));
                 Some(Reply::Granted(info))
@@ -1064,13 +1064,7 @@ impl Core {
         };
         let old = grant.deadline;
         let lease = lease.unwrap_or(grant.lease);
-        set_lease(&lock, grant, lease, step);
-        // A renewal extends the lease, never ends it sooner: a shorter
-        // length counts from the renewal only where that is later. (A
-        // holder's guard may be counting on the deadline it last got; a
-        // renewal with a shorter lease by another process of the same
-        // client would otherwise end the lease under it.)
-        grant.deadline = old.max(now.plus(lease));
+        extend_lease(&lock, grant, now, lease, step);
         let new = grant.deadline;
         self.timers.rearm(old, new, Timer::Lease(lock));
         Reply::Renewed { lease }
@@ -1192,6 +1186,24 @@ impl Core {
 /// Makes `lease` the length of `grant`'s leases from now on, logging it if
 /// it changed: the holder was told this length, so a restart (which gives
 /// every grant a fresh lease of its length) must not give it a shorter one.
+/// Renews `grant` at `now` for `lease`: the lease then ends `lease` from
+/// now, and later renewals without a length of their own take this one. A
+/// renewal extends a lease and never ends it sooner, so a length that would
+/// end before the deadline already given changes nothing, neither the
+/// deadline nor the length kept (which a restart grants afresh: recording
+/// the shorter one would let a restart end the lease sooner). A holder's
+/// guard may be counting on the deadline it was last given; a renewal with
+/// a shorter lease by another process of the same client must not end the
+/// lease under it. The caller's answer names `lease`, which ends no later
+/// than the lease does.
+fn extend_lease(lock: &LockName, grant: &mut Grant, now: Time, lease: Millis, step: &mut Step) {
+    let until = now.plus(lease);
+    if until >= grant.deadline {
+        set_lease(lock, grant, lease, step);
+        grant.deadline = until;
+    }
+}
+
 fn set_lease(lock: &LockName, grant: &mut Grant, lease: Millis, step: &mut Step) {
     if grant.lease != lease {
         grant.lease = lease;

@@ -714,10 +714,11 @@ fn lease_renew_moves_the_deadline() {
     assert_eq!(h.holder(""), None);
 }
 
-/// A renewal extends a lease and never ends it sooner: a shorter length
-/// counts only where it reaches past the deadline already given (a guard
-/// may be counting on that deadline). The same for a re-acquire by the
-/// holder.
+/// A renewal extends a lease and never ends it sooner: a length that would
+/// end before the deadline already given (a guard may be counting on it)
+/// changes nothing, not even the length a restart grants afresh; its answer
+/// names the length asked for, which ends sooner. The same for a re-acquire
+/// by the holder.
 #[test]
 fn a_renewal_with_a_shorter_lease_does_not_end_it_sooner() {
     let mut h = Harness::new();
@@ -732,6 +733,10 @@ fn a_renewal_with_a_shorter_lease_does_not_end_it_sooner() {
     let again = h.call("n2", acquire_lock(1, DEFAULT_LOCK, None, Some(200)));
     assert_eq!(h.granted(again).lease, Millis(200));
     assert_eq!(h.core.next_deadline(), Some(Time::from_millis(LEASE)));
+    // Nor after a restart, which grants the length kept afresh.
+    for mut recovered in [h.recovered_from_records(), h.recovered_from_snapshot()] {
+        assert_eq!(recovered.view("").unwrap().lease_left, Millis(LEASE));
+    }
     h.advance(LEASE - 101);
     assert_eq!(h.holder(""), Some(1));
     h.advance(1);
@@ -1263,12 +1268,14 @@ fn a_lease_length_set_by_renew_or_re_acquire_is_what_a_restart_gives() {
         );
     }
 
-    // A re-acquire by the holder with a shorter length sets it too.
-    let again = h.call("", acquire_lock(1, DEFAULT_LOCK, None, Some(2_000)));
-    assert_eq!(h.granted(again).lease, Millis(2_000));
+    // A re-acquire by the holder with a length that reaches past the
+    // deadline sets it too, shorter than the last one as it is (30,000 ms
+    // of the 50,000 are left).
+    let again = h.call("", acquire_lock(1, DEFAULT_LOCK, None, Some(40_000)));
+    assert_eq!(h.granted(again).lease, Millis(40_000));
     let mut recovered = h.recovered_from_records();
-    assert_eq!(recovered.view("").unwrap().lease_left, Millis(2_000));
-    recovered.advance(2_001);
+    assert_eq!(recovered.view("").unwrap().lease_left, Millis(40_000));
+    recovered.advance(40_001);
     assert_eq!(recovered.holder(""), None, "the shorter lease ran out");
 }
 

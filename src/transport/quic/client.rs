@@ -341,11 +341,22 @@ impl QuicConnector {
     /// its connector may exit before the connection's driver sends the
     /// close, and the server then keeps the connection until its idle
     /// timeout (a stopping server, until its drain grace). Nothing else is
-    /// sent after a close, so the next datagram is the close.
+    /// sent after a close, so the next datagram is the close. A connection
+    /// being set up (its slot locked by the dial) or already lost is left
+    /// as it is. Calls still in flight on it fail, and are retried (on the
+    /// next server, if there is one).
     pub async fn close(&self, wait: std::time::Duration) {
-        let Some(connection) = self.connection.lock().await.take() else {
+        let Some(connection) = self
+            .connection
+            .try_lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+        else {
             return;
         };
+        if connection.close_reason().is_some() {
+            return;
+        }
         let sent = connection.stats().udp_tx.datagrams;
         connection.close(ErrorCode::NoError.varint(), b"client done");
         let until = tokio::time::Instant::now() + wait;

@@ -36,8 +36,8 @@
 //! lock the enclosing hold has (`DLM_LOCK`) and that grant is still held
 //! (one renewal says so; the environment may be stale): then the command
 //! already runs under it, and the nested hold runs its command in its place
-//! (it `exec`s it), neither acquiring nor releasing. (Only the directly enclosing hold
-//! is known: a hold of a lock held further out waits for it.)
+//! (it `exec`s it), neither acquiring nor releasing. (Only the directly
+//! enclosing hold is known: a hold of a lock held further out waits for it.)
 
 use std::ffi::OsString;
 use std::process::ExitStatus;
@@ -124,12 +124,7 @@ pub async fn hold(args: HoldArgs) -> i32 {
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            say(format_args!("dlm: cannot run {program}: {e}"));
+            let code = cannot_run(&program, &e);
             if let Err(e) = guard.release().await {
                 say(format_args!("dlm: {}", Failure::client(&e, &lock).message));
             }
@@ -241,6 +236,12 @@ fn run_in_place(args: &HoldArgs, program: &str) -> i32 {
     let error = std::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .exec();
+    cannot_run(program, &error)
+}
+
+/// Says that CMD could not be started; the exit status for it, as a shell's:
+/// 127 when it is not found, else 126.
+fn cannot_run(program: &str, error: &std::io::Error) -> i32 {
     say(format_args!("dlm: cannot run {program}: {error}"));
     if error.kind() == std::io::ErrorKind::NotFound {
         127
